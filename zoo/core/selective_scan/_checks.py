@@ -15,7 +15,7 @@ def expand_groups(BC: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+    return str(tuple(t.shape))
 
 
 def check_scan_args(
