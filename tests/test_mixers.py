@@ -103,3 +103,40 @@ def test_rmsnorm_and_block():
     torch.testing.assert_close(res2, res1 + out1)
     normed, res = add_norm(out2.bfloat16(), res2, norm)
     assert res.dtype == torch.float32 and normed.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_packed_conv_equals_separate(reverse):
+    lens = [1, 5, 2, 9]
+    xs = [torch.randn(1, l, 6) for l in lens]
+    w, b = torch.randn(6, 1, 4), torch.randn(6)
+    cu = torch.tensor([0, 1, 6, 8, 17])
+    out = causal_conv1d(torch.cat(xs, 1), w, b, reverse=reverse, cu_seqlens=cu)
+    ref = torch.cat([causal_conv1d(x, w, b, reverse=reverse) for x in xs], 1)
+    torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("cls", [Mamba, BiMamba])
+def test_packed_mixer_equals_separate(cls):
+    torch.manual_seed(2)
+    m = cls(12, d_state=4)
+    lens = [3, 1, 8]
+    xs = [torch.randn(1, l, 12) for l in lens]
+    out = m(torch.cat(xs, 1), cu_seqlens=torch.tensor([0, 3, 4, 12], dtype=torch.int32))
+    torch.testing.assert_close(out, torch.cat([m(x) for x in xs], 1), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="need batch 1, got batch 2"):
+        m(torch.randn(2, 4, 12), cu_seqlens=torch.tensor([0, 4]))
+
+
+def test_streaming_equals_full_sequence():
+    torch.manual_seed(3)
+    m = Mamba(10, d_state=4, d_conv=4)
+    x = torch.randn(2, 23, 10)
+    full = m(x)
+    state, outs = None, []
+    for piece in torch.split(x, [1, 2, 7, 13], dim=1):  # chunks shorter than the conv too
+        y, state = m.forward_stream(piece, state)
+        outs.append(y)
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-6)
+    with pytest.raises(NotImplementedError, match="BiMamba cannot stream"):
+        BiMamba(10).forward_stream(x)

@@ -16,16 +16,52 @@ from torch import nn
 from .selective_scan import selective_scan
 
 
-def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], reverse: bool = False) -> torch.Tensor:
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    reverse: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    conv_state: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Depthwise conv over length, (b, l, d) -> (b, l, d); output t sees inputs t-k+1..t
-    (t..t+k-1 with ``reverse``, i.e. the causal conv of the flipped sequence, flipped back)."""
+    (t..t+k-1 with ``reverse``, i.e. the causal conv of the flipped sequence, flipped back).
+
+    ``cu_seqlens`` (batch 1): packed sequences that must not see each other. ``conv_state``
+    (b, k-1, d): the inputs just before x, for streaming (forward direction only).
+    """
     k = weight.shape[-1]
+    if cu_seqlens is not None:
+        return _packed_conv1d(x, weight, bias, reverse, cu_seqlens)
+    if conv_state is not None:
+        if reverse:
+            raise ValueError("causal_conv1d: conv_state (streaming) needs the forward direction")
+        x = torch.cat([conv_state.to(x.dtype), x], dim=1)
+        return F.conv1d(x.transpose(1, 2), weight, bias, groups=x.shape[2]).transpose(1, 2)
     xt = x.transpose(1, 2)
     if reverse:
         out = F.conv1d(xt, weight.flip(-1), bias, padding=k - 1, groups=xt.shape[1])[..., k - 1 :]
     else:
         out = F.conv1d(xt, weight, bias, padding=k - 1, groups=xt.shape[1])[..., : x.shape[1]]
     return out.transpose(1, 2)
+
+
+def _packed_conv1d(x, weight, bias, reverse, cu_seqlens):
+    """Tap j reads x[t - j] (x[t + j] reversed) only while that stays inside t's own sequence."""
+    k, total = weight.shape[-1], x.shape[1]
+    bounds = cu_seqlens.to(device=x.device, dtype=torch.long)
+    lens = bounds[1:] - bounds[:-1]
+    seq_id = torch.repeat_interleave(torch.arange(lens.numel(), device=x.device), lens, output_size=total)
+    starts = bounds[:-1][seq_id]
+    ends = bounds[1:][seq_id]
+    pos = torch.arange(total, device=x.device)
+    room = (ends - 1 - pos) if reverse else (pos - starts)  # taps available before leaving the sequence
+    w = weight[:, 0, :]  # (d, k); tap j (distance j from t) uses w[:, k-1-j]
+    out = x * w[:, k - 1]
+    for j in range(1, k):
+        shifted = F.pad(x, (0, 0, 0, j))[:, j:] if reverse else F.pad(x, (0, 0, j, 0))[:, :total]
+        out = out + shifted * w[:, k - 1 - j] * (room >= j).to(x.dtype)[None, :, None]
+    return out if bias is None else out + bias
 
 
 def _make_dt_proj(dt_rank, d_inner, dt_min, dt_max, dt_init, dt_scale, dt_init_floor, factory):
@@ -110,31 +146,57 @@ class Mamba(nn.Module):
         setattr(self, "A" + suffix + "_log", _make_A_log(d_inner, self.d_state, factory["device"]))
         setattr(self, "D" + suffix, _make_D(d_inner, factory["device"]))
 
-    def _scan_direction(self, x: torch.Tensor, z: torch.Tensor, suffix: str = "", reverse: bool = False) -> torch.Tensor:
-        """conv -> SiLU -> x_proj -> dt_proj -> gated selective scan for one direction; (b, l, d_inner)."""
+    def _scan_direction(self, x, z, suffix="", reverse=False, cu_seqlens=None, state=None):
+        """conv -> SiLU -> x_proj -> dt_proj -> gated selective scan for one direction.
+
+        Returns (b, l, d_inner), or with ``state`` = (conv_state, ssm_state) (streaming; None
+        entries start from zeros) the output and the state after the last step.
+        """
         conv = getattr(self, "conv1d" + suffix)
         x_proj = getattr(self, "x_proj" + suffix)
         dt_proj = getattr(self, "dt_proj" + suffix)
         A = -torch.exp(getattr(self, "A" + suffix + "_log").float())
         D = getattr(self, "D" + suffix)
-        x = F.silu(causal_conv1d(x, conv.weight, conv.bias, reverse=reverse))
+        conv_state, ssm_state = state if state is not None else (None, None)
+        x_in = x
+        x = F.silu(causal_conv1d(x, conv.weight, conv.bias, reverse=reverse, cu_seqlens=cu_seqlens, conv_state=conv_state))
         dt, B, C = torch.split(x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         # dt_proj's bias enters the scan as delta_bias (inside the softplus), as in mamba-ssm.
         dt = F.linear(dt, dt_proj.weight)
-        return selective_scan(
-            x, dt, A, B, C, D=D.float(), z=z, delta_bias=dt_proj.bias.float(), delta_softplus=True, reverse=reverse
+        out = selective_scan(
+            x, dt, A, B, C, D=D.float(), z=z, delta_bias=dt_proj.bias.float(), delta_softplus=True, reverse=reverse,
+            cu_seqlens=cu_seqlens, initial_state=ssm_state, return_last_state=state is not None,
         )
+        if state is None:
+            return out
+        out, ssm_state = out
+        k = self.d_conv
+        history = x_in if conv_state is None else torch.cat([conv_state.to(x_in.dtype), x_in], dim=1)
+        history = F.pad(history, (0, 0, max(0, k - 1 - history.shape[1]), 0))  # short first chunks
+        return out, (history[:, history.shape[1] - (k - 1) :], ssm_state)
 
-    def _check_input(self, hidden: torch.Tensor) -> None:
+    def _check_input(self, hidden: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> None:
         if hidden.dim() != 3 or hidden.shape[-1] != self.d_model:
             raise ValueError(
                 f"{type(self).__name__}: expected input of shape (batch, length, {self.d_model}), got {tuple(hidden.shape)}"
             )
+        if cu_seqlens is not None and hidden.shape[0] != 1:
+            raise ValueError(f"{type(self).__name__}: packed sequences (cu_seqlens) need batch 1, got batch {hidden.shape[0]}")
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(batch, length, d_model) -> same. ``cu_seqlens``: packed sequences in batch 1, kept apart."""
+        self._check_input(hidden, cu_seqlens)
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)
+        return self.out_proj(self._scan_direction(x, z, cu_seqlens=cu_seqlens))
+
+    def forward_stream(self, hidden: torch.Tensor, state=None):
+        """One chunk of a stream: returns (output, state) where state = (conv_state (b, d_conv-1,
+        d_inner), ssm_state (b, d_inner, d_state) float32). Feeding a sequence chunk by chunk
+        gives the output of one full-sequence ``forward``."""
         self._check_input(hidden)
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
-        return self.out_proj(self._scan_direction(x, z))
+        y, state = self._scan_direction(x, z, state=state if state is not None else (None, None))
+        return self.out_proj(y), state
 
 
 class BiMamba(Mamba):
@@ -153,10 +215,17 @@ class BiMamba(Mamba):
         self.divide_out = divide_out
         self._add_direction("_b", conv_bias, {"device": device, "dtype": dtype})
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        self._check_input(hidden)
+    def forward(self, hidden: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self._check_input(hidden, cu_seqlens)
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
-        y = self._scan_direction(x, z) + self._scan_direction(x, z, suffix="_b", reverse=True)
+        y = self._scan_direction(x, z, cu_seqlens=cu_seqlens) + self._scan_direction(
+            x, z, suffix="_b", reverse=True, cu_seqlens=cu_seqlens
+        )
         if self.divide_out:
             y = y / 2
         return self.out_proj(y)
+
+    def forward_stream(self, hidden: torch.Tensor, state=None):
+        raise NotImplementedError(
+            "BiMamba cannot stream: its backward scan needs the whole sequence; use the unidirectional Mamba"
+        )
