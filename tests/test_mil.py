@@ -1,0 +1,198 @@
+"""MIL models, packed bags, survival loss / c-index, the whole-slide pipeline."""
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zoo.models.mil import (
+    ABMIL, MambaMIL, TransMIL, concordance_index, hazards_and_survival, nll_survival_loss, reorder_index,
+)
+
+IN = 12
+
+
+def _bags(sizes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, IN, generator=g) for n in sizes]
+
+
+def _tiny(cls, **kw):
+    torch.manual_seed(0)
+    if cls is MambaMIL:
+        kw = dict(dict(embed_dim=16, rate=3), **kw)
+    elif cls is TransMIL:
+        kw = dict(dict(embed_dim=16), **kw)
+    else:
+        kw = dict(dict(embed_dim=16, attn_dim=8), **kw)
+    return cls(in_dim=IN, num_classes=3, drop_rate=0, **kw).eval()
+
+
+# ---------------------------------------------------------------- official forward, restated
+
+def _scan_ref(u, delta, A, B, C, D, z, delta_bias):
+    """mamba-ssm's selective_scan_ref in its (batch, dim, length) layout, sequential."""
+    delta = F.softplus(delta + delta_bias[:, None])
+    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    ys = []
+    for t in range(u.shape[-1]):
+        h = torch.exp(delta[..., t, None] * A) * h + delta[..., t, None] * B[:, None, :, t] * u[..., t, None]
+        ys.append((h * C[:, None, :, t]).sum(-1))
+    return (torch.stack(ys, -1) + D[:, None] * u) * F.silu(z)
+
+
+def _inner_ref(xz, conv, x_proj, dt_proj, A_log, D, d_state):
+    """mamba_inner_fn_no_out_proj: conv -> silu -> x_proj -> dt_proj -> gated scan."""
+    length = xz.shape[-1]
+    x, z = xz.chunk(2, dim=1)
+    x = F.silu(F.conv1d(x, conv.weight, conv.bias, padding=conv.weight.shape[-1] - 1, groups=x.shape[1])[..., :length])
+    dt, B, C = x_proj(x.transpose(1, 2)).split([dt_proj.weight.shape[1], d_state, d_state], dim=-1)
+    delta = (dt @ dt_proj.weight.T).transpose(1, 2)
+    return _scan_ref(x, delta, -torch.exp(A_log), B.transpose(1, 2), C.transpose(1, 2), D, z, dt_proj.bias)
+
+
+def _srmamba_ref(m, h, rate):
+    """The official SRMamba fast path: pad xz to a multiple of rate, "(k w) -> (w k)", scan, undo."""
+    xz = (h @ m.in_proj.weight.T).transpose(1, 2)
+    b, c, length = xz.shape
+    out = _inner_ref(xz, m.conv1d, m.x_proj, m.dt_proj, m.A_log, m.D, m.d_state)
+    xz_p = F.pad(xz, (0, (-length) % rate))
+    k = xz_p.shape[-1] // rate
+    xz_b = xz_p.reshape(b, c, k, rate).transpose(2, 3).reshape(b, c, k * rate)
+    out_b = _inner_ref(xz_b, m.conv1d_b, m.x_proj_b, m.dt_proj_b, m.A_b_log, m.D_b, m.d_state)
+    out_b = out_b.reshape(b, -1, rate, k).transpose(2, 3).reshape(b, -1, k * rate)[..., :length]
+    return m.out_proj((out + out_b).transpose(1, 2))
+
+
+def _mambamil_ref(model, x):
+    """Official MambaMIL.forward (classification), one bag (n, in_dim)."""
+    h = model._fc1(x[None])
+    for layer in model.layers:
+        h = _srmamba_ref(layer[1], layer[0](h), model.rate) + h
+    h = model.norm(h)
+    a = torch.softmax(model.attention(h).transpose(1, 2), dim=-1)
+    return model.classifier(torch.bmm(a, h).squeeze(0))
+
+
+def _perturb(model):
+    # Official init zeroes every bias; random values make the check see each parameter.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+
+
+@pytest.mark.parametrize("n,rate", [(11, 3), (12, 3), (2, 5), (9, 1)])
+def test_mambamil_matches_official_forward(n, rate):
+    model = _tiny(MambaMIL, rate=rate)
+    _perturb(model)
+    x = _bags([n])[0]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _mambamil_ref(model, x), rtol=1e-4, atol=1e-5)
+
+
+def test_reorder_index_is_a_stride_permutation():
+    gather, scatter, cu_p = reorder_index(torch.tensor([0, 7, 10]), 3)
+    pad = 10
+    assert gather.tolist() == [0, 3, 6, 1, 4, pad, 2, 5, pad, 7, 8, 9]
+    assert cu_p.tolist() == [0, 9, 12]
+    assert torch.equal(gather[scatter], torch.arange(10))
+
+
+@pytest.mark.parametrize("cls,kw", [
+    (MambaMIL, {}), (MambaMIL, {"mixer": "mamba"}), (MambaMIL, {"mixer": "bimamba"}),
+    (ABMIL, {}), (ABMIL, {"gated": False}), (TransMIL, {}), (TransMIL, {"exact_attention": True}),
+])
+def test_packed_bags_equal_each_bag_alone(cls, kw):
+    model = _tiny(cls, **kw)
+    _perturb(model)
+    bags = _bags([7, 1, 13, 4])
+    with torch.no_grad():
+        alone = torch.cat([model(b) for b in bags])
+        listed = model(bags)
+        cu = torch.tensor([0, 7, 8, 21, 25])
+        packed = model(torch.cat(bags), cu_seqlens=cu)
+        batched = model(torch.stack(_bags([5, 5], seed=1)))
+        batched_alone = torch.cat([model(b) for b in _bags([5, 5], seed=1)])
+    assert listed.shape == (4, 3)
+    torch.testing.assert_close(listed, alone, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(batched, batched_alone, rtol=1e-4, atol=1e-5)
+
+
+def test_mambamil_packed_gradients_equal_per_bag():
+    model = _tiny(MambaMIL)
+    _perturb(model)
+    bags = _bags([6, 10])
+    model(bags).sum().backward()
+    packed = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    sum(model(b).sum() for b in bags).backward()
+    for a, b in zip(packed, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_heads_and_features():
+    model = _tiny(MambaMIL)
+    bags = _bags([5, 8])
+    feats, weights = model.forward_features(bags, return_attention=True)
+    assert feats.shape == (2, 16) and weights.shape == (13,)
+    torch.testing.assert_close(weights[:5].sum(), torch.tensor(1.0))
+    model.reset_classifier(4)
+    assert model(bags).shape == (2, 4)
+    hazards, surv = hazards_and_survival(model(bags))
+    assert bool((surv[:, 1:] <= surv[:, :-1]).all())
+
+
+@pytest.mark.parametrize("cls", [MambaMIL, ABMIL, TransMIL])
+def test_bad_input_errors(cls):
+    model = _tiny(cls)
+    with pytest.raises(ValueError, match=f"expected instance features of dim {IN}, got 7"):
+        model(torch.randn(5, 7))
+    with pytest.raises(ValueError, match=r"bags \[1\] are empty"):
+        model([torch.randn(3, IN), torch.randn(0, IN)])
+    with pytest.raises(ValueError, match="cu_seqlens must be"):
+        model(torch.randn(6, IN), cu_seqlens=torch.tensor([0, 2, 5]))
+    with pytest.raises(ValueError, match="empty list"):
+        model([])
+
+
+# ---------------------------------------------------------------- survival
+
+def test_nll_survival_loss_by_hand():
+    hazards = torch.tensor([[0.1, 0.2, 0.5], [0.3, 0.4, 0.6]])
+    surv = torch.cumprod(1 - hazards, dim=1)
+    y, c = torch.tensor([1, 2]), torch.tensor([0, 1])
+    # Event in bin 1: -log S_0 - log h_1; censored through bin 2: -log S_2.
+    expect = (-(math.log(0.9) + math.log(0.2)) - math.log(0.7 * 0.6 * 0.4)) / 2
+    torch.testing.assert_close(nll_survival_loss(hazards, surv, y, c), torch.tensor(expect))
+    # alpha = 1 keeps only the uncensored term.
+    torch.testing.assert_close(nll_survival_loss(hazards, surv, y, c, alpha=1.0), torch.tensor(-(math.log(0.9) + math.log(0.2)) / 2))
+    with pytest.raises(ValueError, match=r"\[0, 2\]"):
+        nll_survival_loss(hazards, surv, torch.tensor([3, 0]), c)
+
+
+def _cindex_brute(t, r, cens):
+    num = den = 0.0
+    for i, j in itertools.permutations(range(len(t)), 2):
+        if cens[i]:
+            continue
+        if t[i] < t[j] or (t[i] == t[j] and cens[j]):
+            den += 1
+            num += 1.0 if r[i] > r[j] else 0.5 if r[i] == r[j] else 0.0
+    return num / den
+
+
+def test_concordance_index_against_pair_count():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n = int(rng.integers(3, 25))
+        t = rng.integers(0, 8, n).astype(float)  # many tied times
+        r = rng.integers(0, 5, n).astype(float)  # many tied risks
+        cens = rng.random(n) < 0.4
+        cens[0] = False
+        t[0] = -1  # at least one comparable pair
+        assert concordance_index(t, r, cens) == pytest.approx(_cindex_brute(t, r, cens))
+    assert concordance_index([1, 2, 3], [3, 2, 1]) == 1.0
+    assert concordance_index([1, 2, 3], [1, 2, 3]) == 0.0
