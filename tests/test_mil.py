@@ -196,3 +196,88 @@ def test_concordance_index_against_pair_count():
         assert concordance_index(t, r, cens) == pytest.approx(_cindex_brute(t, r, cens))
     assert concordance_index([1, 2, 3], [3, 2, 1]) == 1.0
     assert concordance_index([1, 2, 3], [1, 2, 3]) == 0.0
+
+
+# ---------------------------------------------------------------- whole-slide pipeline
+
+def _write_slide(path, mpp=0.25):
+    """A 3-level pyramidal tiled TIFF: white background, a noisy stained ellipse of tissue."""
+    tifffile = pytest.importorskip("tifffile")
+    rng = np.random.default_rng(0)
+    h, w = 1024, 1536
+    img = np.full((h, w, 3), 236, np.uint8)
+    yy, xx = np.mgrid[:h, :w]
+    inside = ((yy - 500) / 380.0) ** 2 + ((xx - 700) / 560.0) ** 2 < 1
+    img[inside] = np.stack([rng.integers(150, 210, inside.sum()), rng.integers(60, 120, inside.sum()),
+                            rng.integers(140, 200, inside.sum())], axis=1)
+    with tifffile.TiffWriter(path) as tw:
+        level = img
+        for i in range(3):
+            res = 1e4 / (mpp * 2**i)  # pixels per cm
+            tw.write(level, tile=(128, 128), photometric="rgb", compression="zlib", resolution=(res, res),
+                     resolutionunit="CENTIMETER", subfiletype=0 if i == 0 else 1)
+            level = level[::2, ::2]
+    return inside
+
+
+class _TinyNet(torch.nn.Module):
+    def __init__(self, fail_after=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2)
+        self.calls, self.fail_after = 0, fail_after
+
+    def forward(self, x):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise RuntimeError("simulated crash")
+        return torch.relu(self.conv(x)).mean(dim=(2, 3))
+
+
+def test_wsi_pipeline_tiles_tissue_and_resumes(tmp_path):
+    wsi = pytest.importorskip("zoo.data.wsi")
+    pytest.importorskip("openslide")
+    slide_path = tmp_path / "slide.tiff"
+    inside = _write_slide(slide_path)
+    slide = wsi.open_slide(slide_path)
+    assert slide.level_count == 3 and wsi.slide_mpp(slide) == pytest.approx(0.25)
+    mask, down = wsi.tissue_mask(slide)
+    assert down == 4 and abs(mask.mean() - inside[::4, ::4].mean()) < 0.02
+    grid = wsi.tile_grid(slide, magnification=20, tile_size=32)  # 0.5 um/px: level 1, 64 level-0 px per tile
+    assert grid.level == 1 and grid.read_size == 32 and len(grid.coords) > 50
+    centers = grid.coords + 32
+    assert inside[centers[:, 1], centers[:, 0]].mean() > 0.95
+    with pytest.raises(ValueError, match="finer than the slide"):
+        wsi.tile_grid(slide, magnification=80, tile_size=32)
+    tiles = wsi._read_tiles(slide, grid, [0, 1])
+    slide.close()
+
+    kw = dict(magnification=20, tile_size=32, batch_size=16, save_every=1, progress=False, backbone_name="tiny")
+    full = wsi.load_bag(wsi.extract_slide_features(slide_path, _TinyNet(), tmp_path / "full", **kw))
+    assert full[0].shape == (len(grid.coords), 8) and torch.equal(full[1], torch.from_numpy(grid.coords))
+    assert full[2]["num_tiles"] == len(grid.coords) and full[2]["backbone"] == "tiny"
+    x = (torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) \
+        / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    torch.testing.assert_close(full[0][:2], _TinyNet()(x))
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        wsi.extract_slide_features(slide_path, _TinyNet(fail_after=2), tmp_path / "resume", **kw)
+    assert (tmp_path / "resume" / "slide.partial.safetensors").exists()
+    net = _TinyNet()
+    out = wsi.extract_slide_features(slide_path, net, tmp_path / "resume", **kw)
+    assert net.calls == math.ceil(len(grid.coords) / 16) - 2  # only the batches not yet saved
+    assert not (tmp_path / "resume" / "slide.partial.safetensors").exists()
+    torch.testing.assert_close(wsi.load_bag(out)[0], full[0])
+    # A finished bag is not recomputed; a bag feeds MambaMIL directly.
+    assert wsi.extract_slide_features(slide_path, _TinyNet(fail_after=0), tmp_path / "resume", **kw) == out
+    assert MambaMIL(in_dim=8, embed_dim=16, num_classes=2)(full[0]).shape == (1, 2)
+
+
+def test_wsi_timm_backbone_by_name(tmp_path):
+    wsi = pytest.importorskip("zoo.data.wsi")
+    pytest.importorskip("openslide")
+    _write_slide(tmp_path / "s.tiff")
+    paths = wsi.extract_features([tmp_path / "s.tiff"], "resnet10t", tmp_path / "bags", pretrained=False,
+                                 magnification=10, tile_size=32, progress=False)
+    feats, coords, meta = wsi.load_bag(paths[0])
+    assert meta["backbone"] == "resnet10t" and feats.shape == (len(coords), 512)
