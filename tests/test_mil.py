@@ -92,12 +92,41 @@ def test_mambamil_matches_official_forward(n, rate):
         torch.testing.assert_close(model(x), _mambamil_ref(model, x), rtol=1e-4, atol=1e-5)
 
 
+def test_official_parameter_names_and_checkpoint_filter():
+    from zoo.models.mil.mambamil import checkpoint_filter_fn
+
+    model = _tiny(MambaMIL)
+    keys = set(model.state_dict())
+    for k in ("_fc1.0.weight", "layers.1.0.weight", "layers.0.1.in_proj.weight", "layers.0.1.conv1d_b.weight",
+              "layers.0.1.x_proj_b.weight", "layers.0.1.dt_proj_b.bias", "layers.0.1.A_b_log", "layers.0.1.D_b",
+              "layers.0.1.out_proj.weight", "norm.weight", "attention.0.weight", "attention.2.bias", "classifier.weight"):
+        assert k in keys, k
+    # A DataParallel checkpoint from the official training code.
+    official = {"module." + k: v + 1 for k, v in model.state_dict().items()}
+    other = _tiny(MambaMIL)
+    other.load_state_dict(checkpoint_filter_fn(official, other))
+    torch.testing.assert_close(other.classifier.weight, model.classifier.weight + 1)
+
+
 def test_reorder_index_is_a_stride_permutation():
     gather, scatter, cu_p = reorder_index(torch.tensor([0, 7, 10]), 3)
     pad = 10
     assert gather.tolist() == [0, 3, 6, 1, 4, pad, 2, 5, pad, 7, 8, 9]
     assert cu_p.tolist() == [0, 9, 12]
     assert torch.equal(gather[scatter], torch.arange(10))
+
+
+def test_nystrom_equals_exact_attention_with_one_token_per_landmark():
+    from zoo.models.mil import NystromAttention
+
+    # With n == num_landmarks the landmarks are the tokens: A pinv(A) A v = A v.
+    torch.manual_seed(0)
+    approx = NystromAttention(16, dim_head=8, heads=2, num_landmarks=8, pinv_iterations=20)
+    exact = NystromAttention(16, dim_head=8, heads=2, num_landmarks=8, exact=True)
+    exact.load_state_dict(approx.state_dict())
+    x = 3 * torch.randn(1, 8, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(approx(x), exact(x), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("cls,kw", [
@@ -273,11 +302,32 @@ def test_wsi_pipeline_tiles_tissue_and_resumes(tmp_path):
     assert MambaMIL(in_dim=8, embed_dim=16, num_classes=2)(full[0]).shape == (1, 2)
 
 
-def test_wsi_timm_backbone_by_name(tmp_path):
-    wsi = pytest.importorskip("zoo.data.wsi")
+def test_wsi_cli_with_timm_backbone_by_name(tmp_path, capsys):
     pytest.importorskip("openslide")
+    import argparse
+
+    from zoo.data.wsi import load_bag
+    from zoo.tasks.mil import add_cli
+
     _write_slide(tmp_path / "s.tiff")
-    paths = wsi.extract_features([tmp_path / "s.tiff"], "resnet10t", tmp_path / "bags", pretrained=False,
-                                 magnification=10, tile_size=32, progress=False)
-    feats, coords, meta = wsi.load_bag(paths[0])
-    assert meta["backbone"] == "resnet10t" and feats.shape == (len(coords), 512)
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers())
+    args = parser.parse_args(["mil", "extract", str(tmp_path / "s.tiff"), "--out", str(tmp_path / "bags"), "--backbone",
+                              "resnet10t", "--no-pretrained", "--magnification", "10", "--tile-size", "32", "--device", "cpu"])
+    assert args.func(args) == 0
+    feats, coords, meta = load_bag(capsys.readouterr().out.split()[-1])
+    assert meta["backbone"] == "resnet10t" and meta["magnification"] == 10 and feats.shape == (len(coords), 512)
+
+
+def test_registered_entries():
+    import zoo
+    import zoo.models.mil  # noqa: F401  (registers the entries)
+
+    names = set(zoo.list_models("*mil*"))
+    assert {"mambamil", "mambamil_survival", "mambamil_mamba", "mambamil_bimamba", "abmil", "abmil_ungated", "transmil"} <= names
+    model = zoo.create_model("mambamil_survival", in_dim=IN, embed_dim=16).eval()
+    assert model.pretrained_cfg["num_classes"] == 4 and model.rate == 5
+    assert model(_bags([6])[0]).shape == (1, 4)
+    assert zoo.create_model("abmil", in_dim=IN, num_classes=3).gated
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        zoo.create_model("mambamil", pretrained=True)

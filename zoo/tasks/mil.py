@@ -155,12 +155,34 @@ def add_cli(subparsers) -> None:
     b.add_argument("--lr", type=float, default=1e-3)
     b.add_argument("--output", default=None, help="write the table as JSON here")
     b.set_defaults(func=_cli_bench)
+    e = sub.add_parser("extract", help="tile whole-slide images and cache their bag features (safetensors, resumable)")
+    e.add_argument("slides", nargs="+", help="slide files OpenSlide can read")
+    e.add_argument("--out", required=True, help="directory of <slide>.safetensors bags")
+    e.add_argument("--backbone", default="resnet50", help="timm or zoo model name")
+    e.add_argument("--no-pretrained", action="store_true", help="random backbone weights (tests, smoke runs)")
+    e.add_argument("--magnification", type=float, default=20.0)
+    e.add_argument("--tile-size", type=int, default=224)
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--min-tissue", type=float, default=0.5, help="keep tiles with at least this tissue fraction")
+    e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    e.set_defaults(func=_cli_extract)
 
 
 def _cli_bench(args: argparse.Namespace) -> int:
     run_mil_benchmark(args.models, args.seeds, args.epochs, args.train_bags, args.test_bags, args.bag_size,
                       args.embed_dim, args.rate, lr=args.lr, batch_size=args.batch_size, output=args.output,
                       command=getattr(args, "command_line", None) or "zoo " + shlex.join(sys.argv[1:]))
+    return 0
+
+
+def _cli_extract(args: argparse.Namespace) -> int:
+    from zoo.data.wsi import extract_features  # needs the wsi extra (OpenSlide)
+
+    paths = extract_features(args.slides, args.backbone, args.out, pretrained=not args.no_pretrained,
+                             magnification=args.magnification, tile_size=args.tile_size, batch_size=args.batch_size,
+                             min_tissue=args.min_tissue, device=args.device)
+    for p in paths:
+        print(p)
     return 0
 
 

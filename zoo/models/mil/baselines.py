@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.registry import build_model, register_model, register_pretrained_cfgs
+
 from .bags import Bags, attention_pool, pack_bags
 from .mambamil import _init_official, make_projection
 
@@ -36,12 +38,11 @@ class ABMIL(nn.Module):
         gated: bool = True,
         act: str = "relu",
         drop_rate: float = 0.25,
-        pretrained_cfg: Optional[dict] = None,
     ):
         super().__init__()
         self.in_dim, self.num_classes, self.embed_dim, self.gated = in_dim, num_classes, embed_dim, gated
         self.num_features = self.head_hidden_size = embed_dim
-        self.pretrained_cfg = pretrained_cfg or {}
+        self.pretrained_cfg: dict = {}  # filled in by build_model
         self.feature = make_projection(in_dim, embed_dim, act, drop_rate, "ABMIL")
         if gated:
             self.attention_V = nn.Sequential(nn.Linear(embed_dim, attn_dim), nn.Tanh())
@@ -172,12 +173,11 @@ class TransMIL(nn.Module):
         act: str = "relu",
         drop_rate: float = 0.25,
         exact_attention: bool = False,
-        pretrained_cfg: Optional[dict] = None,
     ):
         super().__init__()
         self.in_dim, self.num_classes, self.embed_dim = in_dim, num_classes, embed_dim
         self.num_features = self.head_hidden_size = embed_dim
-        self.pretrained_cfg = pretrained_cfg or {}
+        self.pretrained_cfg: dict = {}  # filled in by build_model
         self._fc1 = make_projection(in_dim, embed_dim, act, drop_rate, "TransMIL")
         self.pos_layer = _PPEG(embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -218,3 +218,42 @@ class TransMIL(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self):
         return {"cls_token"}
+
+
+register_pretrained_cfgs({
+    "abmil": dict(
+        num_classes=2, license="MIT", source="https://github.com/AMLab-Amsterdam/AttentionDeepMIL",
+        paper="Attention-based Deep Multiple Instance Learning (Ilse, Tomczak & Welling, ICML 2018, arXiv:1802.04712)",
+        notes="Gated attention; layer sizes of MambaMIL's models/ABMIL.py (GatedAttention). No pretrained weights.",
+    ),
+    "abmil_ungated": dict(
+        num_classes=2, license="MIT", source="https://github.com/isyangshu/MambaMIL",
+        paper="Attention-based Deep Multiple Instance Learning (Ilse, Tomczak & Welling, ICML 2018, arXiv:1802.04712)",
+        notes="Plain tanh attention: the 'att_mil' (DAttention) baseline of MambaMIL's code. No pretrained weights.",
+    ),
+    "transmil": dict(
+        num_classes=2, license="see source", source="https://github.com/szc19990412/TransMIL",
+        paper="TransMIL: Transformer based Correlated Multiple Instance Learning for Whole Slide Image "
+              "Classification (Shao et al., NeurIPS 2021, arXiv:2106.00908)",
+        notes="Nystrom attention as in MambaMIL's models/TransMIL.py; exact_attention=True swaps in exact "
+              "softmax attention. No pretrained weights.",
+    ),
+})
+
+
+@register_model
+def abmil(pretrained: bool = False, **kwargs) -> ABMIL:
+    """Gated-attention MIL: 512-d projection, 128-d gated attention."""
+    return build_model(ABMIL, "abmil", pretrained, **{**dict(gated=True), **kwargs})
+
+
+@register_model
+def abmil_ungated(pretrained: bool = False, **kwargs) -> ABMIL:
+    """Attention MIL without the gate (DAttention)."""
+    return build_model(ABMIL, "abmil_ungated", pretrained, **{**dict(gated=False), **kwargs})
+
+
+@register_model
+def transmil(pretrained: bool = False, **kwargs) -> TransMIL:
+    """TransMIL: two Nystrom transformer layers around a PPEG position encoding, width 512."""
+    return build_model(TransMIL, "transmil", pretrained, **kwargs)

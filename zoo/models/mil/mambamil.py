@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.core import BiMamba, Mamba
+from zoo.registry import build_model, register_model, register_pretrained_cfgs
 
 from .bags import Bags, attention_pool, bag_ids, pack_bags
 
@@ -155,7 +156,6 @@ class MambaMIL(nn.Module):
         act: str = "gelu",
         drop_rate: float = 0.25,
         attn_dim: int = 128,
-        pretrained_cfg: Optional[dict] = None,
     ):
         super().__init__()
         if mixer not in MIXERS:
@@ -163,7 +163,7 @@ class MambaMIL(nn.Module):
         self.in_dim, self.num_classes, self.embed_dim = in_dim, num_classes, embed_dim
         self.num_features = self.head_hidden_size = embed_dim
         self.mixer, self.rate = mixer, rate
-        self.pretrained_cfg = pretrained_cfg or {}
+        self.pretrained_cfg: dict = {}  # filled in by build_model
         self._fc1 = make_projection(in_dim, embed_dim, act, drop_rate, "MambaMIL")
         mixer_kwargs = dict(d_state=d_state, d_conv=d_conv, expand=expand)
         if mixer == "srmamba":
@@ -228,3 +228,57 @@ def checkpoint_filter_fn(state_dict: dict, model: Optional[nn.Module] = None) ->
     if "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
         state_dict = state_dict["state_dict"]
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state_dict.items()}
+
+
+_SOURCE = "https://github.com/isyangshu/MambaMIL"
+_PAPER = ("MambaMIL: Enhancing Long Sequence Modeling with Sequence Reordering in Computational Pathology "
+          "(Yang, Wang & Chen, MICCAI 2024, arXiv:2403.06800)")
+_NO_WEIGHTS = ("No official checkpoint is released (the README gives training scripts only); entries build the "
+               "architecture of the official scripts for training on bag features.")
+
+register_pretrained_cfgs({
+    "mambamil": dict(
+        num_classes=2, license="MIT (code; README: non-commercial academic use)", paper=_PAPER, source=_SOURCE,
+        notes="SR-Mamba, 2 layers, rate 5 (train_scripts/*.sh), 1024-d ResNet-50 (CLAM) features. " + _NO_WEIGHTS,
+    ),
+    "mambamil_survival": dict(
+        num_classes=4, license="MIT (code; README: non-commercial academic use)", paper=_PAPER, source=_SOURCE,
+        notes="4 discrete time bins (main_survival.py), NLL survival loss; SR-Mamba rate 5. " + _NO_WEIGHTS,
+    ),
+    "mambamil_mamba": dict(
+        num_classes=2, license="MIT (code; README: non-commercial academic use)", paper=_PAPER, source=_SOURCE,
+        notes="Ablation: plain (causal) Mamba layers, --mambamil_type Mamba. " + _NO_WEIGHTS,
+    ),
+    "mambamil_bimamba": dict(
+        num_classes=2, license="MIT (code; README: non-commercial academic use)", paper=_PAPER, source=_SOURCE,
+        notes="Ablation: Vim-style bidirectional Mamba layers, --mambamil_type BiMamba. " + _NO_WEIGHTS,
+    ),
+})
+
+
+def _create(variant: str, pretrained: bool, cfg: dict, kwargs: dict) -> MambaMIL:
+    return build_model(MambaMIL, variant, pretrained, checkpoint_filter_fn=checkpoint_filter_fn, **{**cfg, **kwargs})
+
+
+@register_model
+def mambamil(pretrained: bool = False, **kwargs) -> MambaMIL:
+    """MambaMIL with SR-Mamba (rate 5), 2 layers of width 512, 1024-d instance features."""
+    return _create("mambamil", pretrained, dict(mixer="srmamba", rate=5), kwargs)
+
+
+@register_model
+def mambamil_survival(pretrained: bool = False, **kwargs) -> MambaMIL:
+    """MambaMIL for survival: one hazard logit per time bin (4 bins, as in the official scripts)."""
+    return _create("mambamil_survival", pretrained, dict(mixer="srmamba", rate=5, num_classes=4), kwargs)
+
+
+@register_model
+def mambamil_mamba(pretrained: bool = False, **kwargs) -> MambaMIL:
+    """MambaMIL with plain Mamba layers (no reordering)."""
+    return _create("mambamil_mamba", pretrained, dict(mixer="mamba"), kwargs)
+
+
+@register_model
+def mambamil_bimamba(pretrained: bool = False, **kwargs) -> MambaMIL:
+    """MambaMIL with bidirectional (forward + backward) Mamba layers."""
+    return _create("mambamil_bimamba", pretrained, dict(mixer="bimamba"), kwargs)
