@@ -140,7 +140,6 @@ class VisionMamba(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.num_features = self.embed_dim = embed_dim
-        self.num_prefix_tokens = 1
         self.residual_in_fp32 = residual_in_fp32
         self.grad_checkpointing = False
 
