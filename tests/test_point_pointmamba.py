@@ -1,0 +1,136 @@
+"""PointMamba: the official forward restated, official checkpoint layout, registry entries, bad input."""
+import pytest
+import torch
+
+from zoo.models.point.ops import group_points
+from zoo.models.point.pointmamba import PointMamba, checkpoint_filter_fn
+from zoo.models.point.serialization import bit_length, hilbert_encode
+
+SMALL = dict(num_classes=5, trans_dim=32, depth=2, num_group=8, group_size=8, head_hidden=16)
+
+
+def _official_order(center, swap, grid_size=0.02):
+    # Pointcept's batched serialization as PointMamba calls it: per-cloud min, batch-wide depth,
+    # batch index in the high bits, one argsort over the flattened batch.
+    b, g, _ = center.shape
+    grid = torch.floor(center / grid_size).long()
+    grid = grid - grid.min(dim=1, keepdim=True).values
+    grid = grid.flatten(0, 1)
+    if swap:
+        grid = grid[:, [1, 0, 2]]
+    depth = int(bit_length(grid.max()))
+    batch = torch.arange(b).repeat_interleave(g)
+    code = (batch << (3 * depth)) | hilbert_encode(grid, depth)
+    return code.argsort() - (batch * g)  # flat order, back to per-cloud indices (clouds stay in blocks)
+
+
+def _official_forward(model, pts):
+    neighborhood, center, _ = group_points(pts, model.num_group, model.group_size)
+    tokens, pos = model.encoder(neighborhood), model.pos_embed(center)
+    b, g, c = tokens.shape
+    xs, ps = [], []
+    for i, swap in ((1, False), (2, True)):
+        order = _official_order(center, swap).reshape(b, g)
+        idx = order[..., None].expand(-1, -1, c)
+        gamma, beta = getattr(model, f"OrderScale_gamma_{i}"), getattr(model, f"OrderScale_beta_{i}")
+        xs.append(tokens.gather(1, idx) * gamma + beta)
+        ps.append(pos.gather(1, idx))
+    x = torch.cat(xs, 1) + torch.cat(ps, 1)
+    for layer in model.blocks.layers:  # the official pre-norm block: x + mixer(norm(x))
+        x = x + layer.mixer(layer.norm(x))
+    x = model.blocks.norm_f(x)
+    return model.cls_head_finetune(x.mean(1))
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return PointMamba(**SMALL).eval()
+
+
+def test_matches_restated_official_forward(model):
+    pts = torch.rand(2, 96, 3) * 0.6  # depth 5 for both clouds, so batch-wide depth == per-cloud
+    with torch.no_grad():
+        torch.testing.assert_close(model(pts), _official_forward(model, pts), rtol=1e-4, atol=1e-5)
+
+
+def test_official_checkpoint_layout_loads(model):
+    # The released files: {"base_model": DDP-prefixed state dict, "optimizer": ..., "epoch": ...}.
+    official = {"base_model": {"module." + k: v.clone() for k, v in model.state_dict().items()}, "epoch": 300}
+    keys = set(official["base_model"])
+    for name in ("module.blocks.layers.0.mixer.in_proj.weight", "module.blocks.layers.1.mixer.A_log",
+                 "module.blocks.layers.0.norm.weight", "module.blocks.norm_f.bias",
+                 "module.encoder.first_conv.0.weight", "module.encoder.second_conv.3.weight",
+                 "module.pos_embed.2.weight", "module.cls_head_finetune.8.weight",
+                 "module.OrderScale_gamma_1", "module.OrderScale_beta_2"):
+        assert name in keys
+    fresh = PointMamba(**SMALL).eval()
+    fresh.load_state_dict(checkpoint_filter_fn(official, fresh), strict=True)
+    pts = torch.rand(2, 80, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(pts), model(pts))
+
+
+def test_pretraining_checkpoint_feeds_finetuning(model):
+    enc = {"MAE_encoder." + k: v for k, v in model.state_dict().items() if not k.startswith("cls_head")}
+    enc.update({"MAE_decoder.blocks.layers.0.mixer.D": torch.ones(3), "increase_dim.0.weight": torch.ones(1),
+                "mask_token": torch.zeros(1, 1, 32), "decoder_pos_embed.0.weight": torch.ones(1)})
+    target = PointMamba(**{**SMALL, "num_classes": 3})
+    sd = checkpoint_filter_fn({"base_model": enc}, target)
+    target.load_state_dict(sd, strict=True)  # head comes from the target's own init
+    torch.testing.assert_close(target.blocks.layers[1].mixer.in_proj.weight, model.blocks.layers[1].mixer.in_proj.weight)
+
+
+def test_variable_lengths_match_single_clouds(model):
+    torch.manual_seed(1)
+    pts = torch.rand(2, 70, 3)
+    lengths = torch.tensor([70, 40])
+    with torch.no_grad():
+        batched = model(pts, lengths)
+        alone = model(pts[1:, :40])
+    torch.testing.assert_close(batched[1:], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_interface_and_backward(model):
+    m = PointMamba(**SMALL)
+    out = m(torch.rand(3, 64, 3))
+    out.sum().backward()
+    assert m.blocks.layers[0].mixer.A_log.grad is not None
+    assert "OrderScale_gamma_1" in m.no_weight_decay()
+    feats = m.forward_features(torch.rand(2, 64, 3))
+    assert feats.shape == (2, 16, 32) and m.forward_head(feats, pre_logits=True).shape == (2, 32)
+    m.reset_classifier(0)
+    assert m(torch.rand(2, 64, 3)).shape == (2, 32)
+    m.reset_classifier(7, global_pool="avg_max")
+    assert m.eval()(torch.rand(2, 64, 3)).shape == (2, 7)
+
+
+def test_bad_input_errors(model):
+    with pytest.raises(ValueError, match=r"\(num_group=8, group_size=8\): expected at least 8 point\(s\) per cloud, got 5 in cloud 0"):
+        model(torch.rand(1, 5, 3))
+    with pytest.raises(ValueError, match=r"expected at least 8 point\(s\) per cloud, got 0 in cloud 1"):
+        model(torch.rand(2, 20, 3), lengths=torch.tensor([20, 0]))
+    bad = torch.rand(1, 20, 3)
+    bad[0, 3, 0] = float("nan")
+    with pytest.raises(ValueError, match="expected finite coordinates"):
+        model(bad)
+    with pytest.raises(ValueError, match=r"expected points of shape \(batch, num_points, 3\), got \(1, 20, 6\)"):
+        model(torch.rand(1, 20, 6))
+
+
+def test_registered_entries_param_counts():
+    from zoo.models.point.pointmamba import pointmamba_modelnet40, pointmamba_scanobjectnn
+
+    # Published: 12.3M parameters (Tables 1-2 of the NeurIPS paper).
+    for fn, classes in ((pointmamba_modelnet40, 40), (pointmamba_scanobjectnn, 15)):
+        with torch.device("meta"):
+            m = fn()
+        assert m.num_classes == classes
+        assert round(sum(p.numel() for p in m.parameters()) / 1e6, 1) == 12.3
+    import zoo
+
+    assert {"pointmamba_modelnet40", "pointmamba_scanobjectnn"} <= set(zoo.list_models("pointmamba*"))
+    assert "pointmamba_scanobjectnn.hardest" in zoo.list_models("pointmamba*", pretrained=True)
+    info = zoo.model_info("pointmamba_scanobjectnn.hardest")
+    assert info["pretrained_cfgs"]["pointmamba_scanobjectnn.hardest"]["metrics"] == {"scanobjectnn_pb_t50_rs_oa": 89.31}
+    assert round(info["num_params"] / 1e6, 1) == 12.3

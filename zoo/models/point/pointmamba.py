@@ -1,0 +1,312 @@
+"""PointMamba (Liang et al., NeurIPS 2024): point patches, serialized by two space-filling curves,
+read by a plain stack of Mamba blocks.
+
+Pipeline (LMD0311/PointMamba, models/point_mamba_scan.py, the March 2025 code of the NeurIPS paper):
+FPS picks ``num_group`` centres, each takes its ``group_size`` nearest points (relative to the
+centre), a mini-PointNet embeds every patch, an MLP embeds every centre as its position. The
+tokens are serialized twice, along the Hilbert and the Trans-Hilbert curve of the centres (grid
+0.02); each copy gets its order indicator (a learned per-channel scale and shift) and the two are
+concatenated into one sequence of 2G tokens, plus positions, through ``depth`` Mamba blocks and a
+final norm; the classifier reads the mean token.
+
+Module and parameter names follow the official code (``encoder.first_conv``, ``pos_embed``,
+``blocks.layers.{i}.mixer``, ``blocks.layers.{i}.norm``, ``blocks.norm_f``, ``cls_head_finetune``,
+``OrderScale_gamma_1`` ...), so official checkpoints load by name after
+:func:`checkpoint_filter_fn` strips their wrappers.
+
+Differences from the official code, none of which changes a converted checkpoint's forward:
+FPS/kNN run in torch (no pointnet2_ops / KNN_CUDA; pointnet2's FPS additionally never picks
+points within 0.03 of the origin, ours has no such exclusion); the Hilbert depth is taken per
+cloud rather than over the batch (equal whenever the clouds of a batch span the same power of
+two of grid cells); the official block (x + mixer(norm(x))) is run in mamba-ssm's
+Add -> Norm -> Mixer form, which computes the same thing.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, trunc_normal_
+from torch import nn
+
+from zoo.core import Mamba, ResidualBlock, RMSNorm, init_mamba_weights
+from zoo.registry import build_model, register_model, register_pretrained_cfgs
+
+from .ops import group_points
+from .serialization import check_points, gather_points, serialize
+
+_PAPER = "PointMamba: A Simple State Space Model for Point Cloud Analysis (Liang et al., NeurIPS 2024, arXiv:2402.10739)"
+_SOURCE = "https://github.com/LMD0311/PointMamba"
+_RELEASE = "https://github.com/LMD0311/PointMamba/releases/download/ckpts-2/"
+
+
+class PatchEncoder(nn.Module):
+    """Mini-PointNet of Point-BERT / Point-MAE: per-point MLP, max-pool, concat the pooled
+    feature back onto every point, second MLP, max-pool: (B, G, K, 3) -> (B, G, C)."""
+
+    def __init__(self, embed_dim: int):
+        super().__init__()
+        self.encoder_channel = embed_dim
+        self.first_conv = nn.Sequential(nn.Conv1d(3, 128, 1), nn.BatchNorm1d(128), nn.ReLU(inplace=True), nn.Conv1d(128, 256, 1))
+        self.second_conv = nn.Sequential(
+            nn.Conv1d(512, 512, 1), nn.BatchNorm1d(512), nn.ReLU(inplace=True), nn.Conv1d(512, embed_dim, 1)
+        )
+
+    def forward(self, groups: torch.Tensor) -> torch.Tensor:
+        b, g, k, _ = groups.shape
+        x = self.first_conv(groups.reshape(b * g, k, 3).transpose(1, 2))
+        pooled = x.amax(dim=2, keepdim=True)
+        x = self.second_conv(torch.cat([pooled.expand(-1, -1, k), x], dim=1))
+        return x.amax(dim=2).reshape(b, g, self.encoder_channel)
+
+
+class MambaEncoder(nn.Module):
+    """The official ``MixerModel``: positions added once, ``depth`` pre-norm Mamba blocks, final
+    norm. Drop-path rates follow the official ones: block i's rate applies to block i's mixer
+    output, which the Add -> Norm -> Mixer form adds at the start of block i + 1 (or at the end)."""
+
+    def __init__(self, dim: int, depth: int, drop_path: Sequence[float], rms_norm: bool = False, ssm_cfg: Optional[dict] = None):
+        super().__init__()
+        norm = partial(RMSNorm, eps=1e-5) if rms_norm else partial(nn.LayerNorm, eps=1e-5)
+        rates = [0.0] + list(drop_path[:-1])
+        self.layers = nn.ModuleList([
+            ResidualBlock(dim, Mamba(dim, layer_idx=i, **(ssm_cfg or {})), norm(dim), drop_path=rates[i])
+            for i in range(depth)
+        ])
+        self.drop_path_f = DropPath(drop_path[-1]) if depth and drop_path[-1] > 0 else nn.Identity()
+        self.norm_f = norm(dim)
+        self.apply(partial(init_mamba_weights, n_layer=depth))
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        hidden, residual = x + pos, None
+        for layer in self.layers:
+            if self.grad_checkpointing and self.training:
+                hidden, residual = torch.utils.checkpoint.checkpoint(layer, hidden, residual, use_reentrant=False)
+            else:
+                hidden, residual = layer(hidden, residual)
+        residual = hidden if residual is None else residual + self.drop_path_f(hidden)
+        return self.norm_f(residual.to(self.norm_f.weight.dtype))
+
+
+def _order_scale(dim: int):
+    gamma = nn.Parameter(torch.empty(dim).normal_(1.0, 0.02))
+    beta = nn.Parameter(torch.empty(dim).normal_(0.0, 0.02))
+    return gamma, beta
+
+
+class PointMamba(nn.Module):
+    """PointMamba classifier on raw xyz (B, N, 3), any N >= max(num_group, group_size).
+
+    ``lengths`` (B,) marks padded clouds (points beyond a cloud's length are ignored).
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 40,
+        trans_dim: int = 384,
+        depth: int = 12,
+        num_group: int = 64,
+        group_size: int = 32,
+        encoder_dims: Optional[int] = None,
+        drop_path_rate: float = 0.1,
+        rms_norm: bool = False,
+        global_pool: str = "avg",
+        orders: Sequence[str] = ("hilbert", "hilbert-trans"),
+        grid_size: float = 0.02,
+        head_hidden: int = 256,
+        head_drop: float = 0.5,
+        ssm_cfg: Optional[dict] = None,
+    ):
+        super().__init__()
+        if global_pool not in ("avg", "max", "avg_max"):
+            raise ValueError(f"PointMamba: global_pool must be 'avg', 'max' or 'avg_max', got {global_pool!r}")
+        encoder_dims = encoder_dims or trans_dim
+        if encoder_dims != trans_dim:
+            raise ValueError(f"PointMamba: encoder_dims must equal trans_dim (tokens enter the blocks as they are), got {encoder_dims} and {trans_dim}")
+        self.num_classes = num_classes
+        self.trans_dim = self.num_features = self.embed_dim = trans_dim
+        self.num_group, self.group_size = num_group, group_size
+        self.orders, self.grid_size = tuple(orders), grid_size
+        self.global_pool, self.head_hidden, self.head_drop = global_pool, head_hidden, head_drop
+        self.pretrained_cfg: dict = {}  # build_model sets the entry's cfg
+
+        self.encoder = PatchEncoder(encoder_dims)
+        self.pos_embed = nn.Sequential(nn.Linear(3, 128), nn.GELU(), nn.Linear(128, trans_dim))
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linspace; plain floats for meta init
+        self.blocks = MambaEncoder(trans_dim, depth, dpr, rms_norm=rms_norm, ssm_cfg=ssm_cfg)
+        # Order indicators: one scale/shift pair per serialization order (official names).
+        for i, _ in enumerate(self.orders, start=1):
+            gamma, beta = _order_scale(trans_dim)
+            setattr(self, f"OrderScale_gamma_{i}", gamma)
+            setattr(self, f"OrderScale_beta_{i}", beta)
+        self.cls_head_finetune = self._make_head(num_classes)
+        self._init_non_mixer()
+
+    def _make_head(self, num_classes: int) -> nn.Module:
+        if num_classes == 0:
+            return nn.Identity()
+        width = self.trans_dim * (2 if self.global_pool == "avg_max" else 1)
+        h = self.head_hidden
+        head = nn.Sequential(
+            nn.Linear(width, h), nn.BatchNorm1d(h), nn.ReLU(inplace=True), nn.Dropout(self.head_drop),
+            nn.Linear(h, h), nn.BatchNorm1d(h), nn.ReLU(inplace=True), nn.Dropout(self.head_drop),
+            nn.Linear(h, num_classes),
+        )
+        for m in head.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        return head
+
+    def _init_non_mixer(self) -> None:
+        # Official from-scratch init (trunc-normal 0.02) for the embeddings; the Mamba blocks keep
+        # mamba-ssm's init (the official code also re-initialises the mixers' linears and zeroes
+        # dt_proj's bias, which puts every channel's step at softplus(0); we do not).
+        for mod in (self.encoder, self.pos_embed):
+            for m in mod.modules():
+                if isinstance(m, (nn.Linear, nn.Conv1d)):
+                    trunc_normal_(m.weight, std=0.02)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------------ timm-style interface
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {n for n, p in self.named_parameters() if n.startswith("OrderScale_") or getattr(p, "_no_weight_decay", False)}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        return dict(stem=r"^encoder|^pos_embed|^OrderScale", blocks=r"^blocks\.layers\.(\d+)" if coarse else [(r"^blocks\.layers\.(\d+)", None), (r"^blocks\.norm_f", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.blocks.grad_checkpointing = enable
+
+    def get_classifier(self) -> nn.Module:
+        return self.cls_head_finetune
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is not None:
+            if global_pool not in ("avg", "max", "avg_max"):
+                raise ValueError(f"PointMamba: global_pool must be 'avg', 'max' or 'avg_max', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.cls_head_finetune = self._make_head(num_classes)
+
+    # ------------------------------------------------------------------ forward
+    def embed(self, pts: torch.Tensor, lengths: Optional[torch.Tensor] = None):
+        """Patch tokens (B, G, C), centre positions (B, G, C) and centres (B, G, 3)."""
+        need = max(self.num_group, self.group_size)
+        check_points(pts, lengths, f"PointMamba (num_group={self.num_group}, group_size={self.group_size})", min_points=need)
+        neighborhood, center, _ = group_points(pts, self.num_group, self.group_size, lengths)
+        return self.encoder(neighborhood), self.pos_embed(center), center
+
+    def serialize_tokens(self, tokens: torch.Tensor, pos: torch.Tensor, center: torch.Tensor):
+        """One copy of (tokens, pos) per order, sorted along it, tokens scaled by the order's
+        indicator; concatenated along the sequence: (B, len(orders) * G, C) each."""
+        xs, ps = [], []
+        for i, order in enumerate(self.orders, start=1):
+            perm, _ = serialize(center, order, self.grid_size)
+            gamma, beta = getattr(self, f"OrderScale_gamma_{i}"), getattr(self, f"OrderScale_beta_{i}")
+            xs.append(gather_points(tokens, perm) * gamma + beta)
+            ps.append(gather_points(pos, perm))
+        return torch.cat(xs, 1), torch.cat(ps, 1)
+
+    def forward_features(self, pts: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, N, 3) -> normalised tokens (B, len(orders) * num_group, trans_dim)."""
+        tokens, pos, center = self.embed(pts, lengths)
+        x, pos = self.serialize_tokens(tokens, pos, center)
+        return self.blocks(x, pos)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "avg":
+            x = x.mean(1)
+        elif self.global_pool == "max":
+            x = x.amax(1)
+        else:
+            x = torch.cat([x.mean(1), x.amax(1)], dim=-1)
+        return x if pre_logits else self.cls_head_finetune(x)
+
+    def forward(self, pts: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.forward_head(self.forward_features(pts, lengths))
+
+
+def checkpoint_filter_fn(state_dict: dict, model: PointMamba) -> dict:
+    """Official PointMamba checkpoint -> this model's state dict.
+
+    Accepts the saved file's dict (``{"base_model": ..., "optimizer": ...}``, or ``"model"``) or
+    a bare state dict; strips DDP's ``module.`` and the pre-training wrapper ``MAE_encoder.``,
+    drops the pre-training decoder (``MAE_decoder``, ``increase_dim``, ``mask_token``,
+    ``decoder_pos_embed``), and replaces a classifier of another shape (or a missing one, from a
+    pre-training checkpoint) with the model's own fresh head so strict loading passes.
+    """
+    for key in ("base_model", "model"):
+        if isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
+            break
+    own = model.state_dict()
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith("module."):
+            k = k[len("module."):]
+        if k.startswith("MAE_encoder."):
+            k = k[len("MAE_encoder."):]
+        elif k.startswith(("MAE_decoder.", "increase_dim.", "decoder_pos_embed.")) or k == "mask_token":
+            continue
+        if k.startswith("cls_head_finetune."):
+            if k not in own or own[k].shape != v.shape:
+                continue
+        out[k] = v
+    for k, v in own.items():
+        if k.startswith("cls_head_finetune.") and k not in out:
+            out[k] = v
+    return out
+
+
+# ---------------------------------------------------------------------- entries
+
+def _cfg(url: str, num_classes: int, num_points: int, metrics: dict, notes: str) -> dict:
+    return dict(
+        url=url, num_classes=num_classes, input_size=(num_points, 3), license="Apache-2.0", paper=_PAPER,
+        source=_SOURCE, metrics=metrics, notes=notes,
+    )
+
+
+# Accuracies: the "Main Results" table of the LMD0311/PointMamba README (ckpts-2 release).
+register_pretrained_cfgs({
+    "pointmamba_modelnet40.modelnet40": _cfg(
+        _RELEASE + "finetune_modelnet.pth", 40, 1024, {"modelnet40_oa": 93.6},
+        "cfgs/finetune_modelnet.yaml; fine-tuned from the ShapeNet-55 masked point modelling checkpoint",
+    ),
+    "pointmamba_scanobjectnn.objbg": _cfg(
+        _RELEASE + "finetune_scan_objbg.pth", 15, 2048, {"scanobjectnn_objbg_oa": 94.32},
+        "cfgs/finetune_scan_objbg.yaml",
+    ),
+    "pointmamba_scanobjectnn.objonly": _cfg(
+        _RELEASE + "finetune_scan_only.pth", 15, 2048, {"scanobjectnn_objonly_oa": 92.60},
+        "cfgs/finetune_scan_objonly.yaml",
+    ),
+    "pointmamba_scanobjectnn.hardest": _cfg(
+        _RELEASE + "finetune_scan_hardest.pth", 15, 2048, {"scanobjectnn_pb_t50_rs_oa": 89.31},
+        "cfgs/finetune_scan_hardest.yaml",
+    ),
+})
+
+
+def _create(variant: str, pretrained: bool, cfg: dict, kwargs: dict) -> PointMamba:
+    return build_model(PointMamba, variant, pretrained, checkpoint_filter_fn=checkpoint_filter_fn, **{**cfg, **kwargs})
+
+
+@register_model
+def pointmamba_modelnet40(pretrained: bool = False, **kwargs) -> PointMamba:
+    """PointMamba for ModelNet40 (1024 points): 64 patches of 32 points, 12 blocks of width 384."""
+    return _create("pointmamba_modelnet40", pretrained, dict(num_classes=40, num_group=64, drop_path_rate=0.1), kwargs)
+
+
+@register_model
+def pointmamba_scanobjectnn(pretrained: bool = False, **kwargs) -> PointMamba:
+    """PointMamba for ScanObjectNN (2048 points): 128 patches of 32 points, 12 blocks of width 384."""
+    return _create("pointmamba_scanobjectnn", pretrained, dict(num_classes=15, num_group=128, drop_path_rate=0.5), kwargs)
