@@ -64,7 +64,7 @@ def _packed_conv1d(x, weight, bias, reverse, cu_seqlens):
     return out if bias is None else out + bias
 
 
-def _make_dt_proj(dt_rank, d_inner, dt_min, dt_max, dt_init, dt_scale, dt_init_floor, factory):
+def make_dt_proj(dt_rank, d_inner, dt_min, dt_max, dt_init, dt_scale, dt_init_floor, factory):
     dt_proj = nn.Linear(dt_rank, d_inner, bias=True, **factory)
     # Weight init that keeps the variance of dt; bias = softplus^-1 of dt ~ LogUniform(dt_min, dt_max).
     std = dt_rank**-0.5 * dt_scale
@@ -84,7 +84,7 @@ def _make_dt_proj(dt_rank, d_inner, dt_min, dt_max, dt_init, dt_scale, dt_init_f
     return dt_proj
 
 
-def _make_A_log(d_inner, d_state, device):
+def make_A_log(d_inner, d_state, device):
     # S4D-real init: A[d, n] = -(n + 1); stored as log(-A) in float32.
     A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(d_inner, 1)
     A_log = nn.Parameter(torch.log(A))
@@ -92,7 +92,7 @@ def _make_A_log(d_inner, d_state, device):
     return A_log
 
 
-def _make_D(d_inner, device):
+def make_D(d_inner, device):
     D = nn.Parameter(torch.ones(d_inner, device=device))
     D._no_weight_decay = True
     return D
@@ -141,10 +141,10 @@ class Mamba(nn.Module):
             d_inner, d_inner, kernel_size=self.d_conv, groups=d_inner, padding=self.d_conv - 1, bias=conv_bias, **factory
         ))
         setattr(self, "x_proj" + suffix, nn.Linear(d_inner, self.dt_rank + 2 * self.d_state, bias=False, **factory))
-        setattr(self, "dt_proj" + suffix, _make_dt_proj(self.dt_rank, d_inner, *self._dt_init, factory))
+        setattr(self, "dt_proj" + suffix, make_dt_proj(self.dt_rank, d_inner, *self._dt_init, factory))
         # A_log / D keep the official names: "A_log"/"A_b_log", "D"/"D_b".
-        setattr(self, "A" + suffix + "_log", _make_A_log(d_inner, self.d_state, factory["device"]))
-        setattr(self, "D" + suffix, _make_D(d_inner, factory["device"]))
+        setattr(self, "A" + suffix + "_log", make_A_log(d_inner, self.d_state, factory["device"]))
+        setattr(self, "D" + suffix, make_D(d_inner, factory["device"]))
 
     def _scan_direction(self, x, z, suffix="", reverse=False, cu_seqlens=None, state=None):
         """conv -> SiLU -> x_proj -> dt_proj -> gated selective scan for one direction.
