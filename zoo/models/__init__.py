@@ -1,0 +1,1 @@
+"""Modality adapters; importing a modality registers its zoo entries."""

@@ -1,0 +1,309 @@
+"""Model registry: entrypoints, pretrained tags, and the bridge into timm's registry.
+
+Model files register like timm's::
+
+    register_pretrained_cfgs({"vim_small.in1k": dict(hf_hub_id=..., hf_hub_filename=..., num_classes=1000)})
+
+    @register_model
+    def vim_small(pretrained=False, **kwargs):
+        return build_model(VisionMamba, "vim_small", pretrained, checkpoint_filter_fn=checkpoint_filter_fn, **kwargs)
+
+Names are case-insensitive and treat "-" and "_" alike ("vim-small" is "vim_small"); "arch.tag" picks a
+pretrained tag, and the first tag registered for an arch is its default.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import fnmatch
+import warnings
+from typing import Any, Callable, Mapping
+
+import torch
+from timm.models import _registry as timm_registry
+from timm.models._pretrained import DefaultCfg, PretrainedCfg
+from torch import nn
+
+from zoo import hub
+
+__all__ = [
+    "register_model", "register_pretrained_cfgs", "build_model", "create_model", "list_models", "model_info",
+    "split_model_name",
+]
+
+# Fields a pretrained cfg may set: zoo's own plus timm's (data config and weight sources), so timm-style
+# cfgs carry over unchanged.
+_ZOO_FIELDS = {
+    "hf_hub_id", "hf_hub_filename", "hf_hub_revision", "url", "file", "sha256", "num_classes", "input_size",
+    "mean", "std", "crop_pct", "interpolation", "license", "paper", "source", "metrics", "notes",
+}
+_TIMM_FIELDS = {f.name for f in dataclasses.fields(PretrainedCfg)}
+_CFG_FIELDS = _ZOO_FIELDS | _TIMM_FIELDS
+# zoo field -> timm PretrainedCfg field where the names differ.
+_TIMM_RENAMES = {"paper": "paper_name", "source": "origin_url"}
+# Arguments timm.create_model passes to every entrypoint; build_model consumes them.
+_TIMM_ARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+_entrypoints: dict[str, Callable[..., nn.Module]] = {}
+_pretrained_cfgs: dict[str, dict[str, dict[str, Any]]] = {}  # arch -> {tag ("" for a bare arch): cfg}, in order
+_timm_owned: set[str] = set()  # archs this registry put into timm's registry
+
+
+def _normalize(name: str) -> str:
+    return name.strip().lower().replace("-", "_")
+
+
+def split_model_name(model_name: str) -> tuple[str, str | None]:
+    """Normalised (arch, tag) of "arch" or "arch.tag"; the tag is None when the name has none."""
+    arch, sep, tag = _normalize(model_name).partition(".")
+    return arch, (tag if sep else None)
+
+
+def _full_name(arch: str, tag: str) -> str:
+    return f"{arch}.{tag}" if tag else arch
+
+
+def _has_weights(cfg: Mapping) -> bool:
+    return bool(cfg.get("file") or cfg.get("hf_hub_id") or cfg.get("url"))
+
+
+def _unknown_name_error(model_name: str) -> ValueError:
+    names = sorted(_entrypoints) + [_full_name(a, t) for a in sorted(_pretrained_cfgs) for t in _pretrained_cfgs[a] if t]
+    close = difflib.get_close_matches(_normalize(model_name), names, n=5, cutoff=0.5)
+    hint = f"closest registered names: {', '.join(close)}" if close else "see zoo.list_models() for the registered names"
+    return ValueError(f"unknown model '{model_name}' ({len(_entrypoints)} registered); {hint}")
+
+
+def _arch_of(model_name: str) -> tuple[str, str | None]:
+    arch, tag = split_model_name(model_name)
+    if arch not in _entrypoints:
+        raise _unknown_name_error(model_name)
+    if tag is not None and tag not in _pretrained_cfgs.get(arch, {}):
+        tags = [t for t in _pretrained_cfgs.get(arch, {}) if t]
+        raise ValueError(f"unknown pretrained tag '{tag}' for '{arch}': expected one of {tags or 'no tags (none registered)'}")
+    return arch, tag
+
+
+def _resolve_cfg(arch: str, tag: str | None) -> dict[str, Any]:
+    """A copy of the cfg of ``arch.tag`` (the default tag when None), with architecture and tag filled in."""
+    tags = _pretrained_cfgs.get(arch, {})
+    if tag is None:
+        tag = next(iter(tags), "")
+    elif tag not in tags:
+        raise ValueError(f"unknown pretrained tag '{tag}' for '{arch}': expected one of {[t for t in tags if t]}")
+    cfg = copy.deepcopy(tags.get(tag, {}))
+    cfg.update(architecture=arch, tag=tag or None)
+    return cfg
+
+
+# --- timm bridge -----------------------------------------------------------------------------------------
+
+def _to_timm_cfg(cfg: Mapping[str, Any]) -> PretrainedCfg:
+    fields = {}
+    for key, value in cfg.items():
+        key = _TIMM_RENAMES.get(key, key)
+        if key in _TIMM_FIELDS:
+            fields[key] = value
+    if isinstance(fields.get("notes"), str):
+        fields["notes"] = (fields["notes"],)
+    if fields.get("file"):
+        # timm reads `file` as a filesystem path; zoo's relative files are package data.
+        fields["file"] = str(hub.resolve_pretrained_file(fields["file"]))
+    return PretrainedCfg(**fields)
+
+
+def _sync_timm_cfgs(arch: str) -> None:
+    """Mirror ``arch``'s pretrained cfgs into timm's registry tables, as timm.register_model would."""
+    tables = ("_model_pretrained_cfgs", "_model_has_pretrained", "_model_with_tags", "_model_default_cfgs")
+    if not all(hasattr(timm_registry, t) for t in tables):
+        return  # another timm layout: timm.create_model still works; data configs come from model.pretrained_cfg
+    for name in timm_registry._model_with_tags.pop(arch, []) + [arch]:
+        timm_registry._model_pretrained_cfgs.pop(name, None)
+        timm_registry._model_has_pretrained.discard(name)
+    default = DefaultCfg()
+    for i, tag in enumerate(_pretrained_cfgs.get(arch, {})):
+        cfg = _to_timm_cfg(_resolve_cfg(arch, tag))
+        name = _full_name(arch, tag)
+        default.tags.append(tag)
+        default.cfgs[tag] = cfg
+        default.is_pretrained |= bool(cfg.has_weights)
+        names = {name, arch} if i == 0 else {name}  # the default tag is also reachable as the bare arch
+        for n in names:
+            timm_registry._model_pretrained_cfgs[n] = cfg
+            if cfg.has_weights:
+                timm_registry._model_has_pretrained.add(n)
+        timm_registry._model_with_tags[arch].append(name)
+    if default.tags:
+        timm_registry._model_default_cfgs[arch] = default
+    else:
+        timm_registry._model_default_cfgs.pop(arch, None)
+
+
+def _register_in_timm(fn: Callable[..., nn.Module]) -> None:
+    name = fn.__name__
+    if timm_registry.is_model(name) and name not in _timm_owned:
+        warnings.warn(f"'{name}' already names a timm model; the zoo entry is not registered in timm", stacklevel=3)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # timm warns when a name is overwritten, as when a zoo module is reloaded
+        timm_registry.register_model(fn)
+    _timm_owned.add(name)
+    _sync_timm_cfgs(name)
+
+
+# --- registration ----------------------------------------------------------------------------------------
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register an entrypoint ``fn(pretrained=False, **kwargs) -> nn.Module`` under ``fn.__name__``, here and in timm."""
+    name = fn.__name__
+    if name != _normalize(name):
+        raise ValueError(f"model entrypoint names must be lowercase with '_' separators, got '{name}'")
+    old = _entrypoints.get(name)
+    if old is not None and (old.__module__, old.__qualname__) != (fn.__module__, fn.__qualname__):
+        raise ValueError(f"model '{name}' is already registered by {old.__module__}; got a second one from {fn.__module__}")
+    _entrypoints[name] = fn
+    _register_in_timm(fn)
+    return fn
+
+
+def register_pretrained_cfgs(cfgs: Mapping[str, Mapping[str, Any]]) -> None:
+    """Register pretrained cfgs keyed by "arch.tag" (or a bare "arch"); an arch's first tag is its default.
+
+    Cfgs may be registered before or after their entrypoint. Unknown cfg fields are an error, so a typo
+    cannot silently drop a weight source.
+    """
+    for key, cfg in cfgs.items():
+        arch, tag = split_model_name(key)
+        unknown = sorted(set(cfg) - _CFG_FIELDS)
+        if unknown:
+            raise ValueError(f"pretrained cfg '{key}': unknown fields {unknown}; expected some of {sorted(_ZOO_FIELDS)}")
+        if cfg.get("sha256"):
+            sha = str(cfg["sha256"]).lower()
+            if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+                raise ValueError(f"pretrained cfg '{key}': sha256 must be 64 hex digits, got {cfg['sha256']!r}")
+        _pretrained_cfgs.setdefault(arch, {})[tag or ""] = dict(cfg)
+    for arch in {split_model_name(k)[0] for k in cfgs} & _timm_owned:
+        _sync_timm_cfgs(arch)
+
+
+# --- building --------------------------------------------------------------------------------------------
+
+def build_model(
+    model_cls: Callable[..., nn.Module],
+    variant: str,
+    pretrained: bool = False,
+    pretrained_strict: bool = True,
+    checkpoint_filter_fn: Callable[[dict, nn.Module], dict] | None = None,
+    **kwargs,
+) -> nn.Module:
+    """Instantiate ``model_cls(**kwargs)`` for ``variant`` ("arch" or "arch.tag") and load its weights.
+
+    ``num_classes`` defaults to the pretrained cfg's. The model gets ``pretrained_cfg`` / ``default_cfg``
+    (the cfg dict with "architecture" and "tag"). Weights come from the cfg's source when ``pretrained``,
+    or from ``checkpoint_path`` when given; either way through ``checkpoint_filter_fn(state_dict, model)``.
+    Also accepts the arguments timm.create_model passes: ``pretrained_cfg`` (a tag, a cfg dict or a timm
+    PretrainedCfg), ``pretrained_cfg_overlay`` (fields to override) and ``cache_dir``.
+    """
+    pretrained_cfg = kwargs.pop("pretrained_cfg", None)
+    overlay = kwargs.pop("pretrained_cfg_overlay", None)
+    cache_dir = kwargs.pop("cache_dir", None)
+    checkpoint_path = kwargs.pop("checkpoint_path", None)
+
+    arch, tag = split_model_name(variant)
+    if isinstance(pretrained_cfg, str):
+        tag = _normalize(pretrained_cfg)
+    if isinstance(pretrained_cfg, PretrainedCfg):
+        pretrained_cfg = pretrained_cfg.to_dict()
+    if isinstance(pretrained_cfg, Mapping):
+        cfg = {**copy.deepcopy(dict(pretrained_cfg)), "architecture": arch, "tag": tag}
+    else:
+        cfg = _resolve_cfg(arch, tag)
+    cfg.update(overlay or {})
+    if pretrained and not checkpoint_path and not _has_weights(cfg):
+        with_weights = list_models(arch, pretrained=True)
+        raise ValueError(
+            f"'{_full_name(arch, cfg['tag'] or '')}' has no pretrained weights (its pretrained cfg sets none of "
+            f"file, hf_hub_id, url); names with weights: {', '.join(with_weights) or 'none for this architecture'}"
+        )
+    if cfg.get("num_classes") is not None:
+        kwargs.setdefault("num_classes", cfg["num_classes"])
+
+    model = model_cls(**kwargs)
+    model.pretrained_cfg = cfg
+    model.default_cfg = cfg  # timm's older name for the same dict
+
+    if checkpoint_path or pretrained:
+        source = checkpoint_path or hub.resolve_pretrained(cfg, cache_dir=cache_dir)
+        state_dict = hub.load_checkpoint(source)
+        if checkpoint_filter_fn is not None:
+            state_dict = checkpoint_filter_fn(state_dict, model)
+        hub.load_state_dict(model, state_dict, strict=pretrained_strict, source=source)
+    return model
+
+
+def create_model(
+    model_name: str, pretrained: bool = False, num_classes: int | None = None, checkpoint_path: str | None = None,
+    **kwargs,
+) -> nn.Module:
+    """Create a registered model by name ("vim-small", "vim_small", "vim_small.in1k").
+
+    ``pretrained`` loads the weights of the named (or default) tag; ``checkpoint_path`` loads a local file
+    instead, through the model's checkpoint filter. Other kwargs go to the model.
+    """
+    arch, tag = _arch_of(model_name)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if tag is not None:
+        kwargs["pretrained_cfg"] = tag
+    if checkpoint_path is not None:
+        kwargs["checkpoint_path"] = checkpoint_path
+    return _entrypoints[arch](pretrained=pretrained, **kwargs)
+
+
+def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:
+    """Registered arch names matching the fnmatch ``pattern`` (case-, "-"/"_"-insensitive), sorted.
+
+    With ``pretrained=True``: the "arch.tag" names that have weights; a pattern without a "." matches
+    against the arch part.
+    """
+    pattern = _normalize(pattern)
+    if not pretrained:
+        return sorted(fnmatch.filter(_entrypoints, pattern))
+    names = []
+    for arch in _entrypoints:
+        for tag, cfg in _pretrained_cfgs.get(arch, {}).items():
+            name = _full_name(arch, tag)
+            target = name if "." in pattern else arch
+            if _has_weights(cfg) and fnmatch.fnmatchcase(target, pattern):
+                names.append(name)
+    return sorted(names)
+
+
+def _count_params(fn: Callable[..., nn.Module], tag: str | None) -> int | None:
+    kwargs = {"pretrained_cfg": tag} if tag is not None else {}
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+            model = fn(pretrained=False, **kwargs)
+    except Exception:  # an init that needs real values (e.g. .item()) cannot run on meta; the count is optional
+        return None
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_info(model_name: str) -> dict[str, Any]:
+    """The arch behind ``model_name``: tags, pretrained cfgs, default cfg, entrypoint, parameter count."""
+    arch, tag = _arch_of(model_name)
+    fn = _entrypoints[arch]
+    tags = _pretrained_cfgs.get(arch, {})
+    return {
+        "architecture": arch,
+        "tag": _resolve_cfg(arch, tag)["tag"],
+        "tags": [t for t in tags if t],
+        "pretrained": [_full_name(arch, t) for t, c in tags.items() if _has_weights(c)],
+        "pretrained_cfgs": {_full_name(arch, t): _resolve_cfg(arch, t) for t in tags},
+        "default_cfg": _resolve_cfg(arch, None),
+        "module": fn.__module__,
+        "entrypoint": f"{fn.__module__}.{fn.__qualname__}",
+        "description": (fn.__doc__ or "").strip().split("\n")[0],
+        "num_params": _count_params(fn, tag),
+    }
