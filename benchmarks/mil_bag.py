@@ -72,6 +72,7 @@ def main():
     p.add_argument("--device", default="cuda")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute MambaMIL layers in backward")
     p.add_argument("--output", default=None)
     args = p.parse_args()
     device = torch.device(args.device)
@@ -81,6 +82,8 @@ def main():
     rows = []
     for name in args.models:
         model = MODELS[name](args.in_dim, args.rate).to(device).train()
+        if args.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
+            model.set_grad_checkpointing()
         for num_bags in args.bags:
             # Unequal bags: sizes proportional to 1, 2, ..., num_bags.
             weights = torch.arange(1, num_bags + 1, dtype=torch.float64)

@@ -160,6 +160,11 @@ def test_mambamil_packed_gradients_equal_per_bag():
     sum(model(b).sum() for b in bags).backward()
     for a, b in zip(packed, (p.grad for p in model.parameters())):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    model.zero_grad()
+    model.set_grad_checkpointing()
+    model(bags).sum().backward()
+    for a, b in zip(packed, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_heads_and_features():
