@@ -1,0 +1,325 @@
+"""Launchers, the torch.library custom ops (with fake and autograd registrations) and the public
+entry points for the Triton selective scan.
+
+Internally every call is a stack of K directions: u, delta, z (K, b, l, d); A (K, d, n);
+B, C (K, b, l, g, n); D, delta_bias (K, d); initial_state (K, seqs, d, n). A tensor shared by
+all directions is an expanded view (stride 0 along K), so nothing is copied; autograd sums the
+per-direction gradients of such a view.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Sequence
+
+import torch
+import triton
+
+from .kernels import _bwd_kernel, _fwd_kernel
+
+REVERSE, TRANSPOSE = 1, 2  # direction flag bits (see kernels._positions)
+
+
+def _config(d_state: int, dpg: int, backward: bool, block_t: Optional[int] = None, block_d: Optional[int] = None):
+    """Tile sizes: the (BLOCK_T, BLOCK_D, BLOCK_N) tile is kept near 4096 elements (2048 in the
+    backward, which holds about twice as many live tiles) so it stays in registers."""
+    bn = triton.next_power_of_2(d_state)
+    budget = 2048 if backward else 4096
+    bt = block_t or (16 if bn <= 32 else 8 if bn <= 64 else 4)
+    if not block_d:
+        block_d = max(1, min(64, budget // (bt * bn), triton.next_power_of_2(dpg)))
+    return bt, block_d, bn
+
+
+def _lcm(a: int, b: int) -> int:
+    return a * b // math.gcd(a, b)
+
+
+def _geometry(u, A, B, C, cu_seqlens, block_t):
+    K, batch, L, dim = u.shape
+    gb, gc = B.shape[3], C.shape[3]
+    G = _lcm(gb, gc)  # a program's channels lie inside one group of B and one group of C
+    nseq = batch if cu_seqlens is None else cu_seqlens.numel() - 1
+    nchunk = triton.cdiv(L, block_t)
+    # Saved chunk-start states: per packed sequence ceil(len/T) slots, at most ceil(L/T) + nseq
+    # in all, so the size is known without reading cu_seqlens on the host.
+    nslots = batch * nchunk if cu_seqlens is None else nchunk + nseq
+    return K, batch, L, dim, G, dim // G, nseq, nchunk, nslots
+
+
+def _chunk_starts(cu_seqlens, block_t):
+    lens = cu_seqlens[1:] - cu_seqlens[:-1]
+    n = (lens + block_t - 1) // block_t
+    return (torch.cumsum(n, 0) - n).to(torch.int64)
+
+
+def _common_args(u, delta, A, B, C, D, z, delta_bias, flags, cu_seqlens, cs, H, W, block_t):
+    K, batch, L, dim, G, dpg, nseq, nchunk, nslots = _geometry(u, A, B, C, cu_seqlens, block_t)
+    dummy = u
+    return (
+        [u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
+         delta_bias if delta_bias is not None else dummy, flags,
+         cu_seqlens if cu_seqlens is not None else flags, cs if cs is not None else flags],
+        dict(L=L, DPG=dpg, NSTATE=A.shape[2], GB_DIV=G // B.shape[3], GC_DIV=G // C.shape[3], H=H, W=W,
+             NCHUNK=nchunk, NSLOTS=nslots),
+        [*u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(),
+         D.stride(0) if D is not None else 0, delta_bias.stride(0) if delta_bias is not None else 0,
+         *(z.stride() if z is not None else (0, 0, 0, 0))],
+        (K, batch, L, dim, G, dpg, nseq, nchunk, nslots),
+    )
+
+
+@torch.library.custom_op("zoo::selective_scan_fwd", mutates_args=())
+def _scan_fwd(
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+    D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+    initial_state: Optional[torch.Tensor], flags: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
+    H: int, W: int, delta_softplus: bool, save_states: bool, block_t: int, block_d: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns out (K, b, l, d) in u's dtype, the float32 final state (K, seqs, d, n) and the
+    float32 chunk-start states saved for the backward (empty unless save_states)."""
+    cs = None if cu_seqlens is None else _chunk_starts(cu_seqlens, block_t)
+    ptrs, sizes, strides, geo = _common_args(u, delta, A, B, C, D, z, delta_bias, flags, cu_seqlens, cs, H, W, block_t)
+    K, batch, L, dim, G, dpg, nseq, nchunk, nslots = geo
+    n = A.shape[2]
+    _, bd, bn = _config(n, dpg, False, block_t, block_d)
+    out = torch.empty((K, batch, L, dim), dtype=u.dtype, device=u.device)
+    hlast = torch.empty((K, nseq, dim, n), dtype=torch.float32, device=u.device)
+    hsave = torch.empty((K, nslots, dim, n) if save_states else (0,), dtype=torch.float32, device=u.device)
+    h0 = initial_state
+    nblk = triton.cdiv(dpg, bd)
+    _fwd_kernel[(G * nblk, nseq, K)](
+        *ptrs[:8], h0 if h0 is not None else hlast, *ptrs[8:], out, hlast, hsave,
+        sizes["L"], dpg, n, nblk, sizes["GB_DIV"], sizes["GC_DIV"], H, W, nchunk, nslots,
+        *strides,
+        *(h0.stride() if h0 is not None else (0, 0, 0, 0)),
+        *out.stride(),
+        BLOCK_T=block_t, BLOCK_D=bd, BLOCK_N=bn,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_DTB=delta_bias is not None, SOFTPLUS=delta_softplus,
+        HAS_H0=h0 is not None, STORE_LAST=True, SAVE=save_states, HAS_CU=cu_seqlens is not None,
+        num_warps=4,
+    )
+    return out, hlast, hsave
+
+
+@_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, flags, cu_seqlens, H, W, delta_softplus, save_states,
+      block_t, block_d):
+    K, batch, L, dim, G, dpg, nseq, nchunk, nslots = _geometry(u, A, B, C, cu_seqlens, block_t)
+    n = A.shape[2]
+    return (
+        u.new_empty((K, batch, L, dim)),
+        u.new_empty((K, nseq, dim, n), dtype=torch.float32),
+        u.new_empty((K, nslots, dim, n) if save_states else (0,), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("zoo::selective_scan_bwd", mutates_args=())
+def _scan_bwd(
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+    D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+    flags: torch.Tensor, cu_seqlens: Optional[torch.Tensor], hsave: torch.Tensor, dout: torch.Tensor,
+    dlast: Optional[torch.Tensor], H: int, W: int, delta_softplus: bool, block_t: int, block_d: int,
+    deterministic: bool,
+) -> list[torch.Tensor]:
+    """Returns [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state], shaped like the
+    inputs (empty tensors for absent optional inputs)."""
+    cs = None if cu_seqlens is None else _chunk_starts(cu_seqlens, block_t)
+    ptrs, sizes, strides, geo = _common_args(u, delta, A, B, C, D, z, delta_bias, flags, cu_seqlens, cs, H, W, block_t)
+    K, batch, L, dim, G, dpg, nseq, nchunk, nslots = geo
+    n = A.shape[2]
+    gb, gc = B.shape[3], C.shape[3]
+    _, bd, bn = _config(n, dpg, True, block_t, block_d)
+    nblk = triton.cdiv(dpg, bd)
+    dev = u.device
+    dout = dout.contiguous()
+    du = torch.empty((K, batch, L, dim), dtype=u.dtype, device=dev)
+    ddt = torch.empty((K, batch, L, dim), dtype=delta.dtype, device=dev)
+    dz = torch.empty((K, batch, L, dim), dtype=z.dtype, device=dev) if z is not None else du
+    if deterministic:
+        # One partial row per channel block sharing a group, summed below in a fixed order.
+        dB = torch.empty((nblk * (G // gb), K, batch, L, gb, n), dtype=torch.float32, device=dev)
+        dC = torch.empty((nblk * (G // gc), K, batch, L, gc, n), dtype=torch.float32, device=dev)
+    else:
+        dB = torch.zeros((1, K, batch, L, gb, n), dtype=torch.float32, device=dev)
+        dC = torch.zeros((1, K, batch, L, gc, n), dtype=torch.float32, device=dev)
+    dA = torch.empty((K, nseq, dim, n), dtype=torch.float32, device=dev)
+    dD = torch.empty((K, nseq, dim), dtype=torch.float32, device=dev)
+    ddtb = torch.empty((K, nseq, dim), dtype=torch.float32, device=dev)
+    dh0 = torch.empty((K, nseq, dim, n), dtype=torch.float32, device=dev)
+    _bwd_kernel[(G * nblk, nseq, K)](
+        *ptrs, hsave, dout, dlast if dlast is not None else dh0,
+        du, ddt, dz, dB, dC, dA, dD, ddtb, dh0,
+        sizes["L"], dpg, n, nblk, sizes["GB_DIV"], sizes["GC_DIV"], H, W, nchunk, nslots,
+        *strides,
+        *du.stride(),
+        dB.stride(0), *dB.stride()[1:5],
+        dC.stride(0), *dC.stride()[1:5],
+        BLOCK_T=block_t, BLOCK_D=bd, BLOCK_N=bn,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_DTB=delta_bias is not None, SOFTPLUS=delta_softplus,
+        HAS_DLAST=dlast is not None, HAS_CU=cu_seqlens is not None, DETERMINISTIC=deterministic,
+        num_warps=4,
+    )
+    def empty():
+        return u.new_empty((0,))  # a fresh one each time: custom-op outputs may not alias
+
+    return [
+        du, ddt, dA.sum(1).to(A.dtype), dB.sum(0).to(B.dtype), dC.sum(0).to(C.dtype),
+        dD.sum(1).to(D.dtype) if D is not None else empty(),
+        dz if z is not None else empty(),
+        ddtb.sum(1).to(delta_bias.dtype) if delta_bias is not None else empty(),
+        dh0,
+    ]
+
+
+@_scan_bwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, flags, cu_seqlens, hsave, dout, dlast, H, W, delta_softplus, block_t,
+      block_d, deterministic):
+    K, batch, L, dim, G, dpg, nseq, nchunk, nslots = _geometry(u, A, B, C, cu_seqlens, block_t)
+    return [
+        torch.empty_like(u, memory_format=torch.contiguous_format),
+        torch.empty_like(delta, memory_format=torch.contiguous_format),
+        A.new_empty(A.shape), B.new_empty(B.shape), C.new_empty(C.shape),
+        D.new_empty(D.shape) if D is not None else u.new_empty((0,)),
+        z.new_empty(z.shape) if z is not None else u.new_empty((0,)),
+        delta_bias.new_empty(delta_bias.shape) if delta_bias is not None else u.new_empty((0,)),
+        u.new_empty((K, nseq, dim, A.shape[2]), dtype=torch.float32),
+    ]
+
+
+def _setup_context(ctx, inputs, output):
+    (u, delta, A, B, C, D, z, delta_bias, initial_state, flags, cu_seqlens, H, W, delta_softplus, save_states,
+     block_t, block_d) = inputs
+    if not save_states:
+        raise RuntimeError("selective_scan: backward through a call made without save_states")
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, flags, cu_seqlens, output[2])
+    ctx.meta = (H, W, delta_softplus, block_t, block_d, None if initial_state is None else initial_state.dtype)
+
+
+def _backward(ctx, dout, dlast, _dhsave):
+    u, delta, A, B, C, D, z, delta_bias, flags, cu_seqlens, hsave = ctx.saved_tensors
+    H, W, softplus, block_t, block_d, h0_dtype = ctx.meta
+    if dout is None:
+        dout = torch.zeros((*u.shape[:3], u.shape[3]), dtype=u.dtype, device=u.device)
+    du, ddt, dA, dB, dC, dD, dz, ddtb, dh0 = _scan_bwd(
+        u, delta, A, B, C, D, z, delta_bias, flags, cu_seqlens, hsave, dout, dlast, H, W, softplus, block_t,
+        block_d, torch.are_deterministic_algorithms_enabled(),
+    )
+    return (
+        du, ddt, dA, dB, dC,
+        dD if D is not None else None, dz if z is not None else None, ddtb if delta_bias is not None else None,
+        dh0.to(h0_dtype) if h0_dtype is not None else None,
+        None, None, None, None, None, None, None, None,
+    )
+
+
+_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_device(u: torch.Tensor):
+    if u.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"selective_scan_triton: expected CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter), "
+            f"got tensors on {u.device}"
+        )
+
+
+def _needs_grad(*ts) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def _groups(BC: torch.Tensor, K: Optional[int]) -> torch.Tensor:
+    """(.., b, l, n) -> (.., b, l, 1, n) view; grouped layouts unchanged."""
+    return BC.unsqueeze(-2) if BC.dim() == (3 if K is None else 4) else BC
+
+
+def selective_scan_triton(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    delta_bias: Optional[torch.Tensor] = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    reverse: bool = False,
+    initial_state: Optional[torch.Tensor] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    block_t: Optional[int] = None,
+    block_d: Optional[int] = None,
+):
+    """Same contract as ``zoo.core.selective_scan.selective_scan_naive`` (channels-last, any
+    strides), plus ``cu_seqlens`` for packed sequences. ``block_t``/``block_d`` override the
+    tile sizes (benchmarks). Inputs are assumed validated by the core op."""
+    _check_device(u)
+    flags = torch.tensor([REVERSE if reverse else 0], dtype=torch.int32, device=u.device)
+    out, last = _run(
+        u[None], delta[None], A[None], _groups(B, None)[None], _groups(C, None)[None],
+        None if D is None else D[None], None if z is None else z[None],
+        None if delta_bias is None else delta_bias[None],
+        None if initial_state is None else initial_state[None], flags, cu_seqlens, 1, 1, delta_softplus,
+        block_t, block_d,
+    )
+    return (out[0], last[0]) if return_last_state else out[0]
+
+
+def _run(u, delta, A, B, C, D, z, delta_bias, h0, flags, cu_seqlens, H, W, softplus, block_t, block_d):
+    dpg = u.shape[3] // _lcm(B.shape[3], C.shape[3])
+    bt, bd, _ = _config(A.shape[2], dpg, False, block_t, block_d)
+    save = _needs_grad(u, delta, A, B, C, D, z, delta_bias, h0)
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(torch.int64)
+    out, last, _ = _scan_fwd(
+        u, delta, A, B, C, D, z, delta_bias, h0, flags, cu_seqlens, H, W, delta_softplus=softplus,
+        save_states=save, block_t=bt, block_d=block_d or 0,
+    )
+    return out, last
+
+
+def selective_scan_multi_triton(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    delta_bias: Optional[torch.Tensor] = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    directions: Sequence[str] = ("forward", "reverse"),
+    hw: Optional[tuple[int, int]] = None,
+    initial_state: Optional[torch.Tensor] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    block_t: Optional[int] = None,
+    block_d: Optional[int] = None,
+):
+    """K scans in one launch; see ``zoo.core.selective_scan.selective_scan_multi`` for the
+    contract. Inputs with a leading K axis are per direction; without it they are shared."""
+    _check_device(u)
+    K = len(directions)
+    flags = torch.tensor([direction_flags(d, hw) for d in directions], dtype=torch.int32, device=u.device)
+
+    def shared(t):  # u and z may be shared by all directions: an expanded view, no copy
+        return t if t is None or t.dim() == 4 else t.unsqueeze(0).expand(K, *t.shape)
+
+    u, z = shared(u), shared(z)
+    H, W = hw if hw is not None else (1, 1)
+    out, last = _run(
+        u, delta, A, _groups(B, K), _groups(C, K), D, z, delta_bias, initial_state, flags, cu_seqlens, H, W, delta_softplus,
+        block_t, block_d,
+    )
+    return (out, last) if return_last_state else out
+
+
+def direction_flags(name: str, hw: Optional[tuple[int, int]]) -> int:
+    """'forward' | 'reverse' over the sequence; 'forward_t' | 'reverse_t' over an H x W image
+    read column-major (needs ``hw``)."""
+    table = {"forward": 0, "reverse": REVERSE, "forward_t": TRANSPOSE, "reverse_t": TRANSPOSE | REVERSE}
+    if name not in table:
+        raise ValueError(f"selective_scan: unknown direction {name!r}; expected one of {sorted(table)}")
+    if table[name] & TRANSPOSE and hw is None:
+        raise ValueError(f"selective_scan: direction {name!r} needs hw=(H, W)")
+    return table[name]

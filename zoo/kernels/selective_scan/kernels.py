@@ -1,0 +1,320 @@
+"""Triton kernels for the selective scan (forward and backward).
+
+One program owns BLOCK_D channels of one channel group, one sequence (a batch row or one packed
+sequence) and one direction, with the full (BLOCK_D, d_state) float32 state in registers. It
+walks the sequence in chunks of BLOCK_T steps: a chunk's inputs are loaded as 2-D tiles (one
+wide load instead of BLOCK_T dependent ones), the recurrence inside the chunk is an associative
+scan along the step axis of a (BLOCK_T, BLOCK_D, BLOCK_N) tile, and the state is carried from
+chunk to chunk.
+
+Directions are index arithmetic, never copies: step s of the recurrence reads and writes sequence
+position ``pos(s)``, where flag bit 0 reverses the order (pos = L-1-s) and bit 1 reads an
+H x W image column-major (VMamba's cross-scan); every per-token tensor stays in its original order.
+
+The backward recomputes the states of each chunk from the state saved at the chunk's start (the
+forward saves one (d, n) state per chunk when gradients are needed), runs the adjoint scan
+backwards over the chunk, and never needs the pre-gate output: y is recomputed from the states.
+"""
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _combine(a1, b1, a2, b2):
+    # Composition of two steps x -> a x + b (the later step second). Used in both directions:
+    # with reverse=True Triton feeds the already-combined later steps as the first argument.
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _positions(s, seqlen, flags, H, W):
+    """Sequence position of recurrence step s (int tensor) for a direction's flags."""
+    t = tl.where((flags & 1) != 0, seqlen - 1 - s, s)
+    t = tl.where((flags & 2) != 0, (t % H) * W + t // H, t)
+    return t
+
+
+@triton.jit
+def _softplus(x):
+    # log(1 + e^x) without overflow; above 20 it equals x in float32.
+    return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))), x)
+
+
+@triton.jit
+def _fwd_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, h0_ptr, flags_ptr, cu_ptr, cs_ptr,
+    out_ptr, hlast_ptr, hsave_ptr,
+    L, DPG, NSTATE, NBLK, GB_DIV, GC_DIV, H, W, NCHUNK, NSLOTS,
+    s_uk, s_ub, s_ul, s_ud,
+    s_dk, s_db, s_dl, s_dd,
+    s_Ak, s_Ad, s_An,
+    s_Bk, s_Bb, s_Bl, s_Bg, s_Bn,
+    s_Ck, s_Cb, s_Cl, s_Cg, s_Cn,
+    s_Dk, s_bk,
+    s_zk, s_zb, s_zl, s_zd,
+    s_hk, s_hb, s_hd, s_hn,
+    s_ok, s_ob, s_ol, s_od,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_LAST: tl.constexpr, SAVE: tl.constexpr, HAS_CU: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    k = tl.program_id(2)
+    g = pid_d // NBLK
+    dl = (pid_d % NBLK) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = dl < DPG
+    d = g * DPG + dl
+    n = tl.arange(0, BLOCK_N)
+    nmask = n < NSTATE
+    dn_mask = dmask[:, None] & nmask[None, :]
+    flags = tl.load(flags_ptr + k)
+    if HAS_CU:
+        start = tl.load(cu_ptr + pid_b).to(tl.int64)
+        seqlen = (tl.load(cu_ptr + pid_b + 1) - start).to(tl.int32)
+        slot0 = tl.load(cs_ptr + pid_b).to(tl.int64)
+        bb = 0
+    else:
+        start = 0
+        seqlen = L
+        slot0 = pid_b.to(tl.int64) * NCHUNK
+        bb = pid_b.to(tl.int64)
+    k64 = k.to(tl.int64)
+    u_base = u_ptr + k64 * s_uk + bb * s_ub + d * s_ud
+    dt_base = dt_ptr + k64 * s_dk + bb * s_db + d * s_dd
+    B_base = B_ptr + k64 * s_Bk + bb * s_Bb + (g // GB_DIV) * s_Bg + n * s_Bn
+    C_base = C_ptr + k64 * s_Ck + bb * s_Cb + (g // GC_DIV) * s_Cg + n * s_Cn
+    o_base = out_ptr + k64 * s_ok + bb * s_ob + d * s_od
+    if HAS_Z:
+        z_base = z_ptr + k64 * s_zk + bb * s_zb + d * s_zd
+
+    A = tl.load(A_ptr + k64 * s_Ak + d[:, None] * s_Ad + n[None, :] * s_An, mask=dn_mask, other=0.0).to(tl.float32)
+    A2 = A * LOG2E  # exp(x) = exp2(x log2 e): one multiply folded into A
+    if HAS_D:
+        Dv = tl.load(D_ptr + k64 * s_Dk + d, mask=dmask, other=0.0).to(tl.float32)
+    if HAS_DTB:
+        dtb = tl.load(dtb_ptr + k64 * s_bk + d, mask=dmask, other=0.0).to(tl.float32)
+    seq = k64 * tl.num_programs(1) + pid_b  # index into (k, seqs, d, n) state tensors
+    state_off = d[:, None] * s_hd + n[None, :] * s_hn
+    if HAS_H0:
+        h = tl.load(h0_ptr + k64 * s_hk + pid_b.to(tl.int64) * s_hb + state_off, mask=dn_mask, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    dn_off = d[:, None] * NSTATE + n[None, :]  # contiguous (.., dim, d_state) layout of saved states
+    DIMN = DPG * (tl.num_programs(0) // NBLK) * NSTATE
+    rows = tl.arange(0, BLOCK_T)
+    last_row = (rows == BLOCK_T - 1)[:, None, None]
+    for c in range(0, tl.cdiv(seqlen, BLOCK_T)):
+        if SAVE:
+            tl.store(hsave_ptr + (k64 * NSLOTS + slot0 + c) * DIMN + dn_off, h, mask=dn_mask)
+        s = c * BLOCK_T + rows
+        smask = s < seqlen
+        t = start + _positions(s, seqlen, flags, H, W)
+        m2 = smask[:, None] & dmask[None, :]
+        u = tl.load(u_base[None, :] + t[:, None] * s_ul, mask=m2, other=0.0).to(tl.float32)
+        dt = tl.load(dt_base[None, :] + t[:, None] * s_dl, mask=m2, other=0.0).to(tl.float32)
+        if HAS_DTB:
+            dt += dtb[None, :]
+        if SOFTPLUS:
+            dt = _softplus(dt)
+        dt = tl.where(m2, dt, 0.0)  # padded steps: decay 1, no input, so the state passes through
+        mb = smask[:, None] & nmask[None, :]
+        Bt = tl.load(B_base[None, :] + t[:, None] * s_Bl, mask=mb, other=0.0).to(tl.float32)
+        Ct = tl.load(C_base[None, :] + t[:, None] * s_Cl, mask=mb, other=0.0).to(tl.float32)
+        a = tl.exp2(dt[:, :, None] * A2[None, :, :])
+        b = (dt * u)[:, :, None] * Bt[:, None, :]
+        ca, cb = tl.associative_scan((a, b), 0, _combine)
+        hs = cb + ca * h[None, :, :]
+        y = tl.sum(hs * Ct[:, None, :], axis=2)
+        if HAS_D:
+            y += Dv[None, :] * u
+        if HAS_Z:
+            z = tl.load(z_base[None, :] + t[:, None] * s_zl, mask=m2, other=0.0).to(tl.float32)
+            y = y * z * tl.sigmoid(z)
+        tl.store(o_base[None, :] + t[:, None] * s_ol, y.to(out_ptr.dtype.element_ty), mask=m2)
+        h = tl.sum(tl.where(last_row, hs, 0.0), axis=0)
+    if STORE_LAST:
+        tl.store(hlast_ptr + seq * DIMN + dn_off, h, mask=dn_mask)
+
+
+@triton.jit
+def _bwd_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, flags_ptr, cu_ptr, cs_ptr,
+    hsave_ptr, dout_ptr, dlast_ptr,
+    du_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, ddtb_ptr, dh0_ptr,
+    L, DPG, NSTATE, NBLK, GB_DIV, GC_DIV, H, W, NCHUNK, NSLOTS,
+    s_uk, s_ub, s_ul, s_ud,
+    s_dk, s_db, s_dl, s_dd,
+    s_Ak, s_Ad, s_An,
+    s_Bk, s_Bb, s_Bl, s_Bg, s_Bn,
+    s_Ck, s_Cb, s_Cl, s_Cg, s_Cn,
+    s_Dk, s_bk,
+    s_zk, s_zb, s_zl, s_zd,
+    s_gk, s_gb, s_gl, s_gd,
+    s_dBp, s_dBk, s_dBb, s_dBl, s_dBg,
+    s_dCp, s_dCk, s_dCb, s_dCl, s_dCg,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_DLAST: tl.constexpr, HAS_CU: tl.constexpr, DETERMINISTIC: tl.constexpr,
+):
+    """Gradients. Per chunk (last to first): recompute the states from the saved chunk-start
+    state, recompute y for the gate's derivative, then the adjoint g_s = C_s dy_s + a_{s+1} g_{s+1}
+    by a reverse scan. Per-token grads (du, ddelta, dz) are stored; dB/dC are reduced over the
+    program's channels first, then added (atomics, or per-block partial rows when
+    DETERMINISTIC); dA, dD, ddelta_bias are summed over the chunk loop in registers and stored
+    once per program as partials that the wrapper sums."""
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    k = tl.program_id(2)
+    g = pid_d // NBLK
+    dl = (pid_d % NBLK) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = dl < DPG
+    d = g * DPG + dl
+    n = tl.arange(0, BLOCK_N)
+    nmask = n < NSTATE
+    dn_mask = dmask[:, None] & nmask[None, :]
+    flags = tl.load(flags_ptr + k)
+    if HAS_CU:
+        start = tl.load(cu_ptr + pid_b).to(tl.int64)
+        seqlen = (tl.load(cu_ptr + pid_b + 1) - start).to(tl.int32)
+        slot0 = tl.load(cs_ptr + pid_b).to(tl.int64)
+        bb = 0
+    else:
+        start = 0
+        seqlen = L
+        slot0 = pid_b.to(tl.int64) * NCHUNK
+        bb = pid_b.to(tl.int64)
+    k64 = k.to(tl.int64)
+    u_base = u_ptr + k64 * s_uk + bb * s_ub + d * s_ud
+    dt_base = dt_ptr + k64 * s_dk + bb * s_db + d * s_dd
+    gB = g // GB_DIV
+    gC = g // GC_DIV
+    B_base = B_ptr + k64 * s_Bk + bb * s_Bb + gB * s_Bg + n * s_Bn
+    C_base = C_ptr + k64 * s_Ck + bb * s_Cb + gC * s_Cg + n * s_Cn
+    # Per-token gradient buffers share one contiguous (k, b, l, d) layout.
+    tok = k64 * s_gk + bb * s_gb + d * s_gd
+    go_base = dout_ptr + tok
+    if HAS_Z:
+        z_base = z_ptr + k64 * s_zk + bb * s_zb + d * s_zd
+    if DETERMINISTIC:
+        # Row of the partial buffer: this program's block index among those sharing the group.
+        dB_base = dB_ptr + ((g % GB_DIV) * NBLK + pid_d % NBLK) * s_dBp
+        dC_base = dC_ptr + ((g % GC_DIV) * NBLK + pid_d % NBLK) * s_dCp
+    else:
+        dB_base = dB_ptr
+        dC_base = dC_ptr
+    dB_base += k64 * s_dBk + bb * s_dBb + gB * s_dBg + n
+    dC_base += k64 * s_dCk + bb * s_dCb + gC * s_dCg + n
+
+    A = tl.load(A_ptr + k64 * s_Ak + d[:, None] * s_Ad + n[None, :] * s_An, mask=dn_mask, other=0.0).to(tl.float32)
+    A2 = A * LOG2E
+    if HAS_D:
+        Dv = tl.load(D_ptr + k64 * s_Dk + d, mask=dmask, other=0.0).to(tl.float32)
+    if HAS_DTB:
+        dtb = tl.load(dtb_ptr + k64 * s_bk + d, mask=dmask, other=0.0).to(tl.float32)
+    seq = k64 * tl.num_programs(1) + pid_b
+    DIMN = DPG * (tl.num_programs(0) // NBLK) * NSTATE
+    dn_off = d[:, None] * NSTATE + n[None, :]
+    if HAS_DLAST:
+        gcar = tl.load(dlast_ptr + seq * DIMN + dn_off, mask=dn_mask, other=0.0).to(tl.float32)
+    else:
+        gcar = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dtb_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    rows = tl.arange(0, BLOCK_T)
+    last_row = (rows == BLOCK_T - 1)[:, None, None]
+    first_row = (rows == 0)[:, None, None]
+    nch = tl.cdiv(seqlen, BLOCK_T)
+    for ci in range(0, nch):
+        c = nch - 1 - ci
+        s = c * BLOCK_T + rows
+        smask = s < seqlen
+        t = start + _positions(s, seqlen, flags, H, W)
+        m2 = smask[:, None] & dmask[None, :]
+        mb = smask[:, None] & nmask[None, :]
+        u = tl.load(u_base[None, :] + t[:, None] * s_ul, mask=m2, other=0.0).to(tl.float32)
+        draw = tl.load(dt_base[None, :] + t[:, None] * s_dl, mask=m2, other=0.0).to(tl.float32)
+        if HAS_DTB:
+            draw += dtb[None, :]
+        dt = draw
+        if SOFTPLUS:
+            dt = _softplus(draw)
+        dt = tl.where(m2, dt, 0.0)
+        # delta of the next step in recurrence order: its decay carries the adjoint one step back.
+        s1 = s + 1
+        m21 = (s1 < seqlen)[:, None] & dmask[None, :]
+        t1 = start + _positions(s1, seqlen, flags, H, W)
+        dt1 = tl.load(dt_base[None, :] + t1[:, None] * s_dl, mask=m21, other=0.0).to(tl.float32)
+        if HAS_DTB:
+            dt1 += dtb[None, :]
+        if SOFTPLUS:
+            dt1 = _softplus(dt1)
+        dt1 = tl.where(m21, dt1, 0.0)  # past the end: decay 1, so dlast enters unchanged
+        Bt = tl.load(B_base[None, :] + t[:, None] * s_Bl, mask=mb, other=0.0).to(tl.float32)
+        Ct = tl.load(C_base[None, :] + t[:, None] * s_Cl, mask=mb, other=0.0).to(tl.float32)
+        dtu = dt * u
+        b = dtu[:, :, None] * Bt[:, None, :]
+        h_in = tl.load(hsave_ptr + (k64 * NSLOTS + slot0 + c) * DIMN + dn_off, mask=dn_mask, other=0.0)
+        ca, cb = tl.associative_scan((tl.exp2(dt[:, :, None] * A2[None, :, :]), b), 0, _combine)
+        hs = cb + ca * h_in[None, :, :]
+        dout = tl.load(go_base[None, :] + t[:, None] * s_gl, mask=m2, other=0.0).to(tl.float32)
+        if HAS_Z:
+            z = tl.load(z_base[None, :] + t[:, None] * s_zl, mask=m2, other=0.0).to(tl.float32)
+            sz = tl.sigmoid(z)
+            y = tl.sum(hs * Ct[:, None, :], axis=2)
+            if HAS_D:
+                y += Dv[None, :] * u
+            dz = dout * y * sz * (1.0 + z * (1.0 - sz))
+            tl.store(dz_ptr + tok[None, :] + t[:, None] * s_gl, dz.to(dz_ptr.dtype.element_ty), mask=m2)
+            dy = dout * z * sz
+        else:
+            dy = dout
+        an = tl.exp2(dt1[:, :, None] * A2[None, :, :])
+        ga, gs = tl.associative_scan((an, Ct[:, None, :] * dy[:, :, None]), 0, _combine, reverse=True)
+        gs = gs + ga * gcar[None, :, :]
+        gcar = tl.sum(tl.where(first_row, gs, 0.0), axis=0)
+        hb = hs - b  # = exp(dt A) h_{s-1}: the decayed previous state, without a shifted tile
+        gh = gs * hb
+        gB_ = tl.sum(gs * Bt[:, None, :], axis=2)
+        du = dt * gB_
+        if HAS_D:
+            du += Dv[None, :] * dy
+            dD_acc += tl.sum(tl.where(m2, dy * u, 0.0), axis=0)
+        ddt = u * gB_ + tl.sum(gh * A[None, :, :], axis=2)
+        dA_acc += tl.sum(gh * dt[:, :, None], axis=0)
+        if SOFTPLUS:
+            ddt = ddt * tl.sigmoid(draw)
+        ddt = tl.where(m2, ddt, 0.0)
+        if HAS_DTB:
+            dtb_acc += tl.sum(ddt, axis=0)
+        tl.store(du_ptr + tok[None, :] + t[:, None] * s_gl, du.to(du_ptr.dtype.element_ty), mask=m2)
+        tl.store(ddt_ptr + tok[None, :] + t[:, None] * s_gl, ddt.to(ddt_ptr.dtype.element_ty), mask=m2)
+        dBt = tl.sum(gs * dtu[:, :, None], axis=1)
+        dCt = tl.sum(hs * dy[:, :, None], axis=1)
+        if DETERMINISTIC:
+            tl.store(dB_base[None, :] + t[:, None] * s_dBl, dBt, mask=mb)
+            tl.store(dC_base[None, :] + t[:, None] * s_dCl, dCt, mask=mb)
+        else:
+            tl.atomic_add(dB_base[None, :] + t[:, None] * s_dBl, dBt, mask=mb)
+            tl.atomic_add(dC_base[None, :] + t[:, None] * s_dCl, dCt, mask=mb)
+    # Gradient of the initial state: the adjoint of step 0 carried through step 0's decay.
+    t0 = start + _positions(rows * 0, seqlen, flags, H, W)
+    m0 = ((rows == 0) & (seqlen > 0))[:, None] & dmask[None, :]
+    dt0 = tl.load(dt_base[None, :] + t0[:, None] * s_dl, mask=m0, other=0.0)
+    dt0 = tl.sum(dt0.to(tl.float32), axis=0)
+    if HAS_DTB:
+        dt0 += dtb
+    if SOFTPLUS:
+        dt0 = _softplus(dt0)
+    dt0 = tl.where(seqlen > 0, dt0, 0.0)  # an empty sequence passes dlast straight to dh0
+    dh0 = gcar * tl.exp2(dt0[:, None] * A2)
+    tl.store(dh0_ptr + seq * DIMN + dn_off, dh0, mask=dn_mask)
+    tl.store(dA_ptr + seq * DIMN + dn_off, dA_acc, mask=dn_mask)
+    DIM = DPG * (tl.num_programs(0) // NBLK)
+    if HAS_D:
+        tl.store(dD_ptr + seq * DIM + d, dD_acc, mask=dmask)
+    if HAS_DTB:
+        tl.store(ddtb_ptr + seq * DIM + d, dtb_acc, mask=dmask)
