@@ -223,6 +223,16 @@ def test_checkpoint_adapts_image_size_and_head(tmp_path):
     assert headless(torch.randn(1, 3, 32, 32)).shape == (1, 192)
 
 
+def test_checkpoint_to_other_patch_size():
+    sd = official_state_dict(24, 1, patch=16, grid=(2, 2))  # 32 x 32 images in 16 x 16 patches
+    model = VisionMamba(embed_dim=24, depth=1, patch_size=8, stride=8, img_size=32, num_classes=10)
+    out = checkpoint_filter_fn({"model": sd}, model)
+    assert out["patch_embed.proj.weight"].shape == (24, 3, 8, 8) and out["pos_embed"].shape == (1, 17, 24)
+    torch.testing.assert_close(out["pos_embed"][:, 8], sd["pos_embed"][:, 2])  # class token slot, middle
+    model.load_state_dict(out)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
 def test_checkpoint_filter_errors():
     model = _tiny_model()
     sd = official_state_dict(TINY["embed_dim"], TINY["depth"])
