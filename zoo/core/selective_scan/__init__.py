@@ -2,6 +2,6 @@
 ``chunked`` (fast PyTorch path). The Triton kernels live in ``zoo.kernels.selective_scan``."""
 from .chunked import selective_scan_chunked
 from .naive import selective_scan_naive
-from .op import selective_scan, selective_scan_fn
+from .op import selective_scan, selective_scan_fn, selective_scan_multi
 
-__all__ = ["selective_scan", "selective_scan_fn", "selective_scan_naive", "selective_scan_chunked"]
+__all__ = ["selective_scan", "selective_scan_fn", "selective_scan_multi", "selective_scan_naive", "selective_scan_chunked"]

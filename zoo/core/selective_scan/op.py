@@ -130,3 +130,102 @@ def selective_scan_fn(
     if return_last_state:
         return out[0].transpose(1, 2), out[1]
     return out.transpose(1, 2)
+
+
+DIRECTIONS = ("forward", "reverse", "forward_t", "reverse_t")
+
+
+def _scan_order(name: str, length: int, hw, device) -> torch.Tensor:
+    """Token positions in visiting order, before any reversal (the scan itself reverses)."""
+    order = torch.arange(length, device=device)
+    if name.endswith("_t"):
+        H, W = hw
+        order = order.view(H, W).t().reshape(-1)
+    return order
+
+
+def selective_scan_multi(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    delta_bias: Optional[torch.Tensor] = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    directions=("forward", "reverse"),
+    hw: Optional[tuple] = None,
+    initial_state: Optional[torch.Tensor] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    impl: str = "auto",
+):
+    """K = len(directions) scans over the same sequences, in one kernel launch on the GPU.
+
+    Directions: "forward", "reverse" (Vim's pair), and for an H x W image (``hw``, H * W = length,
+    row-major tokens) "forward_t" / "reverse_t", which visit the tokens column-major (VMamba's
+    cross-scan). Every per-token tensor is in the original token order, outputs too: no flipped or
+    transposed copies; the caller sums ``out`` over K to merge.
+
+    Shapes: u, z (batch, length, dim) shared by all directions, or (K, batch, length, dim);
+    delta (K, batch, length, dim); A (K, dim, d_state); B, C (K, batch, length, d_state) or
+    (K, batch, length, groups, d_state); D, delta_bias (K, dim); initial_state (K, batch or
+    num_seqs, dim, d_state). Returns out (K, batch, length, dim) and optionally the final states
+    (K, batch or num_seqs, dim, d_state).
+    """
+    K = len(directions)
+    for name in directions:
+        if name not in DIRECTIONS:
+            raise ValueError(f"selective_scan_multi: unknown direction {name!r}; expected one of {DIRECTIONS}")
+    if delta.dim() != 4 or delta.shape[0] != K:
+        raise ValueError(
+            f"selective_scan_multi: delta must be (K={K}, batch, length, dim), got shape {tuple(delta.shape)}"
+        )
+    length = delta.shape[2]
+    if any(n.endswith("_t") for n in directions):
+        if hw is None or hw[0] * hw[1] != length or cu_seqlens is not None:
+            raise ValueError(
+                f"selective_scan_multi: column-major directions need hw=(H, W) with H*W = length {length} "
+                f"and no cu_seqlens, got hw={hw}, cu_seqlens={'set' if cu_seqlens is not None else None}"
+            )
+    for name, t, per in (("A", A, 3), ("D", D, 2), ("delta_bias", delta_bias, 2), ("initial_state", initial_state, 4)):
+        if t is not None and (t.dim() != per or t.shape[0] != K):
+            raise ValueError(
+                f"selective_scan_multi: {name} needs a leading direction axis of size K={K}, got shape {tuple(t.shape)}"
+            )
+    if B.shape[0] != K or C.shape[0] != K:
+        raise ValueError(f"selective_scan_multi: B and C need a leading direction axis of size K={K}, "
+                         f"got {tuple(B.shape)} and {tuple(C.shape)}")
+
+    for k in range(K):
+        check_scan_args(u[k] if u.dim() == 4 else u, delta[k], A[k], B[k], C[k], None if D is None else D[k],
+                        None if z is None else (z[k] if z.dim() == 4 else z),
+                        None if delta_bias is None else delta_bias[k],
+                        None if initial_state is None else initial_state[k], cu_seqlens)
+    fn = _resolve(impl, u.device)
+    if fn not in (selective_scan_chunked, selective_scan_naive):
+        from zoo.kernels.selective_scan import selective_scan_multi_triton
+
+        return selective_scan_multi_triton(
+            u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+            return_last_state=return_last_state, directions=directions, hw=hw, initial_state=initial_state,
+            cu_seqlens=cu_seqlens,
+        )
+    # PyTorch paths: one scan per direction on gathered tokens, scattered back.
+    outs, lasts = [], []
+    for k, name in enumerate(directions):
+        order = _scan_order(name, length, hw, u.device)
+        gather = lambda t: None if t is None else t.index_select(1, order)  # noqa: E731
+        uk = u[k] if u.dim() == 4 else u
+        zk = None if z is None else (z[k] if z.dim() == 4 else z)
+        out, last = selective_scan(
+            gather(uk), gather(delta[k]), A[k], gather(B[k]), gather(C[k]), D=None if D is None else D[k],
+            z=gather(zk), delta_bias=None if delta_bias is None else delta_bias[k], delta_softplus=delta_softplus,
+            return_last_state=True, reverse=name.startswith("reverse"),
+            initial_state=None if initial_state is None else initial_state[k], cu_seqlens=cu_seqlens, impl=impl,
+        )
+        outs.append(torch.empty_like(out).index_copy(1, order, out))
+        lasts.append(last)
+    out = torch.stack(outs)
+    return (out, torch.stack(lasts)) if return_last_state else out

@@ -1,0 +1,194 @@
+"""Triton selective-scan kernels against the sequential oracle, values and every gradient.
+
+Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1) on CPU tensors, so CI
+checks the kernel code itself; sizes are small and odd (partial chunks, partial channel blocks,
+non-power-of-two d_state). Skipped only when triton cannot be imported.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are defined: set before importing them
+pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
+
+from zoo.core.selective_scan import selective_scan, selective_scan_multi, selective_scan_naive  # noqa: E402
+from zoo.kernels.selective_scan import selective_scan_multi_triton, selective_scan_triton  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make(b, l, d, n, dtype=torch.float32, groups=None, k=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lead = () if k is None else (k,)
+
+    def r(*s, scale=1.0, dt=dtype):
+        return (torch.randn(*s, generator=g) * scale).to(dt).to(DEV)
+
+    bc = (*lead, b, l, n) if groups is None else (*lead, b, l, groups, n)
+    return dict(
+        u=r(*lead, b, l, d), delta=r(*lead, b, l, d, scale=0.5),
+        A=(-torch.rand(*lead, d, n, generator=g) - 0.2).to(DEV), B=r(*bc), C=r(*bc),
+        D=r(*lead, d, dt=torch.float32), z=r(*lead, b, l, d), delta_bias=r(*lead, d, scale=0.3, dt=torch.float32),
+    )
+
+
+def rel(x, ref):
+    assert torch.isfinite(x).all()
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def compare(fn, ref_fn, t, tol, seed=0):
+    """Run fn and the float64 ref_fn on the same values; compare outputs and all gradients."""
+    keys = [k for k, v in t.items() if v is not None]
+    ins = {k: t[k].detach().clone().requires_grad_(True) for k in keys}
+    out, last = fn(**ins)
+    g = torch.Generator().manual_seed(seed + 1)
+    w_out = torch.randn(out.shape, generator=g).to(out.dtype).to(DEV)
+    w_last = torch.randn(last.shape, generator=g).to(DEV)
+    grads = torch.autograd.grad([out, last], [ins[k] for k in keys], [w_out, w_last])
+    ins64 = {k: t[k].detach().double().requires_grad_(True) for k in keys}
+    out64, last64 = ref_fn(**ins64)
+    grads64 = torch.autograd.grad([out64, last64], [ins64[k] for k in keys], [w_out.double(), w_last.double()])
+    errs = {"out": rel(out, out64), "last": rel(last, last64)}
+    errs.update({f"d{k}": rel(a, b) for k, a, b in zip(keys, grads, grads64)})
+    bad = {k: v for k, v in errs.items() if not v <= tol}
+    assert not bad, f"relative errors above {tol}: {bad}"
+
+
+CASES = [
+    # b, l, d, n, groups, reverse, with h0, optional inputs on
+    (2, 37, 11, 5, None, False, True, True),
+    (2, 37, 12, 5, 3, True, True, True),
+    (1, 19, 6, 1, None, True, False, False),
+    (1, 23, 5, 33, None, False, True, True),
+]
+
+
+@pytest.mark.parametrize("b,l,d,n,groups,reverse,h0,full", CASES)
+def test_scan_matches_oracle(b, l, d, n, groups, reverse, h0, full):
+    t = make(b, l, d, n, groups=groups, seed=l + d + n)
+    if not full:
+        t.update(D=None, z=None, delta_bias=None)
+    t["initial_state"] = torch.randn(b, d, n).to(DEV) if h0 else None
+    kw = dict(delta_softplus=full, return_last_state=True, reverse=reverse)
+    compare(lambda **x: selective_scan_triton(**x, **kw), lambda **x: selective_scan_naive(**x, **kw), t, 1e-5)
+
+
+def test_strided_bdl_layout_and_mixed_groups():
+    """(b, d, l) storage read through channels-last views (no copies); B shared, C grouped."""
+    t = make(2, 29, 12, 4, seed=3)
+    for key in ("u", "delta", "z"):
+        t[key] = t[key].transpose(1, 2).contiguous().transpose(1, 2)
+        assert not t[key].is_contiguous()
+    t["C"] = torch.randn(2, 29, 4, 4).to(DEV)
+    t["initial_state"] = None
+    kw = dict(delta_softplus=True, return_last_state=True)
+    compare(lambda **x: selective_scan_triton(**x, **kw), lambda **x: selective_scan_naive(**x, **kw), t, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_float32_state(dtype):
+    t = make(2, 33, 8, 4, dtype=dtype, seed=5)
+    t["initial_state"] = None
+    kw = dict(delta_softplus=True, return_last_state=True)
+    # Inputs are exact in both paths; the only error is rounding the per-token outputs/grads to
+    # the input dtype (the interpreter's bf16 cast truncates), so the bound is a few units of it.
+    tol = 8e-3 if dtype == torch.bfloat16 else 1e-3
+    compare(lambda **x: selective_scan_triton(**x, **kw), lambda **x: selective_scan_naive(**x, **kw), t, tol)
+
+
+def test_packed_sequences_match_separate_calls():
+    cu = [0, 1, 14, 14, 30]
+    t = make(1, 30, 8, 4, groups=2, seed=6)
+    t["initial_state"] = torch.randn(4, 8, 4).to(DEV)
+    cu_t = torch.tensor(cu, dtype=torch.int32, device=DEV)
+    kw = dict(delta_softplus=True, return_last_state=True, reverse=True)
+
+    def ref(initial_state, **x):
+        outs, lasts = [], []
+        for i, (s, e) in enumerate(zip(cu, cu[1:])):
+            h0 = initial_state[i : i + 1]
+            if s == e:  # empty sequence: no tokens, the state passes through
+                outs.append(x["u"][:, :0])
+                lasts.append(h0)
+                continue
+            part = {k: (v[:, s:e] if k in ("u", "delta", "z", "B", "C") else v) for k, v in x.items()}
+            o, h = selective_scan_naive(**part, initial_state=h0, **kw)
+            outs.append(o)
+            lasts.append(h)
+        return torch.cat(outs, 1), torch.cat(lasts, 0)
+
+    compare(lambda **x: selective_scan_triton(**x, cu_seqlens=cu_t, **kw), ref, t, 1e-5)
+
+
+def test_multi_direction_one_launch():
+    """VMamba's four cross-scan directions over a 3 x 5 image with u and z shared (index
+    arithmetic, no copies) against the per-direction PyTorch path, which gathers tokens."""
+    dirs = ("forward", "reverse", "forward_t", "reverse_t")
+    t = make(2, 15, 6, 4, k=4, seed=7)
+    t["u"], t["z"] = t["u"][0], t["z"][0]
+    t["initial_state"] = torch.randn(4, 2, 6, 4).to(DEV)
+    kw = dict(delta_softplus=True, return_last_state=True, directions=dirs, hw=(3, 5))
+    compare(lambda **x: selective_scan_multi_triton(**x, **kw),
+            lambda **x: selective_scan_multi(**x, **kw, impl="naive"), t, 1e-5)
+
+
+def test_deterministic_backward_is_bitwise_repeatable():
+    t = make(2, 21, 20, 4, seed=8)
+    ins = {k: v.requires_grad_(True) for k, v in t.items()}
+
+    def grads():
+        out = selective_scan_triton(**ins, delta_softplus=True, block_d=4)  # 5 channel blocks share B/C
+        return torch.autograd.grad(out, [ins["B"], ins["C"], ins["A"]], torch.ones_like(out))
+
+    fast = grads()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = grads(), grads()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert all(rel(a, b) < 1e-6 for a, b in zip(first, fast))
+
+
+def test_core_op_dispatches_to_triton():
+    t = make(1, 17, 4, 3, seed=9)
+    out = selective_scan(**t, delta_softplus=True, impl="triton")
+    ref = selective_scan(**t, delta_softplus=True, impl="naive")
+    assert rel(out, ref) < 1e-5
+
+
+def test_custom_op_registration():
+    """The ops pass torch.library's checks (schema, fake tensors, autograd registration)."""
+    from zoo.kernels.selective_scan.function import _scan_fwd
+
+    t = make(1, 9, 4, 2, seed=10)
+    args = (t["u"][None], t["delta"][None], t["A"][None], t["B"][None, :, :, None], t["C"][None, :, :, None],
+            t["D"][None], t["z"][None], t["delta_bias"][None], None,
+            torch.zeros(1, dtype=torch.int32, device=DEV), None, 1, 1, True, True, 8, 0)
+    for a in args[:8]:
+        a.requires_grad_(True)
+    torch.library.opcheck(_scan_fwd, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_compiles_without_graph_breaks():
+    t = make(1, 11, 4, 3, seed=11)
+    ins = {k: v.requires_grad_(True) for k, v in t.items()}
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(u, delta, A, B, C, D, z, delta_bias):
+        return selective_scan_triton(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=True) * 2
+
+    out = f(**ins)
+    ref = selective_scan_naive(**{k: v.detach() for k, v in t.items()}, delta_softplus=True) * 2
+    assert rel(out, ref) < 1e-5
+    out.sum().backward()
+    assert all(v.grad is not None and torch.isfinite(v.grad).all() for v in ins.values())
+
+
+def test_unknown_direction_names_choices():
+    t = make(1, 4, 2, 2, k=1)
+    with pytest.raises(ValueError, match="unknown direction 'sideways'"):
+        selective_scan_multi(**t, directions=("sideways",), impl="triton")
