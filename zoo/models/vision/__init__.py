@@ -1,1 +1,2 @@
 """Vision models."""
+from . import vim  # noqa: F401  (registers the entries)

@@ -1,0 +1,2 @@
+"""Speech: Mamba speech encoders with a torchaudio front end."""
+from . import mamba_asr  # noqa: F401  (registers the entries)

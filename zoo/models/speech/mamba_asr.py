@@ -1,0 +1,395 @@
+"""Mamba speech encoders: ConMamba (Jiang et al., 2024) and a plain bidirectional Mamba stack.
+
+Front end: 80-bin Kaldi fbank (25 ms / 10 ms) or log-mel through torchaudio, SpecAugment masks,
+a convolutional 4x subsampling. Encoder: ConMamba layers (the Conformer layout with a
+bidirectional Mamba in place of self-attention, as in xi-j/Mamba-ASR) or pre-norm residual
+Mamba blocks (bidirectional, or unidirectional and causal for streaming). Heads: CTC over a
+token vocabulary, or masked-mean-pooled sequence classification.
+
+Batches of different lengths: every operation either works per frame, masks padded frames to
+zero before it mixes frames (convolutions), or runs the Mamba over the valid frames only, packed
+with ``cu_seqlens``. So padding never changes the output on the unpadded part (tested).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo.core import BiMamba, Mamba, ResidualBlock, RMSNorm, add_norm
+from zoo.registry import build_model, register_model, register_pretrained_cfgs
+
+_MAMBA_ASR = "https://github.com/xi-j/Mamba-ASR"
+_PAPER = "Speech Slytherin: Examining the Performance and Efficiency of Mamba for Speech Separation, Recognition, and Synthesis (Jiang et al., 2024, arXiv:2407.09732)"
+
+register_pretrained_cfgs({
+    "conmamba_ctc_large": dict(
+        num_classes=31, license="Apache-2.0", paper=_PAPER, source=_MAMBA_ASR,
+        metrics={"librispeech_test_clean_wer": 3.9, "librispeech_test_other_wer": 10.3},
+        notes="Published: ConMamba (CTC) encoder only, character CTC, no LM, 31.6M params (README performance "
+              "table of xi-j/Mamba-ASR). No official checkpoint is released ('Inference and Checkpoints (Later)').",
+    ),
+    "mamba_kws_tiny": dict(
+        num_classes=22, license="Apache-2.0", source="mamba-zoo",
+        notes="Keyword spotting on the espeak-ng corpus built by zoo.data.speech (12 command words + 10 digits).",
+    ),
+    "mamba_ctc_causal_tiny": dict(
+        num_classes=11, license="Apache-2.0", source="mamba-zoo",
+        notes="Causal, streamable encoder: CTC over the digits of synthesized digit strings (blank + 10).",
+    ),
+})
+
+
+def lengths_to_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """(b,) -> (b, max_len) bool, True on valid frames."""
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+class SpeechFrontend(nn.Module):
+    """Waveform (b, samples) at ``sample_rate`` -> features (b, frames, n_mels) and frame counts.
+
+    ``kind="fbank"``: Kaldi-compatible log mel filterbank (torchaudio.compliance.kaldi.fbank,
+    per utterance). ``kind="logmel"``: torchaudio MelSpectrogram, batched. ``normalize="utterance"``
+    removes each utterance's mean and variance over its valid frames; streaming models use
+    ``"none"`` because an utterance mean needs the whole utterance.
+    """
+
+    def __init__(self, n_mels: int = 80, sample_rate: int = 16000, kind: str = "fbank", normalize: str = "utterance"):
+        super().__init__()
+        if kind not in ("fbank", "logmel"):
+            raise ValueError(f"SpeechFrontend: kind must be 'fbank' or 'logmel', got {kind!r}")
+        if normalize not in ("utterance", "none"):
+            raise ValueError(f"SpeechFrontend: normalize must be 'utterance' or 'none', got {normalize!r}")
+        self.n_mels, self.sample_rate, self.kind, self.normalize = n_mels, sample_rate, kind, normalize
+        self.win, self.hop = sample_rate * 25 // 1000, sample_rate * 10 // 1000
+        if kind == "logmel":
+            import torchaudio
+
+            self.mel = torchaudio.transforms.MelSpectrogram(
+                sample_rate, n_fft=self.win, win_length=self.win, hop_length=self.hop, n_mels=n_mels, center=False
+            )
+
+    def num_frames(self, num_samples: torch.Tensor) -> torch.Tensor:
+        return torch.clamp((num_samples - self.win) // self.hop + 1, min=0)
+
+    def forward(self, wave: torch.Tensor, num_samples: Optional[torch.Tensor] = None):
+        if wave.dim() != 2:
+            raise ValueError(f"SpeechFrontend: expected waveforms (batch, samples), got shape {tuple(wave.shape)}")
+        if num_samples is None:
+            num_samples = torch.full((wave.shape[0],), wave.shape[1], dtype=torch.long, device=wave.device)
+        frames = self.num_frames(num_samples)
+        if int(frames.min()) < 1:
+            raise ValueError(f"SpeechFrontend: every waveform needs at least {self.win} samples (25 ms), got lengths {num_samples.tolist()}")
+        T = int(frames.max())
+        if self.kind == "fbank":
+            import torchaudio.compliance.kaldi as kaldi
+
+            feats = wave.new_zeros(wave.shape[0], T, self.n_mels)
+            for i, (w, n) in enumerate(zip(wave, num_samples.tolist())):
+                f = kaldi.fbank(w[None, :n].float() * 32768, num_mel_bins=self.n_mels, sample_frequency=self.sample_rate, dither=0.0)
+                feats[i, : f.shape[0]] = f
+        else:
+            feats = torch.log(self.mel(wave.float()).transpose(1, 2)[:, :T] + 1e-6)
+        mask = lengths_to_mask(frames, T)[..., None]
+        feats = feats * mask
+        if self.normalize == "utterance":
+            count = frames[:, None, None].clamp(min=1)
+            mean = feats.sum(1, keepdim=True) / count
+            var = ((feats - mean) ** 2 * mask).sum(1, keepdim=True) / count
+            feats = (feats - mean) / torch.sqrt(var + 1e-5) * mask
+        return feats, frames
+
+
+class SpecAugment(nn.Module):
+    """SpecAugment (Park et al., 2019) frequency and time masks, drawn per utterance, training only."""
+
+    def __init__(self, freq_masks: int = 2, freq_width: int = 15, time_masks: int = 2, time_width: int = 10):
+        super().__init__()
+        self.freq_masks, self.freq_width, self.time_masks, self.time_width = freq_masks, freq_width, time_masks, time_width
+
+    def forward(self, feats: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return feats
+        b, T, F_ = feats.shape
+        keep = torch.ones_like(feats, dtype=torch.bool)
+        for i in range(b):
+            for _ in range(self.freq_masks):
+                w = int(torch.randint(0, self.freq_width + 1, ()))
+                f0 = int(torch.randint(0, max(1, F_ - w), ()))
+                keep[i, :, f0 : f0 + w] = False
+            for _ in range(self.time_masks):
+                w = min(int(torch.randint(0, self.time_width + 1, ())), int(frames[i]) // 5)
+                t0 = int(torch.randint(0, max(1, int(frames[i]) - w), ()))
+                keep[i, t0 : t0 + w] = False
+        return feats * keep
+
+
+class ConvSubsampling(nn.Module):
+    """Two 3x3 stride-2 convolutions over (time, frequency): 4x fewer frames, then a linear layer.
+
+    Padded frames are zeroed before each convolution, so what a valid output frame reads past the
+    end of its utterance is zero, exactly as the convolution's own padding of an unpadded input.
+    ``causal=True`` pads time on the left only (output t reads input frames up to 4t + 3), which
+    allows chunk-by-chunk streaming with a few carried frames.
+    """
+
+    def __init__(self, n_mels: int, d_model: int, channels: Sequence[int] = (64, 32), causal: bool = False):
+        super().__init__()
+        self.causal = causal
+        c1, c2 = channels
+        self.conv1 = nn.Conv2d(1, c1, 3, stride=2, padding=(0, 1))
+        self.norm1 = nn.LayerNorm(c1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, stride=2, padding=(0, 1))
+        self.norm2 = nn.LayerNorm(c2)
+        self.out = nn.Linear(c2 * (((n_mels + 1) // 2 + 1) // 2), d_model)
+
+    @staticmethod
+    def out_frames(frames: torch.Tensor) -> torch.Tensor:
+        return (((frames + 1) // 2) + 1) // 2
+
+    def _stage(self, x, conv, norm, frames):
+        # x: (b, c, T, F). Time padding: 1 on each side, or 2 on the left when causal.
+        x = x * lengths_to_mask(frames, x.shape[2])[:, None, :, None]
+        x = F.pad(x, (0, 0, 2, 0) if self.causal else (0, 0, 1, 1))
+        x = conv(x)
+        x = F.leaky_relu(norm(x.transpose(1, -1)).transpose(1, -1))
+        return x, (frames + 1) // 2
+
+    def forward(self, feats: torch.Tensor, frames: torch.Tensor):
+        x, f = self._stage(feats[:, None], self.conv1, self.norm1, frames)
+        x, f = self._stage(x, self.conv2, self.norm2, f)
+        x = self.out(x.permute(0, 2, 1, 3).flatten(2))
+        return x * lengths_to_mask(f, x.shape[1])[..., None], f
+
+
+def packed_mamba(mixer: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Run a Mamba mixer over the valid frames of each utterance only, packed into one sequence."""
+    lengths = mask.sum(1)
+    cu = F.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
+    out = torch.zeros_like(x)
+    out[mask] = mixer(x[mask][None], cu_seqlens=cu)[0].to(x.dtype)
+    return out
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, d_ffn: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.fc1 = nn.Linear(d_model, d_ffn)
+        self.fc2 = nn.Linear(d_ffn, d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(self.norm(x))))))
+
+
+class ConvModule(nn.Module):
+    """Conformer convolution module: LN -> pointwise conv + GLU -> depthwise conv -> LN -> GELU -> linear.
+
+    As in Mamba-ASR's ConMamba (LayerNorm after the depthwise conv, not BatchNorm, which would also
+    make the output depend on the other utterances of the batch)."""
+
+    def __init__(self, d_model: int, kernel_size: int = 31, dropout: float = 0.0):
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(d_model)
+        self.pointwise = nn.Conv1d(d_model, 2 * d_model, 1)
+        self.depthwise = nn.Conv1d(d_model, d_model, kernel_size, padding=(kernel_size - 1) // 2, groups=d_model)
+        self.norm = nn.LayerNorm(d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, mask):
+        y = F.glu(self.pointwise(self.layer_norm(x).transpose(1, 2)), dim=1)
+        y = self.depthwise(y * mask[:, None, :]).transpose(1, 2)  # padded frames read as zeros
+        return self.drop(self.proj(F.gelu(self.norm(y))))
+
+
+class ConMambaLayer(nn.Module):
+    """x += FFN/2; x += BiMamba(LN x); x += Conv(x); x = LN(x + FFN/2) (Mamba-ASR's layer order)."""
+
+    def __init__(self, d_model: int, d_ffn: int, kernel_size: int = 31, dropout: float = 0.0, d_state: int = 16, expand: int = 2, d_conv: int = 4):
+        super().__init__()
+        self.ffn1 = FeedForward(d_model, d_ffn, dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.mamba = BiMamba(d_model, d_state=d_state, expand=expand, d_conv=d_conv)
+        self.conv = ConvModule(d_model, kernel_size, dropout)
+        self.ffn2 = FeedForward(d_model, d_ffn, dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(self, x, mask):
+        x = x + 0.5 * self.ffn1(x)
+        x = x + packed_mamba(self.mamba, self.norm1(x), mask)
+        x = x + self.conv(x, mask)
+        return self.norm2(x + 0.5 * self.ffn2(x))
+
+
+class MambaSpeechEncoder(nn.Module):
+    """Front end + 4x subsampling + Mamba encoder + head.
+
+    Args:
+        layer_type: "conmamba" (Conformer layout, bidirectional Mamba) or "mamba" (residual
+            RMSNorm -> Mamba blocks; bidirectional unless ``causal``).
+        causal: unidirectional Mamba and causal subsampling, so ``forward_stream`` can run the
+            encoder chunk by chunk (needs layer_type="mamba").
+        head: "ctc" (per-frame logits over ``num_classes`` tokens, index 0 the blank) or
+            "classify" (masked mean over frames).
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 31,
+        d_model: int = 256,
+        depth: int = 18,
+        d_ffn: int = 1024,
+        layer_type: str = "conmamba",
+        head: str = "ctc",
+        causal: bool = False,
+        n_mels: int = 80,
+        sample_rate: int = 16000,
+        frontend: str = "fbank",
+        kernel_size: int = 31,
+        d_state: int = 16,
+        expand: int = 2,
+        dropout: float = 0.1,
+        spec_augment: bool = True,
+        subsampling_channels: Sequence[int] = (64, 32),
+    ):
+        super().__init__()
+        if layer_type not in ("conmamba", "mamba"):
+            raise ValueError(f"MambaSpeechEncoder: layer_type must be 'conmamba' or 'mamba', got {layer_type!r}")
+        if head not in ("ctc", "classify"):
+            raise ValueError(f"MambaSpeechEncoder: head must be 'ctc' or 'classify', got {head!r}")
+        if causal and layer_type != "mamba":
+            raise ValueError("MambaSpeechEncoder: causal=True needs layer_type='mamba' (ConMamba's conv module looks ahead)")
+        self.num_classes, self.head_type, self.causal, self.layer_type = num_classes, head, causal, layer_type
+        self.num_features = self.embed_dim = d_model
+        self.frontend = SpeechFrontend(n_mels, sample_rate, frontend, normalize="none" if causal else "utterance")
+        self.spec_augment = SpecAugment() if spec_augment else nn.Identity()
+        self.subsample = ConvSubsampling(n_mels, d_model, subsampling_channels, causal=causal)
+        self.drop = nn.Dropout(dropout)
+        if layer_type == "conmamba":
+            self.layers = nn.ModuleList(
+                ConMambaLayer(d_model, d_ffn, kernel_size, dropout, d_state, expand) for _ in range(depth)
+            )
+            self.norm = nn.LayerNorm(d_model, eps=1e-6)
+        else:
+            mixer = Mamba if causal else BiMamba
+            self.layers = nn.ModuleList(
+                ResidualBlock(d_model, mixer(d_model, d_state=d_state, expand=expand, layer_idx=i), RMSNorm(d_model))
+                for i in range(depth)
+            )
+            self.norm = RMSNorm(d_model)
+        self.head = nn.Linear(d_model, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, wave: torch.Tensor, num_samples: Optional[torch.Tensor] = None):
+        """Waveforms (b, samples) -> encoder output (b, T', d_model) and valid frame counts (b,)."""
+        feats, frames = self.frontend(wave, num_samples)
+        if isinstance(self.spec_augment, SpecAugment):
+            feats = self.spec_augment(feats, frames)
+        return self.encode(feats, frames)
+
+    def encode(self, feats: torch.Tensor, frames: torch.Tensor):
+        """Features (b, T, n_mels) with valid frame counts -> (b, T/4, d_model), counts."""
+        x, frames = self.subsample(feats, frames)
+        mask = lengths_to_mask(frames, x.shape[1])
+        x = self.drop(x)
+        if self.layer_type == "conmamba":
+            for layer in self.layers:
+                x = layer(x, mask)
+            x = self.norm(x)
+        else:
+            residual = None
+            for block in self.layers:
+                x, residual = add_norm(x, residual, block.norm, block.drop_path, block.residual_in_fp32)
+                x = packed_mamba(block.mixer, x, mask)
+            x, _ = add_norm(x, residual, self.norm)
+        return x * mask[..., None], frames
+
+    def forward_head(self, x: torch.Tensor, frames: torch.Tensor, pre_logits: bool = False):
+        if self.head_type == "classify":
+            mask = lengths_to_mask(frames, x.shape[1])[..., None]
+            x = (x * mask).sum(1) / frames[:, None].clamp(min=1)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, wave: torch.Tensor, num_samples: Optional[torch.Tensor] = None):
+        """CTC head: (log-probabilities (b, T', classes), frame counts); classify head: logits (b, classes)."""
+        x, frames = self.forward_features(wave, num_samples)
+        out = self.forward_head(x, frames)
+        if self.head_type == "ctc":
+            return out.log_softmax(-1), frames
+        return out
+
+    def reset_classifier(self, num_classes: int):
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {n for n, _ in self.named_parameters() if n.endswith(("A_log", "A_b_log", ".D", ".D_b"))}
+
+    @torch.no_grad()
+    def forward_stream(self, feats: torch.Tensor, state: Optional[dict] = None):
+        """Streaming for the causal configuration: feature chunks (b, 4k frames, n_mels) in,
+        encoder frames (b, k, d_model) out, plus the state to pass with the next chunk. The
+        concatenated outputs equal ``encode`` of the whole utterance (tested).
+        Features come from ``self.frontend`` (no utterance normalisation in causal models)."""
+        if not self.causal:
+            raise RuntimeError("forward_stream needs a causal model (causal=True, layer_type='mamba')")
+        if feats.dim() != 3 or feats.shape[1] % 4:
+            raise ValueError(f"forward_stream: expected features (batch, 4k frames, n_mels), got shape {tuple(feats.shape)}")
+        state = state or {"sub1": None, "sub2": None, "layers": [None] * len(self.layers)}
+        sub = self.subsample
+        x = feats[:, None]
+        for key, conv, norm in (("sub1", sub.conv1, sub.norm1), ("sub2", sub.conv2, sub.norm2)):
+            # The two frames before the chunk play the role of the causal left padding.
+            past = state[key] if state[key] is not None else x.new_zeros(*x.shape[:2], 2, x.shape[3])
+            x_in = torch.cat([past, x], dim=2)
+            state[key] = x_in[:, :, -2:]
+            x = F.leaky_relu(norm(conv(x_in).transpose(1, -1)).transpose(1, -1))
+        x = sub.out(x.permute(0, 2, 1, 3).flatten(2))
+        residual = None
+        for i, block in enumerate(self.layers):
+            x, residual = add_norm(x, residual, block.norm, block.drop_path, block.residual_in_fp32)
+            x, state["layers"][i] = block.mixer.forward_stream(x, state["layers"][i])
+        x, _ = add_norm(x, residual, self.norm)
+        return x, state
+
+
+def ctc_greedy_decode(log_probs: torch.Tensor, frames: torch.Tensor, blank: int = 0) -> List[List[int]]:
+    """Best path: argmax per frame, merge repeats, drop blanks."""
+    best = log_probs.argmax(-1)
+    out = []
+    for seq, n in zip(best.tolist(), frames.tolist()):
+        tokens, prev = [], None
+        for t in seq[:n]:
+            if t != prev and t != blank:
+                tokens.append(t)
+            prev = t
+        out.append(tokens)
+    return out
+
+
+@register_model
+def conmamba_ctc_large(pretrained: bool = False, **kwargs):
+    """ConMamba CTC encoder of Mamba-ASR's hparams/CTC/conmamba_large.yaml: d_model 256, 18 layers,
+    d_ffn 1024, bidirectional Mamba (d_state 16, expand 2, d_conv 4), 31 characters."""
+    cfg = dict(num_classes=31, d_model=256, depth=18, d_ffn=1024, layer_type="conmamba", head="ctc")
+    return build_model(MambaSpeechEncoder, "conmamba_ctc_large", pretrained, **{**cfg, **kwargs})
+
+
+@register_model
+def mamba_kws_tiny(pretrained: bool = False, **kwargs):
+    """Plain bidirectional Mamba stack for keyword spotting (zoo.data.speech corpus)."""
+    cfg = dict(num_classes=22, d_model=96, depth=4, layer_type="mamba", head="classify", dropout=0.1,
+               subsampling_channels=(16, 16))
+    return build_model(MambaSpeechEncoder, "mamba_kws_tiny", pretrained, **{**cfg, **kwargs})
+
+
+@register_model
+def mamba_ctc_causal_tiny(pretrained: bool = False, **kwargs):
+    """Causal, streamable unidirectional Mamba stack with a CTC head over digits (blank + 10)."""
+    cfg = dict(num_classes=11, d_model=96, depth=4, layer_type="mamba", head="ctc", causal=True, dropout=0.1,
+               subsampling_channels=(16, 16))
+    return build_model(MambaSpeechEncoder, "mamba_ctc_causal_tiny", pretrained, **{**cfg, **kwargs})
