@@ -13,9 +13,10 @@ models.
 Differences from the official code (forward and checkpoints are unaffected):
 - Activations are channels-last (b, h, w, c) with nn.Linear / nn.LayerNorm where the official
   "ln2d" models run channels-first with 1x1 convolutions and a permuting LayerNorm: the same maps.
-- The official code computes x_proj / dt_proj on the four cross-scanned copies of the map; these are
-  per-token projections, so here they run once on the row-major map for all four directions, and each
-  direction's scan reads its own token order (``cross_scan``): only the order of the recurrence differs.
+- The official code computes x_proj / dt_proj on four cross-scanned copies of the map (transposed and
+  flipped); these are per-token projections, so here they run once on the row-major map for all four
+  directions, and each direction's scan visits the tokens in its own order (``cross_scan``, the core's
+  multi-direction scan): the outputs land at their image positions and cross-merge is a sum.
 - The scan output keeps the input dtype before out_norm (the official CUDA kernel returns float32);
   identical in float32, a rounding-level difference under bf16/fp16 autocast.
 - Stages are laid out as timm's hierarchical models: the downsample that the official code keeps at the
@@ -37,7 +38,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from zoo.core.mamba import make_A_log, make_D, make_dt_proj
-from zoo.core.selective_scan import selective_scan
+from zoo.core.selective_scan import selective_scan_multi
 from zoo.registry import build_model, register_model, register_pretrained_cfgs
 
 __all__ = ["VMamba", "SS2D", "VSSBlock", "cross_scan", "cross_merge", "checkpoint_filter_fn"]
@@ -73,48 +74,21 @@ register_pretrained_cfgs({
 DIRECTIONS = ("forward", "forward_t", "reverse", "reverse_t")
 
 
-def _to_col_major(t: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-    """(..., H * W, c) tokens in row-major order -> the same tokens in column-major order."""
-    return t.unflatten(-2, hw).transpose(-3, -2).flatten(-3, -2)
-
-
-def _from_col_major(t: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-    """Inverse of ``_to_col_major``."""
-    return t.unflatten(-2, hw[::-1]).transpose(-3, -2).flatten(-3, -2)
-
-
 def cross_scan(
     u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     D: torch.Tensor, delta_bias: torch.Tensor, hw: Tuple[int, int],
 ) -> torch.Tensor:
-    """The four selective scans of an H x W map, one per direction of ``DIRECTIONS``.
+    """The four selective scans of an H x W map, one per direction of ``DIRECTIONS``, through the core's
+    multi-direction scan (one kernel launch on the GPU, no flipped or transposed copies).
 
     Every per-token tensor is indexed by row-major image position, whatever the direction; only the
     order in which direction k runs its recurrence differs. u: (b, H*W, d) shared by all directions;
     delta: (4, b, H*W, d); A: (4, d, n); B, C: (4, b, H*W, n); D, delta_bias: (4, d). Returns the
     outputs (4, b, H*W, d), also at row-major positions; softplus is applied to delta + delta_bias.
-
-    This is the PyTorch path: the two forward directions run as one scan (channels concatenated, one
-    B/C group each), the two reversed ones as a second scan with ``reverse=True``; the column-major
-    directions read permuted copies.
     """
-    d = u.shape[-1]
-    out = [None] * 4
-    u_col = _to_col_major(u, hw)
-    for (k_row, k_col), reverse in (((0, 1), False), ((2, 3), True)):
-        y = selective_scan(
-            torch.cat([u, u_col], -1),
-            torch.cat([delta[k_row], _to_col_major(delta[k_col], hw)], -1),
-            torch.cat([A[k_row], A[k_col]]),
-            torch.stack([B[k_row], _to_col_major(B[k_col], hw)], 2),
-            torch.stack([C[k_row], _to_col_major(C[k_col], hw)], 2),
-            D=torch.cat([D[k_row], D[k_col]]),
-            delta_bias=torch.cat([delta_bias[k_row], delta_bias[k_col]]),
-            delta_softplus=True,
-            reverse=reverse,
-        )
-        out[k_row], out[k_col] = y[..., :d], _from_col_major(y[..., d:], hw)
-    return torch.stack(out)
+    return selective_scan_multi(
+        u, delta, A, B, C, D=D, delta_bias=delta_bias, delta_softplus=True, directions=DIRECTIONS, hw=hw
+    )
 
 
 def cross_merge(ys: torch.Tensor) -> torch.Tensor:
