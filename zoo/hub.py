@@ -43,6 +43,8 @@ _EXPECTED_FORMAT = (
     "accepts (tensors and plain containers only)"
 )
 
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
 
 class CheckpointError(ValueError):
     """A weight file that cannot be used: not a checkpoint, wrong checksum, or keys that do not fit."""
@@ -183,6 +185,15 @@ def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
+def _load_error_reason(e: Exception) -> str:
+    # torch wraps the actual reason in advice to retry with weights_only=False or to allowlist the offending
+    # global, neither of which may be relayed for a file that is not a checkpoint.
+    text = str(e).rpartition("WeightsUnpickler error:")[2]
+    lines = [line.strip() for line in text.splitlines()]
+    reason = " ".join(line for line in lines if line and not line.startswith(_TORCH_BOILERPLATE))
+    return reason.split(" Please use `torch.serialization")[0] or type(e).__name__
+
+
 def load_checkpoint(
     source: str | os.PathLike, map_location: str | torch.device = "cpu", sha256: str | None = None, cache_dir=None,
 ) -> dict[str, torch.Tensor]:
@@ -207,8 +218,7 @@ def load_checkpoint(
             with torch.serialization.safe_globals([argparse.Namespace]):
                 obj = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as e:  # unpickling fails in many ways (bad zip, bad opcode, forbidden global)
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"{path} is not a checkpoint ({_EXPECTED_FORMAT}); torch.load said: {reason}") from e
+            raise CheckpointError(f"{path} is not a checkpoint ({_EXPECTED_FORMAT}); torch.load: {_load_error_reason(e)}") from e
     return _unwrap(obj, path)
 
 

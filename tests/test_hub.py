@@ -1,0 +1,206 @@
+"""Weight loading: local files, file:// URLs through the download cache, a pre-populated Hugging Face cache,
+sha256 checks, safe formats and container unwrapping. Nothing here touches the network."""
+import argparse
+import json
+import os
+import pickle
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import zoo
+from zoo import hub
+from zoo.hub import CheckpointError, file_sha256, load_checkpoint, resolve_pretrained
+
+REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def sd():
+    torch.manual_seed(0)
+    return {"stem.weight": torch.randn(4, 3), "stem.bias": torch.randn(4), "head.weight": torch.randn(2, 4)}
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """An empty Hugging Face and torch hub cache under tmp_path, in offline mode."""
+    hf_home = tmp_path / "hf"
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(hf_home / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    # huggingface_hub reads its environment once, at import.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hf_home / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return hf_home / "hub"
+
+
+def put_in_hf_cache(cache, repo_id, filename, state_dict):
+    """Lay out a file as hf_hub_download leaves it: snapshots/<revision>/<file> plus refs/main."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    path = repo / "snapshots" / REVISION / filename
+    path.parent.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(REVISION)
+    save_file(state_dict, str(path)) if filename.endswith(".safetensors") else torch.save(state_dict, path)
+    return path
+
+
+def test_safetensors_and_pth_roundtrip(sd, tmp_path):
+    save_file(sd, str(tmp_path / "w.safetensors"))
+    torch.save(sd, tmp_path / "w.pth")
+    assert_same(load_checkpoint(tmp_path / "w.safetensors"), sd)
+    assert_same(load_checkpoint(str(tmp_path / "w.pth")), sd)
+
+
+@pytest.mark.parametrize("container", [
+    lambda sd: {"model": sd, "epoch": 3, "optimizer": {"lr": 0.1}},
+    lambda sd: {"state_dict": sd, "model_ema": {k: v + 1 for k, v in sd.items()}},
+    lambda sd: {"model_ema": sd, "epoch": 3},
+    lambda sd: {"module." + k: v for k, v in sd.items()},
+    lambda sd: {"model": {"_orig_mod." + k: v for k, v in sd.items()}},
+    lambda sd: {"model": sd, "args": argparse.Namespace(model="vim_tiny", lr=5e-4, input_size=224)},
+], ids=["model", "state_dict", "model_ema", "module_prefix", "compiled", "argparse_args"])
+def test_containers_are_unwrapped(sd, tmp_path, container):
+    torch.save(container(sd), tmp_path / "ckpt.pth")
+    assert_same(load_checkpoint(tmp_path / "ckpt.pth"), sd)
+
+
+def test_sha256_ok_and_mismatch(sd, tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file(sd, str(path))
+    sha = file_sha256(path)
+    assert_same(load_checkpoint(path, sha256=sha.upper()), sd)
+    with pytest.raises(CheckpointError, match=f"sha256 mismatch for .*w.safetensors: expected {'f' * 64}, got {sha}"):
+        load_checkpoint(path, sha256="f" * 64)
+    with pytest.raises(ValueError, match="sha256 must be 64 hex digits, got 'abc'"):
+        load_checkpoint(path, sha256="abc")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint file not found: .*nope.pth"):
+        load_checkpoint(tmp_path / "nope.pth")
+
+
+@pytest.mark.parametrize("name, content", [
+    ("garbage.pth", os.urandom(256)),
+    ("config.json", json.dumps({"num_classes": 10}).encode()),
+    ("truncated.pth", b"PK\x03\x04"),
+    ("garbage.safetensors", os.urandom(64)),
+])
+def test_files_that_are_not_checkpoints(tmp_path, name, content):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(CheckpointError, match=f"{name} is not a (valid safetensors file|checkpoint).*expected"):
+        load_checkpoint(tmp_path / name)
+
+
+def test_checkpoint_without_a_state_dict(tmp_path):
+    torch.save({"epoch": 3, "weights": [1.0, 2.0]}, tmp_path / "odd.pth")
+    with pytest.raises(CheckpointError, match=r"odd.pth holds no state dict.*found keys 'epoch' \(int\), 'weights' \(list\)"):
+        load_checkpoint(tmp_path / "odd.pth")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    with pytest.raises(CheckpointError, match="tensor.pth holds no state dict.*got Tensor"):
+        load_checkpoint(tmp_path / "tensor.pth")
+
+
+class Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+def test_pickled_code_is_refused_and_never_runs(sd, tmp_path, writer):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    if writer == "torch.save":
+        torch.save({"hook": Exploit(marker), "model": sd}, path)
+    else:
+        with open(path, "wb") as f:
+            pickle.dump({"hook": Exploit(marker)}, f, protocol=2)
+    with pytest.raises(CheckpointError, match=r"evil.pth is not a checkpoint.*weights_only=True.*GLOBAL \w+\.system") as e:
+        load_checkpoint(path)
+    assert "set to `False`" not in str(e.value) and "safe_globals" not in str(e.value)  # torch's advice is dropped
+    assert not marker.exists()
+
+
+def test_hf_hub_spec_from_the_local_cache(sd, offline):
+    put_in_hf_cache(offline, "org/vim-test", "w.safetensors", sd)
+    put_in_hf_cache(offline, "org/vim-pth", "sub/w.pth", {"model": sd})
+    assert_same(load_checkpoint("hf-hub:org/vim-test/w.safetensors"), sd)
+    assert_same(load_checkpoint(f"hf-hub:org/vim-test@{REVISION}/w.safetensors"), sd)
+    assert_same(load_checkpoint("hf-hub:org/vim-pth/sub/w.pth"), sd)
+
+
+def test_hf_hub_offline_and_not_cached(offline):
+    with pytest.raises(FileNotFoundError, match="could not get 'w.pth' from hf-hub repo 'org/absent'.*HF_HUB_OFFLINE"):
+        load_checkpoint("hf-hub:org/absent/w.pth")
+    with pytest.raises(ValueError, match="hf-hub source must look like"):
+        load_checkpoint("hf-hub:org/only-a-repo")
+
+
+def test_url_is_downloaded_once_into_the_torch_hub_cache(sd, tmp_path, offline, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE")  # the first call has to download
+    src = tmp_path / "remote" / "w.safetensors"
+    src.parent.mkdir()
+    save_file(sd, str(src))
+    url = src.as_uri()
+    assert_same(load_checkpoint(url, sha256=file_sha256(src)), sd)
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "w.safetensors"
+    assert cached.is_file()
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("cached file downloaded again")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    monkeypatch.setenv("ZOO_OFFLINE", "1")
+    assert_same(load_checkpoint(url), sd)
+    with pytest.raises(FileNotFoundError, match="not cached .* offline mode is on"):
+        load_checkpoint(src.with_name("other.pth").as_uri())
+
+
+def test_url_with_wrong_sha256_is_not_kept_in_the_cache(sd, tmp_path, offline, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    src = tmp_path / "w.pth"
+    torch.save(sd, src)
+    with pytest.raises(CheckpointError, match="sha256 mismatch"):
+        load_checkpoint(src.as_uri(), sha256="0" * 64, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache" / "w.pth").exists()
+
+
+def test_resolve_pretrained_prefers_file_then_hf_hub_then_url(sd, tmp_path, offline):
+    local = tmp_path / "local.safetensors"
+    save_file(sd, str(local))
+    cached = put_in_hf_cache(offline, "org/vim-test", "w.safetensors", sd)
+    hf = dict(hf_hub_id="org/vim-test", hf_hub_filename="w.safetensors")
+    url = dict(url="https://example.invalid/w.pth")  # never fetched: an earlier source wins
+    assert resolve_pretrained(dict(file=str(local), **hf, **url)) == local
+    assert resolve_pretrained(dict(file=str(tmp_path / "absent.safetensors"), **hf, **url)).resolve() == cached.resolve()
+    assert resolve_pretrained(dict(**hf, **url, sha256=file_sha256(cached))).resolve() == cached.resolve()
+    with pytest.raises(CheckpointError, match="sha256 mismatch"):
+        resolve_pretrained(dict(**hf, sha256="0" * 64))
+
+
+def test_resolve_pretrained_errors(tmp_path):
+    with pytest.raises(ValueError, match="'vim_x.t' has no weights: expected one of file, hf_hub_id, url"):
+        resolve_pretrained(dict(architecture="vim_x", tag="t", num_classes=3))
+    with pytest.raises(ValueError, match="hf_hub_id='org/name' but no hf_hub_filename"):
+        resolve_pretrained(dict(hf_hub_id="org/name"))
+    with pytest.raises(FileNotFoundError, match="should be installed at .*zoo.weights.absent.safetensors"):
+        resolve_pretrained(dict(file="weights/absent.safetensors"))
+
+
+def test_package_files_resolve_inside_the_package():
+    path = hub.resolve_pretrained_file("weights/vim_tiny.digits.safetensors")
+    assert path == Path(zoo.__file__).parent / "weights" / "vim_tiny.digits.safetensors"
+    assert hub.resolve_pretrained_file(path) == path  # absolute paths stay as they are
