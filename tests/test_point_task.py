@@ -43,7 +43,7 @@ def test_bench_cli_runs_and_writes_json(tmp_path):
     args.command_line = "zoo points bench (test)"
     assert args.func(args) == 0
     table = json.loads(out.read_text())
-    assert [r["model"] for r in table["results"]] == ["pointmamba", "pointnet"]
+    assert [r["model"] for r in table["results"]] == ["pointmamba", "pcm", "pointnet"]
     assert table["command"] == "zoo points bench (test)"
     assert 0.0 <= table["results"][0]["overall_accuracy_mean"] <= 1.0
 

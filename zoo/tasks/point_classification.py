@@ -1,5 +1,5 @@
-"""Point-cloud classification on Shapes3D (zoo.data.shapes3d): PointMamba against a PointNet-style
-baseline, trained and evaluated the same way.
+"""Point-cloud classification on Shapes3D (zoo.data.shapes3d): PointMamba and Point Cloud Mamba
+against a PointNet-style baseline, trained and evaluated the same way.
 
 Every model gets the same clouds, augmentation (PointMamba's random anisotropic scale in [2/3, 3/2]
 and shift in [-0.2, 0.2]), optimiser (AdamW, weight decay 0.05, cosine schedule with one warm-up
@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from zoo.data.shapes3d import CLASSES, make_shapes3d
+from zoo.models.point.pcm import PointCloudMamba
 from zoo.models.point.pointmamba import PointMamba
 
 
@@ -55,12 +56,16 @@ def build_bench_model(name: str, num_classes: int, num_points: int) -> nn.Module
         # Patch count scales with the cloud as in the paper (1024 points -> 64 patches).
         return PointMamba(num_classes=num_classes, trans_dim=96, depth=4, num_group=max(8, num_points // 16),
                           group_size=16, drop_path_rate=0.1, head_hidden=128)
+    if name == "pcm":
+        # PCM-Tiny's layout (four stages, 1+1+2+2 layers over the six CTS orders) at width 64.
+        return PointCloudMamba(num_classes=num_classes, embed_dim=64, mamba_blocks=(1, 1, 2, 2),
+                               orders=("xyz", "xzy", "yxz", "yzx", "zxy", "zyx"), prompt_dim=64)
     if name == "pointnet":
         return PointNetBaseline(num_classes)
     raise ValueError(f"points task: unknown model {name!r}; choose from {BENCH_MODELS}")
 
 
-BENCH_MODELS = ("pointmamba", "pointnet")
+BENCH_MODELS = ("pointmamba", "pcm", "pointnet")
 
 
 def augment(pts: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
