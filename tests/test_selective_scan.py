@@ -123,7 +123,9 @@ def test_bf16_input_keeps_float32_state():
     assert (out.double() - ref).abs().max() <= 2 * ref.abs().max() * 2**-8
 
 
-def test_cu_seqlens_equals_separate_sequences():
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("impl", ["naive", "chunked"])
+def test_cu_seqlens_equals_separate_sequences(reverse, impl):
     lens = [5, 1, 12, 7]
     d, n = 6, 4
     parts = [make(1, l, d, n, seed=i) for i, l in enumerate(lens)]
@@ -132,9 +134,9 @@ def test_cu_seqlens_equals_separate_sequences():
     h0 = torch.cat([p["initial_state"] for p in parts])
     cu = torch.tensor([0, 5, 6, 18, 25], dtype=torch.int32)
     out, last = selective_scan(cat["u"], cat["delta"], A, cat["B"], cat["C"], D, cat["z"], db, True, True,
-                               initial_state=h0, cu_seqlens=cu)
+                               reverse=reverse, initial_state=h0, cu_seqlens=cu, impl=impl)
     for i, p in enumerate(parts):
-        o, h = selective_scan_naive(p["u"], p["delta"], A, p["B"], p["C"], D, p["z"], db, True, True, False, h0[i : i + 1])
+        o, h = selective_scan_naive(p["u"], p["delta"], A, p["B"], p["C"], D, p["z"], db, True, True, reverse, h0[i : i + 1])
         torch.testing.assert_close(out[:, cu[i] : cu[i + 1]], o, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(last[i : i + 1], h, rtol=1e-5, atol=1e-5)
 

@@ -88,20 +88,36 @@ def selective_scan(
         if cu_seqlens is not None:
             kwargs["cu_seqlens"] = cu_seqlens  # the kernels handle packed sequences natively
         return fn(u, delta, A, B, C, z=z, return_last_state=return_last_state, initial_state=initial_state, **kwargs)
-    # PyTorch paths: one call per packed sequence.
-    outs, lasts = [], []
-    bounds = cu_seqlens.tolist()
-    for i, (s, e) in enumerate(zip(bounds, bounds[1:])):
-        h0 = None if initial_state is None else initial_state[i : i + 1]
-        piece = lambda t: None if t is None else t[:, s:e]  # noqa: E731
-        out, last = fn(
-            u[:, s:e], delta[:, s:e], A, B[:, s:e], C[:, s:e], z=piece(z),
-            return_last_state=True, initial_state=h0, **kwargs,
-        )
-        outs.append(out)
-        lasts.append(last)
-    out = torch.cat(outs, dim=1)
-    return (out, torch.cat(lasts, dim=0)) if return_last_state else out
+    return _packed_torch_scan(fn, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse,
+                              initial_state, cu_seqlens)
+
+
+def _packed_torch_scan(fn, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse,
+                       initial_state, cu_seqlens):
+    """PyTorch paths for packed sequences: one batched scan over the sequences padded to the
+    longest. Padded steps get dt = 0 (decay exp(0) = 1, input 0), so they leave the state as it
+    was in either direction, and the final state is the state after each sequence's own last step."""
+    bounds = cu_seqlens.to(device=u.device, dtype=torch.long)
+    lens = bounds[1:] - bounds[:-1]
+    n, total = lens.numel(), u.shape[1]
+    seq_id = torch.repeat_interleave(torch.arange(n, device=u.device), lens, output_size=total)
+    pos = torch.arange(total, device=u.device) - bounds[:-1][seq_id]
+    max_len = int(lens.max()) if n else 0
+
+    def pad(t, fill=0.0):
+        out = t.new_full((n, max_len, *t.shape[2:]), fill)
+        out[seq_id, pos] = t[0]
+        return out
+
+    dt = delta.float() if delta.dtype != torch.float64 else delta
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(dt.dtype)
+    if delta_softplus:
+        dt = torch.nn.functional.softplus(dt)
+    out = fn(pad(u), pad(dt), A, pad(B), pad(C), D=D, z=None if z is None else pad(z), delta_bias=None,
+             delta_softplus=False, reverse=reverse, return_last_state=True, initial_state=initial_state)
+    y = out[0][seq_id, pos].unsqueeze(0)
+    return (y, out[1]) if return_last_state else y
 
 
 def selective_scan_fn(
