@@ -176,6 +176,8 @@ def correctness(quick):
         ("fp32 n256", dict(b=1, l=77, d=9, n=256, dtype=f32)),
         ("bf16 (b,d,l) strides", dict(b=2, l=419, d=96, n=16, dtype=bf, layout="bdl")),
         ("fp32 packed reverse h0", dict(b=1, l=400, d=48, n=16, dtype=f32, cu=[0, 1, 130, 130, 400], reverse=True, h0=True)),
+        ("fp32 long segmented reverse h0", dict(b=1, l=20011, d=64, n=16, dtype=f32, reverse=True, h0=True)),
+        ("bf16 long segmented", dict(b=1, l=12289, d=96, n=16, dtype=bf)),
         ("fp32 deterministic groups2", dict(b=2, l=300, d=80, n=16, dtype=f32, groups=2, deterministic=True)),
     ]
     results = []

@@ -192,3 +192,18 @@ def test_unknown_direction_names_choices():
     t = make(1, 4, 2, 2, k=1)
     with pytest.raises(ValueError, match="unknown direction 'sideways'"):
         selective_scan_multi(**t, directions=("sideways",), impl="triton")
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_segmented_long_sequence_path(monkeypatch, reverse):
+    """Few programs: the sequence is cut into segments scanned in parallel and chained
+    (forward and backward), here 3 segments of 9 chunks of 4 steps, the last one partial."""
+    from zoo.kernels.selective_scan import function
+
+    monkeypatch.setattr(function, "_MIN_PROGRAMS", 1 << 20)
+    assert function._segments(1, 101, 4, False) == (3, 36)
+    t = make(1, 101, 3, 4, seed=12)
+    t["initial_state"] = torch.randn(1, 3, 4).to(DEV)
+    kw = dict(delta_softplus=True, return_last_state=True, reverse=reverse)
+    compare(lambda **x: selective_scan_triton(**x, block_t=4, **kw), lambda **x: selective_scan_naive(**x, **kw), t,
+            1e-5)

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 import triton
 
-from .kernels import _bwd_kernel, _fwd_kernel
+from .kernels import _bwd_kernel, _fwd_kernel, _seg_combine_kernel
 
 REVERSE, TRANSPOSE = 1, 2  # direction flag bits (see kernels._positions)
 
@@ -29,6 +29,34 @@ def _config(d_state: int, dpg: int, backward: bool, block_t: Optional[int] = Non
     if not block_d:
         block_d = max(1, min(64, budget // (bt * bn), triton.next_power_of_2(dpg)))
     return bt, block_d, bn
+
+
+# Fewer programs than this (channel blocks x sequences x directions) leave SMs idle: the
+# sequence is then cut into segments scanned in parallel and chained (about twice the work).
+_MIN_PROGRAMS = 1024
+
+
+def _segments(nprog: int, L: int, block_t: int, packed: bool):
+    """(NSEG, SEGLEN): one segment unless too few programs fill the GPU."""
+    if packed or nprog >= _MIN_PROGRAMS // 2:
+        return 1, max(L, 1)
+    nseg = min(triton.cdiv(_MIN_PROGRAMS, nprog), max(1, L // (8 * block_t)))
+    seglen = triton.cdiv(triton.cdiv(L, nseg), block_t) * block_t  # whole chunks: saved states align
+    return triton.cdiv(L, seglen), seglen
+
+
+def _chain(end, dtsum, A, init, nseq, backward):
+    """Runs _seg_combine_kernel: segment-start values (K, seqs x NSEG, d, n) and the final one."""
+    K, _, dim, n = end.shape
+    start = torch.empty_like(end)
+    final = torch.empty((K, nseq, dim, n), dtype=torch.float32, device=end.device)
+    bn = triton.next_power_of_2(n)
+    bd = max(1, min(64, 2048 // bn))
+    _seg_combine_kernel[(triton.cdiv(dim, bd), nseq, K)](
+        end, dtsum, A, init if init is not None else end, start, final, end.shape[1] // nseq, dim, n, *A.stride(),
+        BLOCK_D=bd, BLOCK_N=bn, HAS_INIT=init is not None, BACKWARD=backward,
+    )
+    return start, final
 
 
 def _lcm(a: int, b: int) -> int:
@@ -86,19 +114,33 @@ def _scan_fwd(
     out = torch.empty((K, batch, L, dim), dtype=u.dtype, device=u.device)
     hlast = torch.empty((K, nseq, dim, n), dtype=torch.float32, device=u.device)
     hsave = torch.empty((K, nslots, dim, n) if save_states else (0,), dtype=torch.float32, device=u.device)
-    h0 = initial_state
     nblk = triton.cdiv(dpg, bd)
-    _fwd_kernel[(G * nblk, nseq, K)](
-        *ptrs[:8], h0 if h0 is not None else hlast, *ptrs[8:], out, hlast, hsave,
-        sizes["L"], dpg, n, nblk, sizes["GB_DIV"], sizes["GC_DIV"], H, W, nchunk, nslots,
-        *strides,
-        *(h0.stride() if h0 is not None else (0, 0, 0, 0)),
-        *out.stride(),
-        BLOCK_T=block_t, BLOCK_D=bd, BLOCK_N=bn,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_DTB=delta_bias is not None, SOFTPLUS=delta_softplus,
-        HAS_H0=h0 is not None, STORE_LAST=True, SAVE=save_states, HAS_CU=cu_seqlens is not None,
-        num_warps=4,
-    )
+    nseg, seglen = _segments(G * nblk * nseq * K, L, block_t, cu_seqlens is not None)
+    grid = (G * nblk, nseq * nseg, K)
+
+    def launch(h0, hlast_out, dtsum, store_out, save):
+        _fwd_kernel[grid](
+            *ptrs[:8], h0 if h0 is not None else hlast_out, *ptrs[8:], out, hlast_out, hsave, dtsum,
+            sizes["L"], dpg, n, nblk, sizes["GB_DIV"], sizes["GC_DIV"], H, W, nchunk, nslots, seglen, nseg,
+            *strides,
+            *(h0.stride() if h0 is not None else (0, 0, 0, 0)),
+            *out.stride(),
+            BLOCK_T=block_t, BLOCK_D=bd, BLOCK_N=bn,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_DTB=delta_bias is not None, SOFTPLUS=delta_softplus,
+            HAS_H0=h0 is not None, SAVE=save, HAS_CU=cu_seqlens is not None, STORE_OUT=store_out,
+            num_warps=4,
+        )
+
+    if nseg == 1:
+        launch(initial_state, hlast, hlast, True, save_states)
+    else:
+        ends = torch.empty((K, nseq * nseg, dim, n), dtype=torch.float32, device=u.device)
+        dtsum = torch.empty((K, nseq * nseg, dim), dtype=torch.float32, device=u.device)
+        launch(None, ends, dtsum, False, False)
+        h0 = None if initial_state is None else initial_state.float().contiguous()
+        starts, _ = _chain(ends, dtsum, A, h0, nseq, backward=False)
+        launch(starts, ends, dtsum, True, save_states)
+        hlast = ends.view(K, nseq, nseg, dim, n)[:, :, -1].contiguous()
     return out, hlast, hsave
 
 
@@ -143,23 +185,36 @@ def _scan_bwd(
     else:
         dB = torch.zeros((1, K, batch, L, gb, n), dtype=torch.float32, device=dev)
         dC = torch.zeros((1, K, batch, L, gc, n), dtype=torch.float32, device=dev)
-    dA = torch.empty((K, nseq, dim, n), dtype=torch.float32, device=dev)
-    dD = torch.empty((K, nseq, dim), dtype=torch.float32, device=dev)
-    ddtb = torch.empty((K, nseq, dim), dtype=torch.float32, device=dev)
-    dh0 = torch.empty((K, nseq, dim, n), dtype=torch.float32, device=dev)
-    _bwd_kernel[(G * nblk, nseq, K)](
-        *ptrs, hsave, dout, dlast if dlast is not None else dh0,
-        du, ddt, dz, dB, dC, dA, dD, ddtb, dh0,
-        sizes["L"], dpg, n, nblk, sizes["GB_DIV"], sizes["GC_DIV"], H, W, nchunk, nslots,
-        *strides,
-        *du.stride(),
-        dB.stride(0), *dB.stride()[1:5],
-        dC.stride(0), *dC.stride()[1:5],
-        BLOCK_T=block_t, BLOCK_D=bd, BLOCK_N=bn,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_DTB=delta_bias is not None, SOFTPLUS=delta_softplus,
-        HAS_DLAST=dlast is not None, HAS_CU=cu_seqlens is not None, DETERMINISTIC=deterministic,
-        num_warps=4,
-    )
+    nseg, seglen = _segments(G * nblk * nseq * K, L, block_t, cu_seqlens is not None)
+    dA = torch.empty((K, nseq * nseg, dim, n), dtype=torch.float32, device=dev)
+    dD = torch.empty((K, nseq * nseg, dim), dtype=torch.float32, device=dev)
+    ddtb = torch.empty((K, nseq * nseg, dim), dtype=torch.float32, device=dev)
+    dh0 = torch.empty((K, nseq * nseg, dim, n), dtype=torch.float32, device=dev)
+    dtsum = dD  # read only by the segmented first pass, which gets its own buffer below
+
+    def launch(dlast, adj_only):
+        _bwd_kernel[(G * nblk, nseq * nseg, K)](
+            *ptrs, hsave, dout, dlast if dlast is not None else dh0,
+            du, ddt, dz, dB, dC, dA, dD, ddtb, dh0, dtsum,
+            sizes["L"], dpg, n, nblk, sizes["GB_DIV"], sizes["GC_DIV"], H, W, nchunk, nslots, seglen, nseg,
+            *strides,
+            *du.stride(),
+            dB.stride(0), *dB.stride()[1:5],
+            dC.stride(0), *dC.stride()[1:5],
+            BLOCK_T=block_t, BLOCK_D=bd, BLOCK_N=bn,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_DTB=delta_bias is not None, SOFTPLUS=delta_softplus,
+            HAS_DLAST=dlast is not None, HAS_CU=cu_seqlens is not None, DETERMINISTIC=deterministic,
+            ADJ_ONLY=adj_only, num_warps=4,
+        )
+
+    if nseg > 1:
+        dtsum = torch.empty((K, nseq * nseg, dim), dtype=torch.float32, device=dev)
+        launch(None, True)  # each segment's adjoint at its start, from a zero carry (into dh0)
+        dlast = None if dlast is None else dlast.float().contiguous()
+        dlast, _ = _chain(dh0.clone(), dtsum, A, dlast, nseq, backward=True)
+    launch(dlast, False)
+    dh0 = dh0.view(K, nseq, nseg, dim, n)[:, :, 0].contiguous()
+
     def empty():
         return u.new_empty((0,))  # a fresh one each time: custom-op outputs may not alias
 

@@ -45,8 +45,8 @@ def _softplus(x):
 @triton.jit
 def _fwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, h0_ptr, flags_ptr, cu_ptr, cs_ptr,
-    out_ptr, hlast_ptr, hsave_ptr,
-    L, DPG, NSTATE, NBLK, GB_DIV, GC_DIV, H, W, NCHUNK, NSLOTS,
+    out_ptr, hlast_ptr, hsave_ptr, dtsum_ptr,
+    L, DPG, NSTATE, NBLK, GB_DIV, GC_DIV, H, W, NCHUNK, NSLOTS, SEGLEN, NSEG,
     s_uk, s_ub, s_ul, s_ud,
     s_dk, s_db, s_dl, s_dd,
     s_Ak, s_Ad, s_An,
@@ -58,10 +58,18 @@ def _fwd_kernel(
     s_ok, s_ob, s_ol, s_od,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_H0: tl.constexpr, STORE_LAST: tl.constexpr, SAVE: tl.constexpr, HAS_CU: tl.constexpr,
+    HAS_H0: tl.constexpr, SAVE: tl.constexpr, HAS_CU: tl.constexpr, STORE_OUT: tl.constexpr,
 ):
+    """Program (channel block, sequence x segment, direction). A sequence may be cut into NSEG
+    segments of SEGLEN steps (a multiple of BLOCK_T) to fill the GPU when there are few
+    sequences and channels: pass 1 (STORE_OUT=False) scans each segment from a zero state and
+    stores its end state and sum of dt (its total decay is exp(A sum dt)); _seg_combine_kernel
+    chains them into true segment-start states; pass 2 (STORE_OUT) reruns every segment from its
+    true start state. With NSEG = 1 this is one plain pass."""
     pid_d = tl.program_id(0)
-    pid_b = tl.program_id(1)
+    pid1 = tl.program_id(1)
+    pid_b = pid1 // NSEG
+    seg = pid1 % NSEG
     k = tl.program_id(2)
     g = pid_d // NBLK
     dl = (pid_d % NBLK) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -96,21 +104,25 @@ def _fwd_kernel(
         Dv = tl.load(D_ptr + k64 * s_Dk + d, mask=dmask, other=0.0).to(tl.float32)
     if HAS_DTB:
         dtb = tl.load(dtb_ptr + k64 * s_bk + d, mask=dmask, other=0.0).to(tl.float32)
-    seq = k64 * tl.num_programs(1) + pid_b  # index into (k, seqs, d, n) state tensors
+    seq = k64 * tl.num_programs(1) + pid1  # index into (k, seqs x segments, d, n) state tensors
     state_off = d[:, None] * s_hd + n[None, :] * s_hn
     if HAS_H0:
-        h = tl.load(h0_ptr + k64 * s_hk + pid_b.to(tl.int64) * s_hb + state_off, mask=dn_mask, other=0.0).to(tl.float32)
+        h = tl.load(h0_ptr + k64 * s_hk + pid1.to(tl.int64) * s_hb + state_off, mask=dn_mask, other=0.0).to(tl.float32)
     else:
         h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     dn_off = d[:, None] * NSTATE + n[None, :]  # contiguous (.., dim, d_state) layout of saved states
     DIMN = DPG * (tl.num_programs(0) // NBLK) * NSTATE
     rows = tl.arange(0, BLOCK_T)
     last_row = (rows == BLOCK_T - 1)[:, None, None]
-    for c in range(0, tl.cdiv(seqlen, BLOCK_T)):
+    s0 = seg * SEGLEN
+    s_end = tl.minimum(s0 + SEGLEN, seqlen)
+    if not STORE_OUT:
+        dtsum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for c in range(0, tl.cdiv(s_end - s0, BLOCK_T)):
         if SAVE:
-            tl.store(hsave_ptr + (k64 * NSLOTS + slot0 + c) * DIMN + dn_off, h, mask=dn_mask)
-        s = c * BLOCK_T + rows
-        smask = s < seqlen
+            tl.store(hsave_ptr + (k64 * NSLOTS + slot0 + s0 // BLOCK_T + c) * DIMN + dn_off, h, mask=dn_mask)
+        s = s0 + c * BLOCK_T + rows
+        smask = s < s_end
         t = start + _positions(s, seqlen, flags, H, W)
         m2 = smask[:, None] & dmask[None, :]
         u = tl.load(u_base[None, :] + t[:, None] * s_ul, mask=m2, other=0.0).to(tl.float32)
@@ -122,29 +134,66 @@ def _fwd_kernel(
         dt = tl.where(m2, dt, 0.0)  # padded steps: decay 1, no input, so the state passes through
         mb = smask[:, None] & nmask[None, :]
         Bt = tl.load(B_base[None, :] + t[:, None] * s_Bl, mask=mb, other=0.0).to(tl.float32)
-        Ct = tl.load(C_base[None, :] + t[:, None] * s_Cl, mask=mb, other=0.0).to(tl.float32)
         a = tl.exp2(dt[:, :, None] * A2[None, :, :])
         b = (dt * u)[:, :, None] * Bt[:, None, :]
         ca, cb = tl.associative_scan((a, b), 0, _combine)
         hs = cb + ca * h[None, :, :]
-        y = tl.sum(hs * Ct[:, None, :], axis=2)
-        if HAS_D:
-            y += Dv[None, :] * u
-        if HAS_Z:
-            z = tl.load(z_base[None, :] + t[:, None] * s_zl, mask=m2, other=0.0).to(tl.float32)
-            y = y * z * tl.sigmoid(z)
-        tl.store(o_base[None, :] + t[:, None] * s_ol, y.to(out_ptr.dtype.element_ty), mask=m2)
+        if STORE_OUT:
+            Ct = tl.load(C_base[None, :] + t[:, None] * s_Cl, mask=mb, other=0.0).to(tl.float32)
+            y = tl.sum(hs * Ct[:, None, :], axis=2)
+            if HAS_D:
+                y += Dv[None, :] * u
+            if HAS_Z:
+                z = tl.load(z_base[None, :] + t[:, None] * s_zl, mask=m2, other=0.0).to(tl.float32)
+                y = y * z * tl.sigmoid(z)
+            tl.store(o_base[None, :] + t[:, None] * s_ol, y.to(out_ptr.dtype.element_ty), mask=m2)
+        else:
+            dtsum += tl.sum(dt, axis=0)
         h = tl.sum(tl.where(last_row, hs, 0.0), axis=0)
-    if STORE_LAST:
-        tl.store(hlast_ptr + seq * DIMN + dn_off, h, mask=dn_mask)
+    tl.store(hlast_ptr + seq * DIMN + dn_off, h, mask=dn_mask)
+    if not STORE_OUT:
+        tl.store(dtsum_ptr + seq * (DPG * (tl.num_programs(0) // NBLK)) + d, dtsum, mask=dmask)
+
+
+@triton.jit
+def _seg_combine_kernel(
+    end_ptr, dtsum_ptr, A_ptr, init_ptr, start_ptr, final_ptr,
+    NSEG, DIM, NSTATE, s_Ak, s_Ad, s_An,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_INIT: tl.constexpr, BACKWARD: tl.constexpr,
+):
+    """Chains per-segment results computed from zero: x_start(seg) = carry;
+    carry = exp(A * dtsum(seg)) * carry + end(seg), over segments in order (the states) or in
+    reverse order (BACKWARD: the adjoints). Buffers are (K, seqs x NSEG, DIM, NSTATE) contiguous,
+    dtsum (K, seqs x NSEG, DIM); init and final (K, seqs, DIM, NSTATE)."""
+    d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    n = tl.arange(0, BLOCK_N)
+    dmask = d < DIM
+    m = dmask[:, None] & (n < NSTATE)[None, :]
+    k = tl.program_id(2).to(tl.int64)
+    sq = k * tl.num_programs(1) + tl.program_id(1)
+    A2 = tl.load(A_ptr + k * s_Ak + d[:, None] * s_Ad + n[None, :] * s_An, mask=m, other=0.0).to(tl.float32) * LOG2E
+    off = d[:, None] * NSTATE + n[None, :]
+    if HAS_INIT:
+        carry = tl.load(init_ptr + sq * DIM * NSTATE + off, mask=m, other=0.0)
+    else:
+        carry = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    for i in range(0, NSEG):
+        if BACKWARD:
+            j = sq * NSEG + NSEG - 1 - i
+        else:
+            j = sq * NSEG + i
+        tl.store(start_ptr + j * DIM * NSTATE + off, carry, mask=m)
+        ds = tl.load(dtsum_ptr + j * DIM + d, mask=dmask, other=0.0)
+        carry = tl.exp2(ds[:, None] * A2) * carry + tl.load(end_ptr + j * DIM * NSTATE + off, mask=m, other=0.0)
+    tl.store(final_ptr + sq * DIM * NSTATE + off, carry, mask=m)
 
 
 @triton.jit
 def _bwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, flags_ptr, cu_ptr, cs_ptr,
     hsave_ptr, dout_ptr, dlast_ptr,
-    du_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, ddtb_ptr, dh0_ptr,
-    L, DPG, NSTATE, NBLK, GB_DIV, GC_DIV, H, W, NCHUNK, NSLOTS,
+    du_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, ddtb_ptr, dh0_ptr, dtsum_ptr,
+    L, DPG, NSTATE, NBLK, GB_DIV, GC_DIV, H, W, NCHUNK, NSLOTS, SEGLEN, NSEG,
     s_uk, s_ub, s_ul, s_ud,
     s_dk, s_db, s_dl, s_dd,
     s_Ak, s_Ad, s_An,
@@ -157,16 +206,23 @@ def _bwd_kernel(
     s_dCp, s_dCk, s_dCb, s_dCl, s_dCg,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_DLAST: tl.constexpr, HAS_CU: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    HAS_DLAST: tl.constexpr, HAS_CU: tl.constexpr, DETERMINISTIC: tl.constexpr, ADJ_ONLY: tl.constexpr,
 ):
     """Gradients. Per chunk (last to first): recompute the states from the saved chunk-start
     state, recompute y for the gate's derivative, then the adjoint g_s = C_s dy_s + a_{s+1} g_{s+1}
     by a reverse scan. Per-token grads (du, ddelta, dz) are stored; dB/dC are reduced over the
     program's channels first, then added (atomics, or per-block partial rows when
     DETERMINISTIC); dA, dD, ddelta_bias are summed over the chunk loop in registers and stored
-    once per program as partials that the wrapper sums."""
+    once per program as partials that the wrapper sums.
+
+    Segments (NSEG > 1) work as in the forward: pass 1 (ADJ_ONLY) runs only the adjoint scan of
+    each segment from a zero carry and stores the adjoint at the segment's start (in dh0_ptr) and
+    the sum of the shifted dt (in dtsum_ptr); _seg_combine_kernel chains them backwards; pass 2
+    starts every segment from its true carry (read through dlast_ptr)."""
     pid_d = tl.program_id(0)
-    pid_b = tl.program_id(1)
+    pid1 = tl.program_id(1)
+    pid_b = pid1 // NSEG
+    seg = pid1 % NSEG
     k = tl.program_id(2)
     g = pid_d // NBLK
     dl = (pid_d % NBLK) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -214,8 +270,9 @@ def _bwd_kernel(
         Dv = tl.load(D_ptr + k64 * s_Dk + d, mask=dmask, other=0.0).to(tl.float32)
     if HAS_DTB:
         dtb = tl.load(dtb_ptr + k64 * s_bk + d, mask=dmask, other=0.0).to(tl.float32)
-    seq = k64 * tl.num_programs(1) + pid_b
+    seq = k64 * tl.num_programs(1) + pid1
     DIMN = DPG * (tl.num_programs(0) // NBLK) * NSTATE
+    DIM = DPG * (tl.num_programs(0) // NBLK)
     dn_off = d[:, None] * NSTATE + n[None, :]
     if HAS_DLAST:
         gcar = tl.load(dlast_ptr + seq * DIMN + dn_off, mask=dn_mask, other=0.0).to(tl.float32)
@@ -224,25 +281,19 @@ def _bwd_kernel(
     dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dtb_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dt1sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
     rows = tl.arange(0, BLOCK_T)
-    last_row = (rows == BLOCK_T - 1)[:, None, None]
     first_row = (rows == 0)[:, None, None]
-    nch = tl.cdiv(seqlen, BLOCK_T)
+    s0 = seg * SEGLEN
+    s_end = tl.minimum(s0 + SEGLEN, seqlen)
+    nch = tl.cdiv(s_end - s0, BLOCK_T)
     for ci in range(0, nch):
         c = nch - 1 - ci
-        s = c * BLOCK_T + rows
-        smask = s < seqlen
+        s = s0 + c * BLOCK_T + rows
+        smask = s < s_end
         t = start + _positions(s, seqlen, flags, H, W)
         m2 = smask[:, None] & dmask[None, :]
         mb = smask[:, None] & nmask[None, :]
-        u = tl.load(u_base[None, :] + t[:, None] * s_ul, mask=m2, other=0.0).to(tl.float32)
-        draw = tl.load(dt_base[None, :] + t[:, None] * s_dl, mask=m2, other=0.0).to(tl.float32)
-        if HAS_DTB:
-            draw += dtb[None, :]
-        dt = draw
-        if SOFTPLUS:
-            dt = _softplus(draw)
-        dt = tl.where(m2, dt, 0.0)
         # delta of the next step in recurrence order: its decay carries the adjoint one step back.
         s1 = s + 1
         m21 = (s1 < seqlen)[:, None] & dmask[None, :]
@@ -253,22 +304,11 @@ def _bwd_kernel(
         if SOFTPLUS:
             dt1 = _softplus(dt1)
         dt1 = tl.where(m21, dt1, 0.0)  # past the end: decay 1, so dlast enters unchanged
-        Bt = tl.load(B_base[None, :] + t[:, None] * s_Bl, mask=mb, other=0.0).to(tl.float32)
         Ct = tl.load(C_base[None, :] + t[:, None] * s_Cl, mask=mb, other=0.0).to(tl.float32)
-        dtu = dt * u
-        b = dtu[:, :, None] * Bt[:, None, :]
-        h_in = tl.load(hsave_ptr + (k64 * NSLOTS + slot0 + c) * DIMN + dn_off, mask=dn_mask, other=0.0)
-        ca, cb = tl.associative_scan((tl.exp2(dt[:, :, None] * A2[None, :, :]), b), 0, _combine)
-        hs = cb + ca * h_in[None, :, :]
         dout = tl.load(go_base[None, :] + t[:, None] * s_gl, mask=m2, other=0.0).to(tl.float32)
         if HAS_Z:
             z = tl.load(z_base[None, :] + t[:, None] * s_zl, mask=m2, other=0.0).to(tl.float32)
             sz = tl.sigmoid(z)
-            y = tl.sum(hs * Ct[:, None, :], axis=2)
-            if HAS_D:
-                y += Dv[None, :] * u
-            dz = dout * y * sz * (1.0 + z * (1.0 - sz))
-            tl.store(dz_ptr + tok[None, :] + t[:, None] * s_gl, dz.to(dz_ptr.dtype.element_ty), mask=m2)
             dy = dout * z * sz
         else:
             dy = dout
@@ -276,45 +316,73 @@ def _bwd_kernel(
         ga, gs = tl.associative_scan((an, Ct[:, None, :] * dy[:, :, None]), 0, _combine, reverse=True)
         gs = gs + ga * gcar[None, :, :]
         gcar = tl.sum(tl.where(first_row, gs, 0.0), axis=0)
-        hb = hs - b  # = exp(dt A) h_{s-1}: the decayed previous state, without a shifted tile
-        gh = gs * hb
-        gB_ = tl.sum(gs * Bt[:, None, :], axis=2)
-        du = dt * gB_
-        if HAS_D:
-            du += Dv[None, :] * dy
-            dD_acc += tl.sum(tl.where(m2, dy * u, 0.0), axis=0)
-        ddt = u * gB_ + tl.sum(gh * A[None, :, :], axis=2)
-        dA_acc += tl.sum(gh * dt[:, :, None], axis=0)
-        if SOFTPLUS:
-            ddt = ddt * tl.sigmoid(draw)
-        ddt = tl.where(m2, ddt, 0.0)
-        if HAS_DTB:
-            dtb_acc += tl.sum(ddt, axis=0)
-        tl.store(du_ptr + tok[None, :] + t[:, None] * s_gl, du.to(du_ptr.dtype.element_ty), mask=m2)
-        tl.store(ddt_ptr + tok[None, :] + t[:, None] * s_gl, ddt.to(ddt_ptr.dtype.element_ty), mask=m2)
-        dBt = tl.sum(gs * dtu[:, :, None], axis=1)
-        dCt = tl.sum(hs * dy[:, :, None], axis=1)
-        if DETERMINISTIC:
-            tl.store(dB_base[None, :] + t[:, None] * s_dBl, dBt, mask=mb)
-            tl.store(dC_base[None, :] + t[:, None] * s_dCl, dCt, mask=mb)
+        if ADJ_ONLY:
+            dt1sum += tl.sum(dt1, axis=0)
         else:
-            tl.atomic_add(dB_base[None, :] + t[:, None] * s_dBl, dBt, mask=mb)
-            tl.atomic_add(dC_base[None, :] + t[:, None] * s_dCl, dCt, mask=mb)
-    # Gradient of the initial state: the adjoint of step 0 carried through step 0's decay.
-    t0 = start + _positions(rows * 0, seqlen, flags, H, W)
-    m0 = ((rows == 0) & (seqlen > 0))[:, None] & dmask[None, :]
-    dt0 = tl.load(dt_base[None, :] + t0[:, None] * s_dl, mask=m0, other=0.0)
-    dt0 = tl.sum(dt0.to(tl.float32), axis=0)
-    if HAS_DTB:
-        dt0 += dtb
-    if SOFTPLUS:
-        dt0 = _softplus(dt0)
-    dt0 = tl.where(seqlen > 0, dt0, 0.0)  # an empty sequence passes dlast straight to dh0
-    dh0 = gcar * tl.exp2(dt0[:, None] * A2)
-    tl.store(dh0_ptr + seq * DIMN + dn_off, dh0, mask=dn_mask)
-    tl.store(dA_ptr + seq * DIMN + dn_off, dA_acc, mask=dn_mask)
-    DIM = DPG * (tl.num_programs(0) // NBLK)
-    if HAS_D:
-        tl.store(dD_ptr + seq * DIM + d, dD_acc, mask=dmask)
-    if HAS_DTB:
-        tl.store(ddtb_ptr + seq * DIM + d, dtb_acc, mask=dmask)
+            u = tl.load(u_base[None, :] + t[:, None] * s_ul, mask=m2, other=0.0).to(tl.float32)
+            draw = tl.load(dt_base[None, :] + t[:, None] * s_dl, mask=m2, other=0.0).to(tl.float32)
+            if HAS_DTB:
+                draw += dtb[None, :]
+            dt = draw
+            if SOFTPLUS:
+                dt = _softplus(draw)
+            dt = tl.where(m2, dt, 0.0)
+            Bt = tl.load(B_base[None, :] + t[:, None] * s_Bl, mask=mb, other=0.0).to(tl.float32)
+            dtu = dt * u
+            b = dtu[:, :, None] * Bt[:, None, :]
+            h_in = tl.load(hsave_ptr + (k64 * NSLOTS + slot0 + s0 // BLOCK_T + c) * DIMN + dn_off, mask=dn_mask,
+                           other=0.0)
+            ca, cb = tl.associative_scan((tl.exp2(dt[:, :, None] * A2[None, :, :]), b), 0, _combine)
+            hs = cb + ca * h_in[None, :, :]
+            if HAS_Z:
+                y = tl.sum(hs * Ct[:, None, :], axis=2)
+                if HAS_D:
+                    y += Dv[None, :] * u
+                dz = dout * y * sz * (1.0 + z * (1.0 - sz))
+                tl.store(dz_ptr + tok[None, :] + t[:, None] * s_gl, dz.to(dz_ptr.dtype.element_ty), mask=m2)
+            hb = hs - b  # = exp(dt A) h_{s-1}: the decayed previous state, without a shifted tile
+            gh = gs * hb
+            gB_ = tl.sum(gs * Bt[:, None, :], axis=2)
+            du = dt * gB_
+            if HAS_D:
+                du += Dv[None, :] * dy
+                dD_acc += tl.sum(tl.where(m2, dy * u, 0.0), axis=0)
+            ddt = u * gB_ + tl.sum(gh * A[None, :, :], axis=2)
+            dA_acc += tl.sum(gh * dt[:, :, None], axis=0)
+            if SOFTPLUS:
+                ddt = ddt * tl.sigmoid(draw)
+            ddt = tl.where(m2, ddt, 0.0)
+            if HAS_DTB:
+                dtb_acc += tl.sum(ddt, axis=0)
+            tl.store(du_ptr + tok[None, :] + t[:, None] * s_gl, du.to(du_ptr.dtype.element_ty), mask=m2)
+            tl.store(ddt_ptr + tok[None, :] + t[:, None] * s_gl, ddt.to(ddt_ptr.dtype.element_ty), mask=m2)
+            dBt = tl.sum(gs * dtu[:, :, None], axis=1)
+            dCt = tl.sum(hs * dy[:, :, None], axis=1)
+            if DETERMINISTIC:
+                tl.store(dB_base[None, :] + t[:, None] * s_dBl, dBt, mask=mb)
+                tl.store(dC_base[None, :] + t[:, None] * s_dCl, dCt, mask=mb)
+            else:
+                tl.atomic_add(dB_base[None, :] + t[:, None] * s_dBl, dBt, mask=mb)
+                tl.atomic_add(dC_base[None, :] + t[:, None] * s_dCl, dCt, mask=mb)
+    if ADJ_ONLY:
+        tl.store(dh0_ptr + seq * DIMN + dn_off, gcar, mask=dn_mask)
+        tl.store(dtsum_ptr + seq * DIM + d, dt1sum, mask=dmask)
+    else:
+        # Gradient of the state entering the segment: its first step's adjoint through that
+        # step's decay (for segment 0 this is the initial state's gradient).
+        t0 = start + _positions(rows * 0 + s0, seqlen, flags, H, W)
+        m0 = ((rows == 0) & (s_end > s0))[:, None] & dmask[None, :]
+        dt0 = tl.load(dt_base[None, :] + t0[:, None] * s_dl, mask=m0, other=0.0)
+        dt0 = tl.sum(dt0.to(tl.float32), axis=0)
+        if HAS_DTB:
+            dt0 += dtb
+        if SOFTPLUS:
+            dt0 = _softplus(dt0)
+        dt0 = tl.where(s_end > s0, dt0, 0.0)  # an empty sequence passes dlast straight to dh0
+        dh0 = gcar * tl.exp2(dt0[:, None] * A2)
+        tl.store(dh0_ptr + seq * DIMN + dn_off, dh0, mask=dn_mask)
+        tl.store(dA_ptr + seq * DIMN + dn_off, dA_acc, mask=dn_mask)
+        if HAS_D:
+            tl.store(dD_ptr + seq * DIM + d, dD_acc, mask=dmask)
+        if HAS_DTB:
+            tl.store(ddtb_ptr + seq * DIM + d, dtb_acc, mask=dmask)
