@@ -41,7 +41,10 @@ from zoo.core.mamba import make_A_log, make_D, make_dt_proj
 from zoo.core.selective_scan import selective_scan_multi
 from zoo.registry import build_model, register_model, register_pretrained_cfgs
 
-__all__ = ["VMamba", "SS2D", "VSSBlock", "cross_scan", "cross_merge", "checkpoint_filter_fn"]
+__all__ = [
+    "VMamba", "SS2D", "VSSBlock", "HierarchicalBackbone", "Stage", "cross_scan", "cross_merge", "checkpoint_filter_fn",
+    "build_hierarchical",
+]
 
 _PAPER = "VMamba: Visual State Space Model (Liu et al., NeurIPS 2024, arXiv:2401.10166)"
 _SOURCE = "https://github.com/MzeroMiko/VMamba"
@@ -212,78 +215,65 @@ class Downsample(nn.Module):
         return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
 
-class VMambaStage(nn.Module):
-    def __init__(self, dim: int, out_dim: int, depth: int, drop_path: Sequence[float], downsample: bool, **block_kwargs):
+class Stage(nn.Module):
+    """Downsample (or identity), then blocks, on channels-last maps; ``channels_first`` runs the blocks on
+    (b, c, h, w) (convolutional blocks)."""
+
+    def __init__(self, downsample: nn.Module, blocks: Sequence[nn.Module], channels_first: bool = False):
         super().__init__()
         self.grad_checkpointing = False
-        self.downsample = Downsample(dim, out_dim) if downsample else nn.Identity()
-        self.blocks = nn.Sequential(*[VSSBlock(out_dim, drop_path[j], **block_kwargs) for j in range(depth)])
+        self.channels_first = channels_first
+        self.downsample = downsample
+        self.blocks = nn.Sequential(*blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
+        if self.channels_first:
+            x = x.permute(0, 3, 1, 2)
         for block in self.blocks:
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        return x
+        return x.permute(0, 2, 3, 1) if self.channels_first else x
 
 
-class VMamba(nn.Module):
-    """VMamba ("v2" stem, "v3" downsample, "v05_noz" SS2D). Keyword names follow the official VSSM
-    (``dims`` may be an int: the first stage's width, doubled per stage)."""
+def drop_path_rates(depths: Sequence[int], rate: float) -> List[List[float]]:
+    """Per stage, the stochastic-depth rates of its blocks: linear from 0 to ``rate`` over all blocks
+    (computed in Python, so models also build on the meta device)."""
+    total = sum(depths)
+    rates = [rate * i / max(total - 1, 1) for i in range(total)]
+    return [rates[sum(depths[:i]):sum(depths[:i + 1])] for i in range(len(depths))]
+
+
+def stage_dims(dims: Union[int, Sequence[int]], depths: Sequence[int], name: str) -> List[int]:
+    """``dims`` as one width per stage; an int is the first stage's width, doubled per stage."""
+    dims = [dims * 2**i for i in range(len(depths))] if isinstance(dims, int) else list(dims)
+    if len(dims) != len(depths):
+        raise ValueError(f"{name}: one width per stage expected, got dims={dims} for depths={list(depths)}")
+    return dims
+
+
+class HierarchicalBackbone(nn.Module):
+    """The timm interface of a multi-stage backbone on channels-last maps. Subclasses build ``patch_embed``
+    (images -> (b, h, w, c)), ``stages`` (an nn.Sequential of ``Stage``) and ``feature_info``; this base
+    holds the final LayerNorm, average pooling and the linear head."""
 
     output_fmt = "NHWC"
 
-    def __init__(
-        self,
-        depths: Sequence[int] = (2, 2, 8, 2),
-        dims: Union[int, Sequence[int]] = 96,
-        patch_size: int = 4,
-        in_chans: int = 3,
-        num_classes: int = 1000,
-        global_pool: str = "avg",
-        ssm_d_state: int = 1,
-        ssm_ratio: float = 1.0,
-        ssm_dt_rank: Union[int, str] = "auto",
-        ssm_conv: int = 3,
-        ssm_conv_bias: bool = False,
-        mlp_ratio: float = 4.0,
-        drop_rate: float = 0.0,
-        drop_path_rate: float = 0.2,
-    ):
+    def __init__(self, num_features: int, num_classes: int, global_pool: str, drop_rate: float):
         super().__init__()
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"VMamba: global_pool must be 'avg' or '' (none), got {global_pool!r}")
-        if isinstance(dims, int):
-            dims = [dims * 2**i for i in range(len(depths))]
-        if len(dims) != len(depths):
-            raise ValueError(f"VMamba: one width per stage expected, got dims={list(dims)} for depths={list(depths)}")
+        self._check_pool(global_pool)
         self.num_classes = num_classes
         self.global_pool = global_pool
-        self.dims = list(dims)
-        self.num_features = self.head_hidden_size = dims[-1]
-        self.patch_embed = PatchEmbed(in_chans, dims[0], patch_size)
-
-        # Stochastic depth rises linearly over all blocks (computed in Python: also builds on the meta device).
-        total = sum(depths)
-        dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
-        ssm_kwargs = dict(
-            d_state=ssm_d_state, ssm_ratio=ssm_ratio, dt_rank=ssm_dt_rank, d_conv=ssm_conv, conv_bias=ssm_conv_bias,
-        )
-        stages, self.feature_info = [], []
-        for i, depth in enumerate(depths):
-            first = sum(depths[:i])
-            stages.append(VMambaStage(
-                dims[max(i - 1, 0)], dims[i], depth, dpr[first:first + depth], downsample=i > 0,
-                mlp_ratio=mlp_ratio, **ssm_kwargs,
-            ))
-            self.feature_info.append(dict(num_chs=dims[i], reduction=patch_size * 2**i, module=f"stages.{i}"))
-        self.stages = nn.Sequential(*stages)
-        self.norm = nn.LayerNorm(self.num_features)
+        self.num_features = self.head_hidden_size = num_features
+        self.norm = nn.LayerNorm(num_features)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(_init_weights)
+        self.head = nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _check_pool(self, global_pool: str) -> None:
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"{type(self).__name__}: global_pool must be 'avg' or '' (none), got {global_pool!r}")
 
     @torch.jit.ignore
     def no_weight_decay(self):
@@ -313,8 +303,7 @@ class VMamba(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"VMamba: global_pool must be 'avg' or '' (none), got {global_pool!r}")
+            self._check_pool(global_pool)
             self.global_pool = global_pool
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -333,7 +322,7 @@ class VMamba(nn.Module):
         ``norm`` applies the final norm to the last stage's map. Returns the (b, c, h, w) maps, or
         (final features, maps)."""
         if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"VMamba: output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+            raise ValueError(f"{type(self).__name__}: output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         last = len(self.stages) - 1
         stages = self.stages[: max_index + 1] if stop_early and not torch.jit.is_scripting() else self.stages
@@ -375,6 +364,47 @@ class VMamba(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+class VMamba(HierarchicalBackbone):
+    """VMamba ("v2" stem, "v3" downsample, "v05_noz" SS2D). Keyword names follow the official VSSM
+    (``dims`` may be an int: the first stage's width, doubled per stage)."""
+
+    def __init__(
+        self,
+        depths: Sequence[int] = (2, 2, 8, 2),
+        dims: Union[int, Sequence[int]] = 96,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        ssm_d_state: int = 1,
+        ssm_ratio: float = 1.0,
+        ssm_dt_rank: Union[int, str] = "auto",
+        ssm_conv: int = 3,
+        ssm_conv_bias: bool = False,
+        mlp_ratio: float = 4.0,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.2,
+    ):
+        dims = stage_dims(dims, depths, "VMamba")
+        super().__init__(dims[-1], num_classes, global_pool, drop_rate)
+        self.dims = dims
+        self.patch_embed = PatchEmbed(in_chans, dims[0], patch_size)
+        ssm_kwargs = dict(
+            d_state=ssm_d_state, ssm_ratio=ssm_ratio, dt_rank=ssm_dt_rank, d_conv=ssm_conv, conv_bias=ssm_conv_bias,
+        )
+        self.stages = nn.Sequential(*[
+            Stage(
+                Downsample(dims[i - 1], dims[i]) if i > 0 else nn.Identity(),
+                [VSSBlock(dims[i], rate, mlp_ratio=mlp_ratio, **ssm_kwargs) for rate in rates],
+            )
+            for i, rates in enumerate(drop_path_rates(depths, drop_path_rate))
+        ])
+        self.feature_info = [
+            dict(num_chs=dims[i], reduction=patch_size * 2**i, module=f"stages.{i}") for i in range(len(depths))
+        ]
+        self.apply(_init_weights)
 
 
 def _init_weights(m: nn.Module) -> None:
@@ -437,17 +467,22 @@ def checkpoint_filter_fn(state_dict: dict, model: VMamba) -> dict:
     return out
 
 
-def _create(variant: str, pretrained: bool, cfg: dict, kwargs: dict):
-    """Build an entry; ``features_only=True`` (with ``out_indices``, default all four stages) wraps it as
-    timm does for models with ``forward_intermediates``: a module returning the (b, c, h, w) stage maps."""
+def build_hierarchical(model_cls, variant: str, pretrained: bool, filter_fn, **kwargs):
+    """``build_model`` for a ``HierarchicalBackbone``; ``features_only=True`` (with ``out_indices``, default all
+    stages) wraps the model as timm does for models with ``forward_intermediates``: a module returning the
+    (b, c, h, w) stage maps, with ``feature_info``."""
     features_only = kwargs.pop("features_only", False)
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    model = build_model(VMamba, variant, pretrained, checkpoint_filter_fn=checkpoint_filter_fn, **{**cfg, **kwargs})
+    model = build_model(model_cls, variant, pretrained, checkpoint_filter_fn=filter_fn, **kwargs)
     if features_only:
         pretrained_cfg = model.pretrained_cfg
         model = FeatureGetterNet(model, out_indices, output_fmt="NCHW")
         model.pretrained_cfg = model.default_cfg = pretrained_cfg
     return model
+
+
+def _create(variant: str, pretrained: bool, cfg: dict, kwargs: dict):
+    return build_hierarchical(VMamba, variant, pretrained, checkpoint_filter_fn, **{**cfg, **kwargs})
 
 
 @register_model
