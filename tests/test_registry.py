@@ -4,6 +4,9 @@ Every test registers a tiny model of its own through the `registry` fixture, whi
 timm's registry tables afterwards, so these entries never leak into other tests.
 """
 import copy
+import importlib.abc
+import importlib.util
+import sys
 
 import pytest
 import timm
@@ -238,3 +241,31 @@ def test_timm_names_are_never_overwritten(registry):
 def test_package_exports():
     assert {"create_model", "list_models", "model_info", "__version__"} <= set(zoo.__all__)
     assert isinstance(zoo.__version__, str) and zoo.__version__
+
+
+class _FailingImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Makes `import zoo.models` fail as a modality does when its optional dependency is missing."""
+
+    def __init__(self, missing):
+        self.missing = missing
+
+    def find_spec(self, name, path=None, target=None):
+        return importlib.util.spec_from_loader(name, self) if name == "zoo.models" else None
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        raise ModuleNotFoundError(f"No module named '{self.missing}'", name=self.missing)
+
+
+@pytest.mark.parametrize("missing, fails", [("openslide", False), ("zoo.models.vision.vim", True)])
+def test_import_zoo_survives_only_missing_third_party_modules(monkeypatch, missing, fails):
+    monkeypatch.delitem(sys.modules, "zoo.models")
+    monkeypatch.setattr(sys, "meta_path", [_FailingImport(missing)] + sys.meta_path)
+    if fails:
+        with pytest.raises(ModuleNotFoundError, match=missing):
+            zoo._register_models()
+    else:
+        with pytest.warns(UserWarning, match="optional dependency 'openslide' is missing"):
+            zoo._register_models()

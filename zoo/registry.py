@@ -79,9 +79,6 @@ def _arch_of(model_name: str) -> tuple[str, str | None]:
     arch, tag = split_model_name(model_name)
     if arch not in _entrypoints:
         raise _unknown_name_error(model_name)
-    if tag is not None and tag not in _pretrained_cfgs.get(arch, {}):
-        tags = [t for t in _pretrained_cfgs.get(arch, {}) if t]
-        raise ValueError(f"unknown pretrained tag '{tag}' for '{arch}': expected one of {tags or 'no tags (none registered)'}")
     return arch, tag
 
 
@@ -91,7 +88,8 @@ def _resolve_cfg(arch: str, tag: str | None) -> dict[str, Any]:
     if tag is None:
         tag = next(iter(tags), "")
     elif tag not in tags:
-        raise ValueError(f"unknown pretrained tag '{tag}' for '{arch}': expected one of {[t for t in tags if t]}")
+        known = ", ".join(t for t in tags if t)
+        raise ValueError(f"unknown pretrained tag '{tag}' for '{arch}': expected " + (f"one of {known}" if known else "no tag, it has none"))
     cfg = copy.deepcopy(tags.get(tag, {}))
     cfg.update(architecture=arch, tag=tag or None)
     return cfg
