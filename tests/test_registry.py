@@ -171,6 +171,14 @@ def test_list_models_patterns(dummy):
     assert set(zoo.list_models("zoo_test_*")) <= set(zoo.list_models())
 
 
+def test_bare_cfg_names_the_arch_itself(dummy, weights):
+    register_pretrained_cfgs({"zoo_test_dummy_wide": dict(file=str(weights[1]), num_classes=4)})
+    assert zoo.list_models("zoo_test_*", pretrained=True) == ["zoo_test_dummy.digits", "zoo_test_dummy_wide"]
+    assert timm.list_models("zoo_test_dummy_w*", pretrained=True) == ["zoo_test_dummy_wide"]
+    model = zoo.create_model("zoo_test_dummy_wide", width=8, pretrained=True)
+    assert model.pretrained_cfg["tag"] is None and model.head.weight.equal(weights[0]["head.weight"])
+
+
 def test_model_info(dummy):
     info = zoo.model_info("Zoo-Test-Dummy")
     assert info["architecture"] == "zoo_test_dummy"
@@ -190,6 +198,8 @@ def test_registration_errors(registry):
         register_pretrained_cfgs({"zoo_test_dummy.x": dict(hf_hubid="org/name")})
     with pytest.raises(ValueError, match="sha256 must be 64 hex digits"):
         register_pretrained_cfgs({"zoo_test_dummy.x": dict(url="https://example.com/w.pth", sha256="abc")})
+    with pytest.raises(ValueError, match="'zoo_test_dummy' already has tagged cfg"):
+        register_pretrained_cfgs({"zoo_test_dummy.a": {}, "zoo_test_dummy": {}})
     register_model(zoo_test_dummy)
     register_model(zoo_test_dummy)  # a module reload registers the same function again
 

@@ -126,8 +126,7 @@ def _sync_timm_cfgs(arch: str) -> None:
         default.tags.append(tag)
         default.cfgs[tag] = cfg
         default.is_pretrained |= bool(cfg.has_weights)
-        names = {name, arch} if i == 0 else {name}  # the default tag is also reachable as the bare arch
-        for n in names:
+        for n in {name, arch} if i == 0 else {name}:  # the default tag is also reachable as the bare arch
             timm_registry._model_pretrained_cfgs[n] = cfg
             if cfg.has_weights:
                 timm_registry._model_has_pretrained.add(n)
@@ -180,7 +179,12 @@ def register_pretrained_cfgs(cfgs: Mapping[str, Mapping[str, Any]]) -> None:
             sha = str(cfg["sha256"]).lower()
             if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
                 raise ValueError(f"pretrained cfg '{key}': sha256 must be 64 hex digits, got {cfg['sha256']!r}")
-        _pretrained_cfgs.setdefault(arch, {})[tag or ""] = dict(cfg)
+        tags = _pretrained_cfgs.setdefault(arch, {})
+        if tags and (tag is None) != ("" in tags):
+            # A bare "arch" cfg and tagged ones would both claim to be the arch's default.
+            raise ValueError(f"pretrained cfg '{key}': '{arch}' already has {'a bare' if '' in tags else 'tagged'} "
+                             f"cfg; an arch takes either one bare cfg or tagged cfgs")
+        tags[tag or ""] = dict(cfg)
     for arch in {split_model_name(k)[0] for k in cfgs} & _timm_owned:
         _sync_timm_cfgs(arch)
 
