@@ -21,14 +21,19 @@ REVERSE, TRANSPOSE = 1, 2  # direction flag bits (see kernels._positions)
 
 
 def _config(d_state: int, dpg: int, backward: bool, block_t: Optional[int] = None, block_d: Optional[int] = None):
-    """Tile sizes: the (BLOCK_T, BLOCK_D, BLOCK_N) tile is kept near 4096 elements (2048 in the
-    backward, which holds about twice as many live tiles) so it stays in registers."""
+    """(BLOCK_T, BLOCK_D, BLOCK_N, num_warps). Lanes go to channels first, then to states, warps
+    after them; each thread then holds about 32 values of each (BLOCK_T, BLOCK_N, BLOCK_D) tile
+    (16 in the backward, which keeps about twice as many tiles live), so nothing spills. Few
+    channels per program keep many programs in flight. The backward uses the forward's BLOCK_T:
+    it reads the states saved at the forward's chunk starts."""
     bn = triton.next_power_of_2(d_state)
-    budget = 2048 if backward else 4096
-    bt = block_t or (16 if bn <= 32 else 8 if bn <= 64 else 4)
-    if not block_d:
-        block_d = max(1, min(64, budget // (bt * bn), triton.next_power_of_2(dpg)))
-    return bt, block_d, bn
+    bd = block_d or max(1, min(128 // bn if bn < 16 else 8, 64, triton.next_power_of_2(dpg)))
+    warps = max(1, min(8, bn * bd // 128))
+    bt = block_t or max(2, min(32, 1024 * warps // (bn * bd)))
+    if backward and not block_d:
+        bd = max(1, bd // 2)
+        warps = max(1, min(8, bn * bd // 128))
+    return bt, bd, bn, warps
 
 
 # Fewer programs than this (channel blocks x sequences x directions) leave SMs idle: the
@@ -110,7 +115,7 @@ def _scan_fwd(
     ptrs, sizes, strides, geo = _common_args(u, delta, A, B, C, D, z, delta_bias, flags, cu_seqlens, cs, H, W, block_t)
     K, batch, L, dim, G, dpg, nseq, nchunk, nslots = geo
     n = A.shape[2]
-    _, bd, bn = _config(n, dpg, False, block_t, block_d)
+    _, bd, bn, warps = _config(n, dpg, False, block_t, block_d)
     out = torch.empty((K, batch, L, dim), dtype=u.dtype, device=u.device)
     hlast = torch.empty((K, nseq, dim, n), dtype=torch.float32, device=u.device)
     hsave = torch.empty((K, nslots, dim, n) if save_states else (0,), dtype=torch.float32, device=u.device)
@@ -128,7 +133,7 @@ def _scan_fwd(
             BLOCK_T=block_t, BLOCK_D=bd, BLOCK_N=bn,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_DTB=delta_bias is not None, SOFTPLUS=delta_softplus,
             HAS_H0=h0 is not None, SAVE=save, HAS_CU=cu_seqlens is not None, STORE_OUT=store_out,
-            num_warps=4,
+            num_warps=warps,
         )
 
     if nseg == 1:
@@ -171,7 +176,7 @@ def _scan_bwd(
     K, batch, L, dim, G, dpg, nseq, nchunk, nslots = geo
     n = A.shape[2]
     gb, gc = B.shape[3], C.shape[3]
-    _, bd, bn = _config(n, dpg, True, block_t, block_d)
+    _, bd, bn, warps = _config(n, dpg, True, block_t, block_d)
     nblk = triton.cdiv(dpg, bd)
     dev = u.device
     dout = dout.contiguous()
@@ -204,7 +209,7 @@ def _scan_bwd(
             BLOCK_T=block_t, BLOCK_D=bd, BLOCK_N=bn,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_DTB=delta_bias is not None, SOFTPLUS=delta_softplus,
             HAS_DLAST=dlast is not None, HAS_CU=cu_seqlens is not None, DETERMINISTIC=deterministic,
-            ADJ_ONLY=adj_only, num_warps=4,
+            ADJ_ONLY=adj_only, num_warps=warps,
         )
 
     if nseg > 1:
@@ -322,7 +327,7 @@ def selective_scan_triton(
 
 def _run(u, delta, A, B, C, D, z, delta_bias, h0, flags, cu_seqlens, H, W, softplus, block_t, block_d):
     dpg = u.shape[3] // _lcm(B.shape[3], C.shape[3])
-    bt, bd, _ = _config(A.shape[2], dpg, False, block_t, block_d)
+    bt = _config(A.shape[2], dpg, False, block_t, block_d)[0]
     save = _needs_grad(u, delta, A, B, C, D, z, delta_bias, h0)
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(torch.int64)

@@ -1,11 +1,13 @@
 """Triton kernels for the selective scan (forward and backward).
 
 One program owns BLOCK_D channels of one channel group, one sequence (a batch row or one packed
-sequence) and one direction, with the full (BLOCK_D, d_state) float32 state in registers. It
+sequence) and one direction, with the full (d_state, BLOCK_D) float32 state in registers. It
 walks the sequence in chunks of BLOCK_T steps: a chunk's inputs are loaded as 2-D tiles (one
 wide load instead of BLOCK_T dependent ones), the recurrence inside the chunk is an associative
-scan along the step axis of a (BLOCK_T, BLOCK_D, BLOCK_N) tile, and the state is carried from
-chunk to chunk.
+scan along the step axis of a (BLOCK_T, BLOCK_N, BLOCK_D) tile, and the state is carried from
+chunk to chunk. The tile's axis order matters: Triton spreads lanes over the last axis first, so
+channels go across lanes while steps (and most of the states) stay inside each thread; the scan
+is then sequential in registers and the sum over states needs few shuffles.
 
 Directions are index arithmetic, never copies: step s of the recurrence reads and writes sequence
 position ``pos(s)``, where flag bit 0 reverses the order (pos = L-1-s) and bit 1 reads an
@@ -18,7 +20,7 @@ backwards over the chunk, and never needs the pre-gate output: y is recomputed f
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -77,7 +79,7 @@ def _fwd_kernel(
     d = g * DPG + dl
     n = tl.arange(0, BLOCK_N)
     nmask = n < NSTATE
-    dn_mask = dmask[:, None] & nmask[None, :]
+    dn_mask = nmask[:, None] & dmask[None, :]
     flags = tl.load(flags_ptr + k)
     if HAS_CU:
         start = tl.load(cu_ptr + pid_b).to(tl.int64)
@@ -98,19 +100,19 @@ def _fwd_kernel(
     if HAS_Z:
         z_base = z_ptr + k64 * s_zk + bb * s_zb + d * s_zd
 
-    A = tl.load(A_ptr + k64 * s_Ak + d[:, None] * s_Ad + n[None, :] * s_An, mask=dn_mask, other=0.0).to(tl.float32)
+    A = tl.load(A_ptr + k64 * s_Ak + n[:, None] * s_An + d[None, :] * s_Ad, mask=dn_mask, other=0.0).to(tl.float32)
     A2 = A * LOG2E  # exp(x) = exp2(x log2 e): one multiply folded into A
     if HAS_D:
         Dv = tl.load(D_ptr + k64 * s_Dk + d, mask=dmask, other=0.0).to(tl.float32)
     if HAS_DTB:
         dtb = tl.load(dtb_ptr + k64 * s_bk + d, mask=dmask, other=0.0).to(tl.float32)
     seq = k64 * tl.num_programs(1) + pid1  # index into (k, seqs x segments, d, n) state tensors
-    state_off = d[:, None] * s_hd + n[None, :] * s_hn
+    state_off = n[:, None] * s_hn + d[None, :] * s_hd
     if HAS_H0:
         h = tl.load(h0_ptr + k64 * s_hk + pid1.to(tl.int64) * s_hb + state_off, mask=dn_mask, other=0.0).to(tl.float32)
     else:
-        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    dn_off = d[:, None] * NSTATE + n[None, :]  # contiguous (.., dim, d_state) layout of saved states
+        h = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dn_off = n[:, None] + d[None, :] * NSTATE  # contiguous (.., dim, d_state) layout of saved states
     DIMN = DPG * (tl.num_programs(0) // NBLK) * NSTATE
     rows = tl.arange(0, BLOCK_T)
     last_row = (rows == BLOCK_T - 1)[:, None, None]
@@ -134,13 +136,13 @@ def _fwd_kernel(
         dt = tl.where(m2, dt, 0.0)  # padded steps: decay 1, no input, so the state passes through
         mb = smask[:, None] & nmask[None, :]
         Bt = tl.load(B_base[None, :] + t[:, None] * s_Bl, mask=mb, other=0.0).to(tl.float32)
-        a = tl.exp2(dt[:, :, None] * A2[None, :, :])
-        b = (dt * u)[:, :, None] * Bt[:, None, :]
+        a = tl.exp2(dt[:, None, :] * A2[None, :, :])
+        b = (dt * u)[:, None, :] * Bt[:, :, None]
         ca, cb = tl.associative_scan((a, b), 0, _combine)
         hs = cb + ca * h[None, :, :]
         if STORE_OUT:
             Ct = tl.load(C_base[None, :] + t[:, None] * s_Cl, mask=mb, other=0.0).to(tl.float32)
-            y = tl.sum(hs * Ct[:, None, :], axis=2)
+            y = tl.sum(hs * Ct[:, :, None], axis=1)
             if HAS_D:
                 y += Dv[None, :] * u
             if HAS_Z:
@@ -176,7 +178,7 @@ def _seg_combine_kernel(
     if HAS_INIT:
         carry = tl.load(init_ptr + sq * DIM * NSTATE + off, mask=m, other=0.0)
     else:
-        carry = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        carry = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for i in range(0, NSEG):
         if BACKWARD:
             j = sq * NSEG + NSEG - 1 - i
@@ -230,7 +232,7 @@ def _bwd_kernel(
     d = g * DPG + dl
     n = tl.arange(0, BLOCK_N)
     nmask = n < NSTATE
-    dn_mask = dmask[:, None] & nmask[None, :]
+    dn_mask = nmask[:, None] & dmask[None, :]
     flags = tl.load(flags_ptr + k)
     if HAS_CU:
         start = tl.load(cu_ptr + pid_b).to(tl.int64)
@@ -264,7 +266,7 @@ def _bwd_kernel(
     dB_base += k64 * s_dBk + bb * s_dBb + gB * s_dBg + n
     dC_base += k64 * s_dCk + bb * s_dCb + gC * s_dCg + n
 
-    A = tl.load(A_ptr + k64 * s_Ak + d[:, None] * s_Ad + n[None, :] * s_An, mask=dn_mask, other=0.0).to(tl.float32)
+    A = tl.load(A_ptr + k64 * s_Ak + n[:, None] * s_An + d[None, :] * s_Ad, mask=dn_mask, other=0.0).to(tl.float32)
     A2 = A * LOG2E
     if HAS_D:
         Dv = tl.load(D_ptr + k64 * s_Dk + d, mask=dmask, other=0.0).to(tl.float32)
@@ -273,12 +275,12 @@ def _bwd_kernel(
     seq = k64 * tl.num_programs(1) + pid1
     DIMN = DPG * (tl.num_programs(0) // NBLK) * NSTATE
     DIM = DPG * (tl.num_programs(0) // NBLK)
-    dn_off = d[:, None] * NSTATE + n[None, :]
+    dn_off = n[:, None] + d[None, :] * NSTATE
     if HAS_DLAST:
         gcar = tl.load(dlast_ptr + seq * DIMN + dn_off, mask=dn_mask, other=0.0).to(tl.float32)
     else:
-        gcar = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        gcar = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dA_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dtb_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dt1sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -312,8 +314,8 @@ def _bwd_kernel(
             dy = dout * z * sz
         else:
             dy = dout
-        an = tl.exp2(dt1[:, :, None] * A2[None, :, :])
-        ga, gs = tl.associative_scan((an, Ct[:, None, :] * dy[:, :, None]), 0, _combine, reverse=True)
+        an = tl.exp2(dt1[:, None, :] * A2[None, :, :])
+        ga, gs = tl.associative_scan((an, Ct[:, :, None] * dy[:, None, :]), 0, _combine, reverse=True)
         gs = gs + ga * gcar[None, :, :]
         gcar = tl.sum(tl.where(first_row, gs, 0.0), axis=0)
         if ADJ_ONLY:
@@ -329,26 +331,26 @@ def _bwd_kernel(
             dt = tl.where(m2, dt, 0.0)
             Bt = tl.load(B_base[None, :] + t[:, None] * s_Bl, mask=mb, other=0.0).to(tl.float32)
             dtu = dt * u
-            b = dtu[:, :, None] * Bt[:, None, :]
+            b = dtu[:, None, :] * Bt[:, :, None]
             h_in = tl.load(hsave_ptr + (k64 * NSLOTS + slot0 + s0 // BLOCK_T + c) * DIMN + dn_off, mask=dn_mask,
                            other=0.0)
-            ca, cb = tl.associative_scan((tl.exp2(dt[:, :, None] * A2[None, :, :]), b), 0, _combine)
+            ca, cb = tl.associative_scan((tl.exp2(dt[:, None, :] * A2[None, :, :]), b), 0, _combine)
             hs = cb + ca * h_in[None, :, :]
             if HAS_Z:
-                y = tl.sum(hs * Ct[:, None, :], axis=2)
+                y = tl.sum(hs * Ct[:, :, None], axis=1)
                 if HAS_D:
                     y += Dv[None, :] * u
                 dz = dout * y * sz * (1.0 + z * (1.0 - sz))
                 tl.store(dz_ptr + tok[None, :] + t[:, None] * s_gl, dz.to(dz_ptr.dtype.element_ty), mask=m2)
             hb = hs - b  # = exp(dt A) h_{s-1}: the decayed previous state, without a shifted tile
             gh = gs * hb
-            gB_ = tl.sum(gs * Bt[:, None, :], axis=2)
+            gB_ = tl.sum(gs * Bt[:, :, None], axis=1)
             du = dt * gB_
             if HAS_D:
                 du += Dv[None, :] * dy
                 dD_acc += tl.sum(tl.where(m2, dy * u, 0.0), axis=0)
-            ddt = u * gB_ + tl.sum(gh * A[None, :, :], axis=2)
-            dA_acc += tl.sum(gh * dt[:, :, None], axis=0)
+            ddt = u * gB_ + tl.sum(gh * A[None, :, :], axis=1)
+            dA_acc += tl.sum(gh * dt[:, None, :], axis=0)
             if SOFTPLUS:
                 ddt = ddt * tl.sigmoid(draw)
             ddt = tl.where(m2, ddt, 0.0)
@@ -356,8 +358,8 @@ def _bwd_kernel(
                 dtb_acc += tl.sum(ddt, axis=0)
             tl.store(du_ptr + tok[None, :] + t[:, None] * s_gl, du.to(du_ptr.dtype.element_ty), mask=m2)
             tl.store(ddt_ptr + tok[None, :] + t[:, None] * s_gl, ddt.to(ddt_ptr.dtype.element_ty), mask=m2)
-            dBt = tl.sum(gs * dtu[:, :, None], axis=1)
-            dCt = tl.sum(hs * dy[:, :, None], axis=1)
+            dBt = tl.sum(gs * dtu[:, None, :], axis=2)
+            dCt = tl.sum(hs * dy[:, None, :], axis=2)
             if DETERMINISTIC:
                 tl.store(dB_base[None, :] + t[:, None] * s_dBl, dBt, mask=mb)
                 tl.store(dC_base[None, :] + t[:, None] * s_dCl, dCt, mask=mb)
@@ -379,7 +381,7 @@ def _bwd_kernel(
         if SOFTPLUS:
             dt0 = _softplus(dt0)
         dt0 = tl.where(s_end > s0, dt0, 0.0)  # an empty sequence passes dlast straight to dh0
-        dh0 = gcar * tl.exp2(dt0[:, None] * A2)
+        dh0 = gcar * tl.exp2(dt0[None, :] * A2)
         tl.store(dh0_ptr + seq * DIMN + dn_off, dh0, mask=dn_mask)
         tl.store(dA_ptr + seq * DIMN + dn_off, dA_acc, mask=dn_mask)
         if HAS_D:
