@@ -98,6 +98,19 @@ def make_D(d_inner, device):
     return D
 
 
+def sort_matrix(score: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """(b, l) scores -> (b, l, l) matrix P with (P x)_i = the token of i-th largest score.
+
+    Forward: the exact permutation matrix. Backward: the gradient of SoftSort (Prabhumoye et al.,
+    2020), P_soft[i, j] = softmax_j(-|sort(s)_i - s_j| / tau), the relaxation used by the
+    token-reordering refinement of Vo et al. (ICLR 2025).
+    """
+    ordered = score.sort(dim=-1, descending=True).values
+    soft = torch.softmax(-(ordered.unsqueeze(-1) - score.unsqueeze(-2)).abs() / tau, dim=-1)
+    hard = F.one_hot(score.argsort(dim=-1, descending=True), score.shape[-1]).to(soft.dtype)
+    return hard + (soft - soft.detach())  # exactly the permutation in the forward
+
+
 class Mamba(nn.Module):
     """The Mamba-1 mixer (Gu & Dao, 2023): in_proj -> causal depthwise conv -> SiLU -> selective
     scan gated by SiLU(z) -> out_proj."""
@@ -117,9 +130,15 @@ class Mamba(nn.Module):
         conv_bias: bool = True,
         bias: bool = False,
         layer_idx: Optional[int] = None,
+        bc_sign: Optional[str] = None,
+        reorder_tokens: bool = False,
+        reorder_tau: float = 1.0,
         device=None,
         dtype=None,
     ):
+        """``bc_sign`` and ``reorder_tokens`` (default off) are the two refinements of Vo et al.,
+        "Demystifying the Token Dynamics of Deep Selective State Space Models" (ICLR 2025); see
+        :meth:`enable_refinements`."""
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.d_model = d_model
@@ -130,9 +149,45 @@ class Mamba(nn.Module):
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         self.layer_idx = layer_idx
         self._dt_init = (dt_min, dt_max, dt_init, dt_scale, dt_init_floor)
+        self.bc_sign = None
+        self.reorder_tokens = False
+        self.reorder_tau = reorder_tau
         self.in_proj = nn.Linear(d_model, self.d_inner * 2, bias=bias, **factory)
         self._add_direction("", conv_bias, factory)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+        self.enable_refinements(bc_sign, reorder_tokens)
+
+    def _suffixes(self):
+        return ("", "_b") if hasattr(self, "x_proj_b") else ("",)
+
+    def enable_refinements(self, bc_sign: Optional[str] = None, reorder_tokens: bool = False) -> None:
+        """Switch on the token-dynamics refinements (also on a built or pretrained mixer).
+
+        ``bc_sign="positive"``: C_t = g * B_t with g = softplus(C_gain) + 1e-3 > 0, i.e. S_C = G S_B
+        with G diagonal positive, so the input/output matrix S_C^T S_B = S_B^T G S_B is positive
+        semi-definite and the layer cannot be in the paper's convergent scenario (all tokens decay to
+        zero). ``"negative"`` (C_t = -g * B_t) forces the convergent scenario, for ablations. The
+        C rows of x_proj are then unused; they stay so that checkpoints keep their layout.
+
+        ``reorder_tokens``: tokens are scanned in decreasing order of the importance score
+        s_l = K^T (S_Delta x_l + b_Delta) (the pre-softplus step, K = ``importance.weight`` learned);
+        the permutation is hard in the forward and takes SoftSort's gradient (tau ``reorder_tau``),
+        and outputs return to the original token order before the gate. Costs O(length^2) per
+        sequence for the permutation matrix.
+        """
+        if bc_sign not in (None, "positive", "negative"):
+            raise ValueError(f"{type(self).__name__}: bc_sign must be None, 'positive' or 'negative', got {bc_sign!r}")
+        device = self.A_log.device
+        for suffix in self._suffixes():
+            if bc_sign is not None and not hasattr(self, "C" + suffix + "_gain"):
+                # softplus(0.5413) = 1: C starts as +-B.
+                setattr(self, "C" + suffix + "_gain", nn.Parameter(torch.full((self.d_state,), 0.5413, device=device)))
+            if reorder_tokens and not hasattr(self, "importance" + suffix):
+                importance = nn.Linear(self.d_inner, 1, bias=False, device=device)
+                nn.init.constant_(importance.weight, 1.0 / self.d_inner)  # starts as the mean step logit
+                setattr(self, "importance" + suffix, importance)
+        self.bc_sign = bc_sign
+        self.reorder_tokens = reorder_tokens
 
     def _add_direction(self, suffix: str, conv_bias: bool, factory: dict) -> None:
         """Create conv1d, x_proj, dt_proj, A_log, D (names + suffix) for one scan direction."""
@@ -160,13 +215,26 @@ class Mamba(nn.Module):
         conv_state, ssm_state = state if state is not None else (None, None)
         x_in = x
         x = F.silu(causal_conv1d(x, conv.weight, conv.bias, reverse=reverse, cu_seqlens=cu_seqlens, conv_state=conv_state))
+        perm = None
+        if self.reorder_tokens:
+            if cu_seqlens is not None or state is not None:
+                raise ValueError(f"{type(self).__name__}: reorder_tokens works on whole padded-free batches, not packed or streamed input")
+            score = getattr(self, "importance" + suffix)(dt_proj(x_proj(x)[..., : self.dt_rank])).squeeze(-1)
+            perm = sort_matrix(score, self.reorder_tau)
+            x = perm @ x
         dt, B, C = torch.split(x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if self.bc_sign is not None:
+            gain = F.softplus(getattr(self, "C" + suffix + "_gain")) + 1e-3
+            C = B * (gain if self.bc_sign == "positive" else -gain)
         # dt_proj's bias enters the scan as delta_bias (inside the softplus), as in mamba-ssm.
         dt = F.linear(dt, dt_proj.weight)
         out = selective_scan(
-            x, dt, A, B, C, D=D.float(), z=z, delta_bias=dt_proj.bias.float(), delta_softplus=True, reverse=reverse,
-            cu_seqlens=cu_seqlens, initial_state=ssm_state, return_last_state=state is not None,
+            x, dt, A, B, C, D=D.float(), z=z if perm is None else None, delta_bias=dt_proj.bias.float(), delta_softplus=True,
+            reverse=reverse, cu_seqlens=cu_seqlens, initial_state=ssm_state, return_last_state=state is not None,
         )
+        if perm is not None:
+            # Back to the original order before gating: the permutation is exact in the forward.
+            return (perm.transpose(1, 2) @ out) * F.silu(z)
         if state is None:
             return out
         out, ssm_state = out
@@ -211,9 +279,11 @@ class BiMamba(Mamba):
     Checkpoints and the forward are unaffected."""
 
     def __init__(self, d_model: int, *args, divide_out: bool = True, conv_bias: bool = True, device=None, dtype=None, **kwargs):
+        refinements = dict(bc_sign=kwargs.pop("bc_sign", None), reorder_tokens=kwargs.pop("reorder_tokens", False))
         super().__init__(d_model, *args, conv_bias=conv_bias, device=device, dtype=dtype, **kwargs)
         self.divide_out = divide_out
         self._add_direction("_b", conv_bias, {"device": device, "dtype": dtype})
+        self.enable_refinements(**refinements)  # again: the backward direction now exists
 
     def forward(self, hidden: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
         self._check_input(hidden, cu_seqlens)
