@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from zoo.core.selective_scan.op import _resolve as _resolve_scan  # which scan path the run used, for the record
 from zoo.data.shapes3d import CLASSES, make_shapes3d
 from zoo.models.point.pcm import PointCloudMamba
 from zoo.models.point.pointmamba import PointMamba
@@ -122,6 +123,10 @@ def train_model(
     return time.perf_counter() - start
 
 
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name(torch.device(device)) if torch.device(device).type == "cuda" else "cpu"
+
+
 def run_points_benchmark(
     models: Sequence[str], seeds: Sequence[int], epochs: int, train_per_class: int, test_per_class: int, num_points: int,
     batch_size: int = 32, lr: float = 1e-3, device: str = "cpu", output: Optional[str] = None, command: str = "",
@@ -151,7 +156,8 @@ def run_points_benchmark(
         "data": {"train_per_class": train_per_class, "test_per_class": test_per_class, "num_points": num_points,
                  "train_seed": 1000, "test_seed": 2000},
         "training": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": "AdamW wd 0.05, cosine, 1 warm-up epoch",
-                     "seeds": list(seeds), "device": device, "torch": torch.__version__},
+                     "seeds": list(seeds), "device": device, "device_name": _device_name(device), "torch": torch.__version__,
+                     "selective_scan": _resolve_scan("auto", torch.device(device)).__name__},
         "results": rows,
     }
     print(f"\n{'model':<12}{'params':>10}{'OA':>16}{'mAcc':>10}")
