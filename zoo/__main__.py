@@ -1,0 +1,6 @@
+"""``python -m zoo``: the same as the ``zoo`` command."""
+import sys
+
+from zoo.cli import main
+
+sys.exit(main())
