@@ -307,7 +307,7 @@ class HierarchicalBackbone(nn.Module):
             self.global_pool = global_pool
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.head.apply(_init_weights)
+        self.head.apply(init_weights)
 
     def forward_intermediates(
         self,
@@ -404,12 +404,12 @@ class VMamba(HierarchicalBackbone):
         self.feature_info = [
             dict(num_chs=dims[i], reduction=patch_size * 2**i, module=f"stages.{i}") for i in range(len(depths))
         ]
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
 
-def _init_weights(m: nn.Module) -> None:
-    # Official VSSM._init_weights: truncated-normal linear layers with zero bias, unit LayerNorms; convolutions
-    # and the SS2D parameters keep their own init.
+def init_weights(m: nn.Module) -> None:
+    """Official VSSM._init_weights (also EfficientVMamba's): truncated-normal linear layers with zero bias,
+    unit LayerNorms; convolutions and the SS2D parameters keep their own init."""
     if isinstance(m, nn.Linear):
         trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
