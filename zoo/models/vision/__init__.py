@@ -1,2 +1,2 @@
 """Vision models."""
-from . import vim  # noqa: F401  (registers the entries)
+from . import efficient_vmamba, vim, vmamba  # noqa: F401  (registers the entries)
