@@ -57,7 +57,7 @@ def _cfg(file: str, top1: float, config: str, **kwargs) -> dict:
         url=_RELEASE + file, num_classes=1000, input_size=(3, 224, 224), mean=IMAGENET_DEFAULT_MEAN,
         std=IMAGENET_DEFAULT_STD, crop_pct=0.875, interpolation="bicubic", license="MIT", paper=_PAPER,
         source=_SOURCE, metrics={"imagenet_top1": top1},
-        notes=f"official config classification/configs/vssm/{config}; weights are ckpt['model'] (EMA folded in)",
+        notes=f"official config classification/configs/vssm/{config}; weights under the checkpoint's 'model' key",
         **kwargs,
     )
 
