@@ -178,7 +178,7 @@ def _seg_combine_kernel(
     if HAS_INIT:
         carry = tl.load(init_ptr + sq * DIM * NSTATE + off, mask=m, other=0.0)
     else:
-        carry = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        carry = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     for i in range(0, NSEG):
         if BACKWARD:
             j = sq * NSEG + NSEG - 1 - i
