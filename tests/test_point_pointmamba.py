@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from zoo.models.point.ops import group_points
-from zoo.models.point.pointmamba import PointMamba, checkpoint_filter_fn
+from zoo.models.point.pointmamba import (
+    PointMamba, PointMambaMPM, chamfer_l2, checkpoint_filter_fn, mpm_checkpoint_filter_fn,
+)
 from zoo.models.point.serialization import bit_length, hilbert_encode
 
 SMALL = dict(num_classes=5, trans_dim=32, depth=2, num_group=8, group_size=8, head_hidden=16)
@@ -71,14 +73,33 @@ def test_official_checkpoint_layout_loads(model):
         torch.testing.assert_close(fresh(pts), model(pts))
 
 
-def test_pretraining_checkpoint_feeds_finetuning(model):
-    enc = {"MAE_encoder." + k: v for k, v in model.state_dict().items() if not k.startswith("cls_head")}
-    enc.update({"MAE_decoder.blocks.layers.0.mixer.D": torch.ones(3), "increase_dim.0.weight": torch.ones(1),
-                "mask_token": torch.zeros(1, 1, 32), "decoder_pos_embed.0.weight": torch.ones(1)})
-    target = PointMamba(**{**SMALL, "num_classes": 3})
-    sd = checkpoint_filter_fn({"base_model": enc}, target)
-    target.load_state_dict(sd, strict=True)  # head comes from the target's own init
-    torch.testing.assert_close(target.blocks.layers[1].mixer.in_proj.weight, model.blocks.layers[1].mixer.in_proj.weight)
+MPM_SMALL = dict(trans_dim=32, depth=2, decoder_depth=1, num_group=10, group_size=8, mask_ratio=0.6)
+
+
+def test_mpm_loss_reconstruction_and_official_layout():
+    torch.manual_seed(4)
+    mpm = PointMambaMPM(**MPM_SMALL)
+    loss, rebuilt = mpm(torch.rand(2, 64, 3), return_reconstruction=True)
+    assert rebuilt.shape == (2, 6, 8, 3)  # int(0.6 * 10) hidden patches of 8 points per cloud
+    loss.backward()
+    assert mpm.mask_token.grad is not None and mpm.MAE_encoder.blocks.layers[0].mixer.A_log.grad is not None
+    official = {"base_model": {"module." + k: v for k, v in mpm.state_dict().items()}}
+    for name in ("module.MAE_encoder.blocks.layers.1.mixer.x_proj.weight", "module.MAE_encoder.OrderScale_gamma_2",
+                 "module.MAE_decoder.blocks.layers.0.norm.weight", "module.MAE_decoder.blocks.norm_f.weight",
+                 "module.mask_token", "module.decoder_pos_embed.2.bias", "module.increase_dim.0.weight"):
+        assert name in official["base_model"], name
+    PointMambaMPM(**MPM_SMALL).load_state_dict(mpm_checkpoint_filter_fn(official, mpm), strict=True)
+    # The same file initialises a classifier: encoder weights kept, decoder dropped, fresh head.
+    target = PointMamba(**{**SMALL, "num_classes": 3, "num_group": 10})
+    target.load_state_dict(checkpoint_filter_fn(official, target), strict=True)
+    torch.testing.assert_close(target.blocks.layers[1].mixer.in_proj.weight, mpm.MAE_encoder.blocks.layers[1].mixer.in_proj.weight)
+
+
+def test_chamfer_l2_matches_loops():
+    a, b = torch.rand(3, 5, 3), torch.rand(3, 7, 3)
+    fwd = sum(min(float(((a[i, p] - b[i, q]) ** 2).sum()) for q in range(7)) for i in range(3) for p in range(5)) / 15
+    bwd = sum(min(float(((a[i, p] - b[i, q]) ** 2).sum()) for p in range(5)) for i in range(3) for q in range(7)) / 21
+    torch.testing.assert_close(chamfer_l2(a, b), torch.tensor(fwd + bwd), rtol=1e-5, atol=1e-6)
 
 
 def test_variable_lengths_match_single_clouds(model):
@@ -130,7 +151,7 @@ def test_registered_entries_param_counts():
     import zoo
 
     assert {"pointmamba_modelnet40", "pointmamba_scanobjectnn"} <= set(zoo.list_models("pointmamba*"))
-    assert "pointmamba_scanobjectnn.hardest" in zoo.list_models("pointmamba*", pretrained=True)
+    assert {"pointmamba_scanobjectnn.hardest", "pointmamba_mpm.shapenet55"} <= set(zoo.list_models("pointmamba*", pretrained=True))
     info = zoo.model_info("pointmamba_scanobjectnn.hardest")
     assert info["pretrained_cfgs"]["pointmamba_scanobjectnn.hardest"]["metrics"] == {"scanobjectnn_pb_t50_rs_oa": 89.31}
     assert round(info["num_params"] / 1e6, 1) == 12.3

@@ -234,6 +234,76 @@ class PointMamba(nn.Module):
         return self.forward_head(self.forward_features(pts, lengths))
 
 
+def chamfer_l2(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Point-MAE's ChamferDistanceL2: mean squared distance from each predicted point to its nearest
+    target point plus the reverse, averaged over the batch of point sets (B, P, 3) / (B, T, 3)."""
+    d = torch.cdist(pred.float(), target.float()).square()
+    return d.amin(dim=2).mean() + d.amin(dim=1).mean()
+
+
+class PointMambaMPM(nn.Module):
+    """PointMamba's serialization-based masked point modelling (official
+    ``Point_MAE_Mamba_serializationV2``): per step one order (Hilbert or Trans-Hilbert) is drawn,
+    patches are serialized along it and get its order indicator, ``mask_ratio`` of them are hidden
+    at random, the encoder reads the visible ones, a 4-block Mamba decoder reads the full sequence
+    (mask tokens in the hidden slots, decoder positions for all), and a linear head rebuilds the
+    hidden patches' points, scored by the L2 Chamfer distance. ``forward`` returns the loss.
+    """
+
+    def __init__(
+        self, trans_dim: int = 384, depth: int = 12, decoder_depth: int = 4, num_group: int = 64, group_size: int = 32,
+        mask_ratio: float = 0.6, drop_path_rate: float = 0.1, rms_norm: bool = False,
+        orders: Sequence[str] = ("hilbert", "hilbert-trans"), grid_size: float = 0.02,
+    ):
+        super().__init__()
+        if not 0.0 < mask_ratio < 1.0:
+            raise ValueError(f"PointMambaMPM: mask_ratio must lie in (0, 1), got {mask_ratio}")
+        self.mask_ratio, self.num_group, self.group_size = mask_ratio, num_group, group_size
+        self.pretrained_cfg: dict = {}
+        self.MAE_encoder = PointMamba(
+            num_classes=0, trans_dim=trans_dim, depth=depth, num_group=num_group, group_size=group_size,
+            drop_path_rate=drop_path_rate, rms_norm=rms_norm, orders=orders, grid_size=grid_size,
+        )
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, trans_dim))
+        trunc_normal_(self.mask_token, std=0.02)
+        self.decoder_pos_embed = nn.Sequential(nn.Linear(3, 128), nn.GELU(), nn.Linear(128, trans_dim))
+        self.MAE_decoder = nn.Module()
+        dpr = [drop_path_rate * i / max(decoder_depth - 1, 1) for i in range(decoder_depth)]
+        self.MAE_decoder.blocks = MambaEncoder(trans_dim, decoder_depth, dpr, rms_norm=rms_norm)
+        self.increase_dim = nn.Sequential(nn.Conv1d(trans_dim, 3 * group_size, 1))
+
+    def forward(self, pts: torch.Tensor, return_reconstruction: bool = False):
+        enc = self.MAE_encoder
+        check_points(pts, None, f"PointMambaMPM (num_group={self.num_group}, group_size={self.group_size})",
+                     min_points=max(self.num_group, self.group_size))
+        neighborhood, center, _ = group_points(pts, self.num_group, self.group_size)
+        b, g, k, _ = neighborhood.shape
+        which = int(torch.randint(len(enc.orders), ()))
+        perm, _ = serialize(center, enc.orders[which], enc.grid_size)
+        center, neighborhood = gather_points(center, perm), gather_points(neighborhood, perm)
+        gamma, beta = getattr(enc, f"OrderScale_gamma_{which + 1}"), getattr(enc, f"OrderScale_beta_{which + 1}")
+        tokens = enc.encoder(neighborhood) * gamma + beta
+        num_mask = int(self.mask_ratio * g)
+        mask = torch.rand(b, g, device=pts.device).argsort(dim=1).argsort(dim=1) < num_mask  # random, num_mask per cloud
+        c = tokens.shape[-1]
+        visible = enc.blocks(tokens[~mask].reshape(b, g - num_mask, c), enc.pos_embed(center[~mask].reshape(b, -1, 3)))
+        full = self.mask_token.expand(b, g, c).clone()
+        full[~mask] = visible.reshape(-1, c).to(full.dtype)
+        decoded = self.MAE_decoder.blocks(full, self.decoder_pos_embed(center))[mask].reshape(b, num_mask, c)
+        rebuilt = self.increase_dim(decoded.transpose(1, 2)).transpose(1, 2).reshape(b * num_mask, k, 3)
+        loss = chamfer_l2(rebuilt, neighborhood[mask].reshape(b * num_mask, k, 3))
+        if return_reconstruction:
+            return loss, rebuilt.reshape(b, num_mask, k, 3) + center[mask].reshape(b, num_mask, 1, 3)
+        return loss
+
+
+def mpm_checkpoint_filter_fn(state_dict: dict, model: PointMambaMPM) -> dict:
+    """Official pre-training checkpoint (``{"base_model": ...}``, DDP ``module.``) -> PointMambaMPM."""
+    if isinstance(state_dict.get("base_model"), dict):
+        state_dict = state_dict["base_model"]
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+
+
 def checkpoint_filter_fn(state_dict: dict, model: PointMamba) -> dict:
     """Official PointMamba checkpoint -> this model's state dict.
 
@@ -277,6 +347,10 @@ def _cfg(url: str, num_classes: int, num_points: int, metrics: dict, notes: str)
 
 # Accuracies: the "Main Results" table of the LMD0311/PointMamba README (ckpts-2 release).
 register_pretrained_cfgs({
+    "pointmamba_mpm.shapenet55": dict(
+        url=_RELEASE + "pretrain.pth", license="Apache-2.0", paper=_PAPER, source=_SOURCE, metrics={},
+        notes="cfgs/pretrain.yaml: masked point modelling on ShapeNet-55, 1024 points, mask ratio 0.6, 300 epochs",
+    ),
     "pointmamba_modelnet40.modelnet40": _cfg(
         _RELEASE + "finetune_modelnet.pth", 40, 1024, {"modelnet40_oa": 93.6},
         "cfgs/finetune_modelnet.yaml; fine-tuned from the ShapeNet-55 masked point modelling checkpoint",
@@ -310,3 +384,9 @@ def pointmamba_modelnet40(pretrained: bool = False, **kwargs) -> PointMamba:
 def pointmamba_scanobjectnn(pretrained: bool = False, **kwargs) -> PointMamba:
     """PointMamba for ScanObjectNN (2048 points): 128 patches of 32 points, 12 blocks of width 384."""
     return _create("pointmamba_scanobjectnn", pretrained, dict(num_classes=15, num_group=128, drop_path_rate=0.5), kwargs)
+
+
+@register_model
+def pointmamba_mpm(pretrained: bool = False, **kwargs) -> PointMambaMPM:
+    """PointMamba masked point modelling (pre-training): 12-block encoder, 4-block decoder, mask 0.6."""
+    return build_model(PointMambaMPM, "pointmamba_mpm", pretrained, checkpoint_filter_fn=mpm_checkpoint_filter_fn, **kwargs)
