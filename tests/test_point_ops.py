@@ -179,3 +179,17 @@ def test_packed_padded_roundtrip_and_pyg_like():
     assert torch.equal(from_pyg(Data())[0], padded)
     with pytest.raises(ValueError, match="ptr must run from 0 to the number of points 10"):
         packed_to_padded(pos, ptr=torch.tensor([0, 4, 9]))
+
+
+def test_real_torch_geometric_batch_feeds_pointmamba_lengths():
+    pyg = pytest.importorskip("torch_geometric.data")
+    from zoo.models.point.pointmamba import PointMamba
+
+    clouds = [torch.rand(n, 3) for n in (40, 25)]
+    batch = pyg.Batch.from_data_list([pyg.Data(pos=c) for c in clouds])
+    padded, lengths = from_pyg(batch)
+    assert lengths.tolist() == [40, 25] and torch.equal(padded[1, :25], clouds[1])
+    assert torch.equal(from_pyg(pyg.Data(pos=clouds[0]))[0][0], clouds[0])
+    model = PointMamba(num_classes=3, trans_dim=16, depth=1, num_group=8, group_size=8, head_hidden=8).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(padded, lengths)[1], model(clouds[1][None])[0], rtol=1e-4, atol=1e-5)
