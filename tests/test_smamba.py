@@ -172,3 +172,13 @@ def test_classifier_on_the_same_encoder():
     assert clf.forward_head(clf.forward_features(x), pre_logits=True).shape == (5, 16)
     clf.reset_classifier(7)
     assert clf(x).shape == (5, 7)
+
+
+def test_classifier_patch_tokens():
+    torch.manual_seed(4)
+    clf = SMambaClassifier(seq_len=10, num_classes=2, patch_len=4, d_model=8, d_state=2, d_ff=8).eval()
+    x = torch.randn(3, 10, 2)
+    assert clf(x).shape == (3, 2)
+    assert clf.forward_features(x).shape == (3, 2 * 3, 8)  # 2 variates x ceil(10 / 4) patches
+    with pytest.raises(ValueError, match="patch_len must be in 1..seq_len=10, got 11"):
+        SMambaClassifier(seq_len=10, num_classes=2, patch_len=11)

@@ -80,7 +80,7 @@ class DLinear(nn.Module):
 
 class ITransformer(nn.Module):
     """Variate tokens (Linear over the window) -> post-norm Transformer encoder -> LayerNorm -> Linear
-    to the horizon, with the same per-instance normalisation as S-Mamba."""
+    to the horizon, with the same per-instance normalisation and timestamp tokens as S-Mamba."""
 
     def __init__(
         self, seq_len: int, pred_len: int, d_model: int = 128, n_heads: int = 8, e_layers: int = 2,
@@ -97,10 +97,13 @@ class ITransformer(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, pred_len)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x_mark: Optional[torch.Tensor] = None) -> torch.Tensor:
         _check(type(self).__name__, x, self.seq_len)
+        n = x.shape[2]
         if self.use_norm:
             x, mean, std = instance_norm(x)
+        if x_mark is not None:
+            x = torch.cat([x, x_mark.to(x.dtype)], dim=2)  # covariates become extra tokens
         tokens = self.norm(self.encoder(self.drop(self.embed(x.transpose(1, 2)))))
-        out = self.head(tokens).transpose(1, 2)
+        out = self.head(tokens).transpose(1, 2)[:, :, :n]
         return out * std + mean if self.use_norm else out

@@ -72,7 +72,8 @@ class SMambaLayer(nn.Module):
 
 
 class SMambaEncoder(nn.Module):
-    """Variate-token embedding and the bidirectional Mamba encoder: (b, l, n[+marks]) -> (b, n', d)."""
+    """Variate-token embedding and the bidirectional Mamba encoder: (b, l, n[+marks]) -> (b, n', d).
+    ``seq_len`` is the length of one raw token (the window, or a patch for the classifier)."""
 
     def __init__(
         self, seq_len: int, d_model: int, e_layers: int, d_state: int, d_ff: Optional[int], d_conv: int,
@@ -91,7 +92,11 @@ class SMambaEncoder(nn.Module):
     def forward(self, x: torch.Tensor, x_mark: Optional[torch.Tensor] = None) -> torch.Tensor:
         if x_mark is not None:
             x = torch.cat([x, x_mark.to(x.dtype)], dim=2)  # covariates become extra tokens
-        x = self.embed_drop(self.embed(x.transpose(1, 2)))
+        return self.forward_tokens(x.transpose(1, 2))
+
+    def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(b, tokens, token_len) raw tokens (a variate's window, or a patch of it) -> (b, tokens, d)."""
+        x = self.embed_drop(self.embed(tokens))
         for layer in self.layers:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
@@ -172,9 +177,13 @@ class SMamba(nn.Module):
 
 
 class SMambaClassifier(nn.Module):
-    """The S-Mamba encoder for series classification: variate tokens -> encoder -> mean over tokens ->
-    Linear. Input (batch, seq_len, n_variates), output logits (batch, num_classes). Not in the paper:
-    the zoo's use of the same encoder for labelled series."""
+    """The S-Mamba encoder for series classification: tokens -> encoder -> mean over tokens -> Linear.
+    Input (batch, seq_len, n_variates), output logits (batch, num_classes). Not in the paper: the zoo's
+    use of the same encoder for labelled series.
+
+    Tokens are each variate's whole series (``patch_len`` None, S-Mamba's variate tokens), or with
+    ``patch_len`` its non-overlapping patches in time order, variate after variate (the end is padded by
+    repeating the last value), which gives a univariate series more than one token."""
 
     def __init__(
         self,
@@ -190,11 +199,15 @@ class SMambaClassifier(nn.Module):
         dropout: float = 0.1,
         activation: str = "gelu",
         use_norm: bool = True,
+        patch_len: Optional[int] = None,
     ):
         super().__init__()
-        self.seq_len, self.enc_in, self.use_norm = seq_len, enc_in, use_norm
+        if patch_len is not None and not 1 <= patch_len <= seq_len:
+            raise ValueError(f"SMambaClassifier: patch_len must be in 1..seq_len={seq_len}, got {patch_len}")
+        self.seq_len, self.enc_in, self.use_norm, self.patch_len = seq_len, enc_in, use_norm, patch_len
         self.num_classes, self.num_features = num_classes, d_model
-        self.encoder = SMambaEncoder(seq_len, d_model, e_layers, d_state, d_ff, d_conv, expand, dropout, activation)
+        token_len = patch_len or seq_len
+        self.encoder = SMambaEncoder(token_len, d_model, e_layers, d_state, d_ff, d_conv, expand, dropout, activation)
         self.head = nn.Linear(d_model, num_classes) if num_classes > 0 else nn.Identity()
         self.pretrained_cfg: dict = {}
 
@@ -218,7 +231,12 @@ class SMambaClassifier(nn.Module):
         _check_input(type(self).__name__, x, self.seq_len, self.enc_in, None)
         if self.use_norm:
             x = instance_norm(x)[0]
-        return self.encoder(x)
+        tokens = x.transpose(1, 2)  # (b, n, l)
+        if self.patch_len:
+            pad = -self.seq_len % self.patch_len
+            tokens = F.pad(tokens, (0, pad), mode="replicate") if pad else tokens
+            tokens = tokens.reshape(x.shape[0], -1, self.patch_len)  # (b, n * patches, patch_len)
+        return self.encoder.forward_tokens(tokens)
 
     def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         pooled = tokens.mean(1)
