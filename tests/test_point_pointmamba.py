@@ -4,7 +4,8 @@ import torch
 
 from zoo.models.point.ops import group_points
 from zoo.models.point.pointmamba import (
-    PointMamba, PointMambaMPM, chamfer_l2, checkpoint_filter_fn, mpm_checkpoint_filter_fn,
+    FeaturePropagation, PointMamba, PointMambaMPM, PointMambaPartSeg, chamfer_l2, checkpoint_filter_fn,
+    mpm_checkpoint_filter_fn,
 )
 from zoo.models.point.serialization import bit_length, hilbert_encode
 
@@ -150,8 +151,35 @@ def test_registered_entries_param_counts():
         assert round(sum(p.numel() for p in m.parameters()) / 1e6, 1) == 12.3
     import zoo
 
-    assert {"pointmamba_modelnet40", "pointmamba_scanobjectnn"} <= set(zoo.list_models("pointmamba*"))
+    assert {"pointmamba_modelnet40", "pointmamba_scanobjectnn", "pointmamba_mpm", "pointmamba_partseg"} <= set(zoo.list_models("pointmamba*"))
     assert {"pointmamba_scanobjectnn.hardest", "pointmamba_mpm.shapenet55"} <= set(zoo.list_models("pointmamba*", pretrained=True))
     info = zoo.model_info("pointmamba_scanobjectnn.hardest")
     assert info["pretrained_cfgs"]["pointmamba_scanobjectnn.hardest"]["metrics"] == {"scanobjectnn_pb_t50_rs_oa": 89.31}
     assert round(info["num_params"] / 1e6, 1) == 12.3
+
+
+def test_part_segmentation_head():
+    torch.manual_seed(5)
+    m = PointMambaPartSeg(num_parts=6, num_object_classes=3, trans_dim=16, depth=4, num_group=8, group_size=8,
+                          fetch_idx=(1, 3), head_hidden=8)
+    pts = torch.rand(2, 48, 3)
+    logits = m(pts, torch.tensor([0, 2]))
+    assert logits.shape == (2, 48, 6)
+    logits.sum().backward()
+    assert m.blocks.layers[1].mixer.in_proj.weight.grad is not None and m.label_conv[0].weight.grad is not None
+    assert "propagation_0.mlp_convs.1.weight" in m.state_dict() and "convs3.weight" in m.state_dict()
+    with pytest.raises(ValueError, match=r"object labels must lie in \[0, 3\), got min 0, max 3"):
+        m(pts, torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match=r"block indices must lie in \[0, 4\), got \[7\]"):
+        m.blocks.forward_intermediates(torch.zeros(1, 2, 16), torch.zeros(1, 2, 16), [7])
+
+
+def test_feature_propagation_interpolates_inverse_distance():
+    fp = FeaturePropagation(2, [])  # no MLP: the interpolation alone
+    src = torch.tensor([[[0.0, 0, 0], [1, 0, 0], [0, 2, 0], [5, 5, 5]]])
+    src_f = torch.tensor([[[1.0], [2.0], [3.0], [100.0]]])
+    q = torch.tensor([[[0.5, 0.0, 0.0]]])
+    out = fp(q, src, torch.zeros(1, 1, 1), src_f)
+    d = torch.tensor([0.25, 0.25, 0.25 + 4.0])  # squared distances to the three nearest sources
+    w = (1 / (d + 1e-8)) / (1 / (d + 1e-8)).sum()
+    torch.testing.assert_close(out[0, :, 0], torch.stack([torch.tensor(0.0), (w * torch.tensor([1.0, 2.0, 3.0])).sum()]))

@@ -34,7 +34,7 @@ from torch import nn
 from zoo.core import Mamba, ResidualBlock, RMSNorm, init_mamba_weights
 from zoo.registry import build_model, register_model, register_pretrained_cfgs
 
-from .ops import group_points
+from .ops import group_points, knn
 from .serialization import check_points, gather_points, serialize
 
 _PAPER = "PointMamba: A Simple State Space Model for Point Cloud Analysis (Liang et al., NeurIPS 2024, arXiv:2402.10739)"
@@ -81,14 +81,23 @@ class MambaEncoder(nn.Module):
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        hidden, residual = x + pos, None
-        for layer in self.layers:
+        return self.forward_intermediates(x, pos, [len(self.layers) - 1])[0]
+
+    def forward_intermediates(self, x: torch.Tensor, pos: torch.Tensor, indices: Sequence[int]) -> List[torch.Tensor]:
+        """norm_f of the residual stream after each block in ``indices`` (the last one: the output)."""
+        bad = [i for i in indices if not 0 <= i < len(self.layers)]
+        if bad:
+            raise ValueError(f"MambaEncoder: block indices must lie in [0, {len(self.layers)}), got {bad}")
+        hidden, residual, out = x + pos, None, []
+        for i, layer in enumerate(self.layers):
             if self.grad_checkpointing and self.training:
                 hidden, residual = torch.utils.checkpoint.checkpoint(layer, hidden, residual, use_reentrant=False)
             else:
                 hidden, residual = layer(hidden, residual)
-        residual = hidden if residual is None else residual + self.drop_path_f(hidden)
-        return self.norm_f(residual.to(self.norm_f.weight.dtype))
+            if i in indices:
+                stream = hidden if residual is None else residual + self.drop_path_f(hidden)
+                out.append(self.norm_f(stream.to(self.norm_f.weight.dtype)))
+        return out
 
 
 def _order_scale(dim: int):
@@ -232,6 +241,79 @@ class PointMamba(nn.Module):
 
     def forward(self, pts: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.forward_head(self.forward_features(pts, lengths))
+
+
+class FeaturePropagation(nn.Module):
+    """PointNet++ feature propagation: inverse-distance interpolation from the 3 nearest sources,
+    concatenated with the targets' own features, then Conv1d-BN-ReLU layers."""
+
+    def __init__(self, in_channel: int, mlp: Sequence[int]):
+        super().__init__()
+        self.mlp_convs, self.mlp_bns = nn.ModuleList(), nn.ModuleList()
+        for c in mlp:
+            self.mlp_convs.append(nn.Conv1d(in_channel, c, 1))
+            self.mlp_bns.append(nn.BatchNorm1d(c))
+            in_channel = c
+
+    def forward(self, xyz: torch.Tensor, src_xyz: torch.Tensor, feats: torch.Tensor, src_feats: torch.Tensor) -> torch.Tensor:
+        """xyz (B, N, 3), src_xyz (B, S, 3), feats (B, N, D) or None, src_feats (B, S, D') -> (B, C, N)."""
+        dist, idx = knn(xyz, src_xyz, min(3, src_xyz.shape[1]))
+        weight = 1.0 / (dist + 1e-8)
+        weight = weight / weight.sum(-1, keepdim=True)
+        b, n, k = idx.shape
+        near = gather_points(src_feats, idx.reshape(b, n * k)).reshape(b, n, k, -1)
+        x = (near * weight[..., None]).sum(2)
+        x = torch.cat([feats, x], -1) if feats is not None else x
+        x = x.transpose(1, 2)
+        for conv, bn in zip(self.mlp_convs, self.mlp_bns):
+            x = F.relu(bn(conv(x)))
+        return x
+
+
+class PointMambaPartSeg(PointMamba):
+    """Part segmentation with the head of PointMamba's part-segmentation code (``old`` branch,
+    ``part_segmentation/models/pt_mamba.py``, itself Point-MAE's) on the NeurIPS backbone: the
+    normalised streams after blocks 3, 7 and 11 pass one more LayerNorm and are concatenated
+    (3 x 384), their max and mean over tokens and a 16-way object-label embedding form the global
+    feature, the token features are interpolated back to every point, and a point-wise MLP gives
+    ``num_parts`` logits per point. No official checkpoint exists for this combination (the old
+    branch's backbone read x/y/z-sorted tokens without order indicators).
+    """
+
+    def __init__(self, num_parts: int = 50, num_object_classes: int = 16, num_group: int = 128,
+                 fetch_idx: Sequence[int] = (3, 7, 11), **kwargs):
+        super().__init__(num_classes=0, num_group=num_group, **kwargs)
+        c = self.trans_dim
+        self.num_parts, self.num_object_classes, self.fetch_idx = num_parts, num_object_classes, tuple(fetch_idx)
+        self.norm = nn.LayerNorm(c)
+        self.label_conv = nn.Sequential(nn.Conv1d(num_object_classes, 64, 1, bias=False), nn.BatchNorm1d(64), nn.LeakyReLU(0.2))
+        feat = c * len(self.fetch_idx)
+        self.propagation_0 = FeaturePropagation(feat + 3, [c * 4, 1024])
+        self.convs1 = nn.Conv1d(1024 + 2 * feat + 64, 512, 1)
+        self.dp1 = nn.Dropout(0.5)
+        self.convs2 = nn.Conv1d(512, 256, 1)
+        self.convs3 = nn.Conv1d(256, num_parts, 1)
+        self.bns1, self.bns2 = nn.BatchNorm1d(512), nn.BatchNorm1d(256)
+
+    def forward(self, pts: torch.Tensor, object_label: torch.Tensor) -> torch.Tensor:
+        """pts (B, N, 3), object_label (B,) in [0, num_object_classes) -> part logits (B, N, num_parts)."""
+        b, n, _ = pts.shape
+        if object_label.shape != (b,):
+            raise ValueError(f"PointMambaPartSeg: expected object_label of shape ({b},), got {tuple(object_label.shape)}")
+        if b and (int(object_label.min()) < 0 or int(object_label.max()) >= self.num_object_classes):
+            raise ValueError(f"PointMambaPartSeg: object labels must lie in [0, {self.num_object_classes}), "
+                             f"got min {int(object_label.min())}, max {int(object_label.max())}")
+        tokens, pos, center = self.embed(pts)
+        x, pos = self.serialize_tokens(tokens, pos, center)
+        centers = torch.cat([gather_points(center, serialize(center, o, self.grid_size)[0]) for o in self.orders], 1)
+        feats = torch.cat([self.norm(f) for f in self.blocks.forward_intermediates(x, pos, self.fetch_idx)], -1)
+        label = F.one_hot(object_label.long(), self.num_object_classes).to(feats.dtype)[:, :, None]
+        glob = torch.cat([feats.amax(1), feats.mean(1), self.label_conv(label)[..., 0]], -1)
+        x = self.propagation_0(pts, centers, pts, feats)
+        x = torch.cat([x, glob[:, :, None].expand(-1, -1, n)], 1)
+        x = self.dp1(F.relu(self.bns1(self.convs1(x))))
+        x = F.relu(self.bns2(self.convs2(x)))
+        return self.convs3(x).transpose(1, 2)
 
 
 def chamfer_l2(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -390,3 +472,9 @@ def pointmamba_scanobjectnn(pretrained: bool = False, **kwargs) -> PointMamba:
 def pointmamba_mpm(pretrained: bool = False, **kwargs) -> PointMambaMPM:
     """PointMamba masked point modelling (pre-training): 12-block encoder, 4-block decoder, mask 0.6."""
     return build_model(PointMambaMPM, "pointmamba_mpm", pretrained, checkpoint_filter_fn=mpm_checkpoint_filter_fn, **kwargs)
+
+
+@register_model
+def pointmamba_partseg(pretrained: bool = False, **kwargs) -> PointMambaPartSeg:
+    """PointMamba part segmentation (ShapeNetPart layout: 2048 points, 128 patches, 16 objects, 50 parts)."""
+    return build_model(PointMambaPartSeg, "pointmamba_partseg", pretrained, checkpoint_filter_fn=checkpoint_filter_fn, **kwargs)
