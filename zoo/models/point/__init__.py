@@ -1,7 +1,6 @@
 """Point-cloud models: serialization curves, grouping ops, PointMamba and Point Cloud Mamba."""
-from . import pcm, pointmamba  # noqa: F401  (register the entries)
 from .ops import farthest_point_sample, from_pyg, group_points, knn, packed_to_padded, padded_to_packed
-from .pcm import PointCloudMamba
+from .pcm import PointCloudMamba  # importing pcm and pointmamba registers their entries
 from .pointmamba import PointMamba, PointMambaMPM, PointMambaPartSeg
 from .serialization import ORDERS, cts_encode, hilbert_decode, hilbert_encode, serialize, z_order_encode
 

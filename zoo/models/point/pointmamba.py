@@ -14,11 +14,15 @@ Module and parameter names follow the official code (``encoder.first_conv``, ``p
 ``OrderScale_gamma_1`` ...), so official checkpoints load by name after
 :func:`checkpoint_filter_fn` strips their wrappers.
 
-Differences from the official code, none of which changes a converted checkpoint's forward:
-FPS/kNN run in torch (no pointnet2_ops / KNN_CUDA; pointnet2's FPS additionally never picks
-points within 0.03 of the origin, ours has no such exclusion); the Hilbert depth is taken per
-cloud rather than over the batch (equal whenever the clouds of a batch span the same power of
-two of grid cells); the official block (x + mixer(norm(x))) is run in mamba-ssm's
+Also here: the serialization-based masked point modelling objective (:class:`PointMambaMPM`,
+the official pre-training model) and a part-segmentation head (:class:`PointMambaPartSeg`).
+
+Differences from the official code. None changes the weights or the checkpoint layout; the first
+two can, rarely, change which centres or which token order a cloud gets:
+FPS/kNN run in torch (no pointnet2_ops / KNN_CUDA; pointnet2's CUDA FPS never picks a point with
+|p|^2 <= 1e-3 after the first, ours has no such exclusion); the Hilbert depth is taken per cloud
+rather than over the batch (equal whenever the clouds of a batch span the same power of two of
+grid cells, and batch-independent); the official block (x + mixer(norm(x))) runs in mamba-ssm's
 Add -> Norm -> Mixer form, which computes the same thing.
 """
 from __future__ import annotations
