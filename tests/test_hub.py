@@ -204,3 +204,21 @@ def test_package_files_resolve_inside_the_package():
     path = hub.resolve_pretrained_file("weights/vim_tiny.digits.safetensors")
     assert path == Path(zoo.__file__).parent / "weights" / "vim_tiny.digits.safetensors"
     assert hub.resolve_pretrained_file(path) == path  # absolute paths stay as they are
+
+
+class RunConfig(dict):
+    """Stands for a training framework's config object (VMamba stores a yacs CfgNode, a dict subclass)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.frozen = True
+
+
+def test_foreign_objects_next_to_the_weights_are_ignored(sd, tmp_path, monkeypatch):
+    path = tmp_path / "released.pth"
+    torch.save({"model": sd, "config": RunConfig(lr=1e-3, layers=[2, 2]), "epoch": 299}, path)
+    # The class must not even be importable where the file is loaded.
+    monkeypatch.delattr(__import__(__name__), "RunConfig")
+    with pytest.warns(UserWarning, match=r"ignored non-tensor objects of types .*RunConfig"):
+        loaded = load_checkpoint(path)
+    assert loaded.keys() == sd.keys() and all(torch.equal(loaded[k], sd[k]) for k in sd)

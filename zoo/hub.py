@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import importlib.resources
 import os
+import pickle
 import warnings
 from pathlib import Path
 from typing import Mapping
@@ -194,6 +195,55 @@ def _load_error_reason(e: Exception) -> str:
     return reason.split(" Please use `torch.serialization")[0] or type(e).__name__
 
 
+class _Ignored(dict):
+    """Stands in for an object of a class the checkpoint names beside its weights (a training run's
+    yacs CfgNode, ...). Pickle builds such objects with ``cls.__new__`` and then fills in their state,
+    neither of which runs code of the file. Calling the global, as a pickle does for functions like
+    ``os.system``, raises instead: a file that needs a call to an unknown global is refused."""
+
+    global_name = "?"
+
+    def __init__(self, *args, **kwargs):
+        raise pickle.UnpicklingError(f"refusing to call {self.global_name}, which is not a tensor type")
+
+    def __setstate__(self, state):
+        pass
+
+
+class _InertUnpickling:
+    """A ``pickle_module`` for torch.load: the globals ``weights_only`` allows resolve as usual, every other
+    one becomes an ``_Ignored`` placeholder class. Used only after the weights_only load refused a global,
+    to read the tensors that sit next to such objects."""
+
+    __name__ = "zoo.hub.inert_pickle"  # torch.load reads the pickle module's name
+
+    def __init__(self):
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        self.allowed = {**_get_allowed_globals(), "argparse.Namespace": argparse.Namespace}
+        self.ignored: set[str] = set()
+        outer = self
+
+        class Unpickler(pickle.Unpickler):
+            def find_class(self, module, name):
+                full = f"{module}.{name}"
+                if full in outer.allowed:
+                    return outer.allowed[full]
+                outer.ignored.add(full)
+                return type(name, (_Ignored,), {"global_name": full})
+
+        self.Unpickler = Unpickler
+
+    def load(self, file, **kwargs):
+        return self.Unpickler(file, **kwargs).load()
+
+
+def _load_ignoring_objects(path: Path, map_location) -> tuple[object, set[str]]:
+    inert = _InertUnpickling()
+    obj = torch.load(path, map_location=map_location, weights_only=False, pickle_module=inert)
+    return obj, inert.ignored
+
+
 def load_checkpoint(
     source: str | os.PathLike, map_location: str | torch.device = "cpu", sha256: str | None = None, cache_dir=None,
 ) -> dict[str, torch.Tensor]:
@@ -217,6 +267,14 @@ def load_checkpoint(
             # only plain values, so it is allowed alongside the tensors and containers weights_only accepts.
             with torch.serialization.safe_globals([argparse.Namespace]):
                 obj = torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            # Released checkpoints also carry objects of their training code (VMamba: a yacs CfgNode). Read
+            # the file again with those objects replaced by inert placeholders; the tensors are unaffected.
+            try:
+                obj, ignored = _load_ignoring_objects(path, map_location)
+            except Exception:
+                raise CheckpointError(f"{path} is not a checkpoint ({_EXPECTED_FORMAT}); torch.load: {_load_error_reason(e)}") from e
+            warnings.warn(f"{path}: ignored non-tensor objects of types {', '.join(sorted(ignored))}", stacklevel=2)
         except Exception as e:  # unpickling fails in many ways (bad zip, bad opcode, forbidden global)
             raise CheckpointError(f"{path} is not a checkpoint ({_EXPECTED_FORMAT}); torch.load: {_load_error_reason(e)}") from e
     return _unwrap(obj, path)
