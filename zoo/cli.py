@@ -79,8 +79,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.command_line = "zoo " + shlex.join(argv)
     try:
         return args.func(args)
-    except (ValueError, LookupError, ImportError, FileNotFoundError) as e:
-        # Expected failures (unknown names, missing extras, bad files): the message, not a traceback.
+    except (ValueError, LookupError, ImportError, FileNotFoundError, ArithmeticError) as e:
+        # Expected failures (unknown names, missing extras, bad files, a diverged loss): the message, not a traceback.
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"zoo {args.command}: error: {message}", file=sys.stderr)
         return 2
