@@ -80,9 +80,13 @@ class NotePool(nn.Module):
 
 
 def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """q (b, c, l_c, d), keys/values (b, c, m, d), bias (b, c, m) -> (b, c, l_c, d); all-empty rows give 0."""
-    logits = torch.einsum("bcld,bcmd->bclm", q, keys) / math.sqrt(q.shape[-1]) + bias[:, :, None, :]
-    weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a chunk with an empty pool reads nothing
+    """q (b, c, l_c, d), keys/values (b, c, m, d), bias (b, c, m) with -inf for empty slots ->
+    (b, c, l_c, d); a query whose pool is empty reads 0."""
+    valid = torch.isfinite(bias)[:, :, None, :]
+    logits = torch.einsum("bcld,bcmd->bclm", q, keys) / math.sqrt(q.shape[-1])
+    # Finite fill instead of -inf, so that all-empty rows have finite gradients; masked after softmax.
+    logits = (logits + torch.where(valid, bias[:, :, None, :], 0.0)).masked_fill(~valid, -1e9)
+    weights = torch.softmax(logits, dim=-1) * valid
     return torch.einsum("bclm,bcmd->bcld", weights, values)
 
 
