@@ -13,6 +13,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 from timm.models import _registry as timm_registry
+from timm.models._features import feature_take_indices
 from torch import nn
 
 import zoo
@@ -279,3 +280,35 @@ def test_import_zoo_survives_only_missing_third_party_modules(monkeypatch, missi
     else:
         with pytest.warns(UserWarning, match="optional dependency 'openslide' is missing"):
             zoo._register_models()
+
+
+class FeatureDummy(Dummy):
+    """Dummy with timm's feature interface: two maps, the stem's and a pooled one."""
+
+    feature_info = [dict(num_chs=8, reduction=1, module="stem"), dict(num_chs=8, reduction=2, module="pool")]
+
+    def forward_intermediates(self, x, indices=None, norm=False, output_fmt="NCHW", intermediates_only=False):
+        maps = [self.stem(x)]
+        maps.append(nn.functional.avg_pool2d(maps[0], 2))
+        maps = [maps[i] for i in feature_take_indices(2, indices)[0]]
+        return maps if intermediates_only else (maps[-1], maps)
+
+
+def test_features_only_wraps_after_loading_weights(registry, weights):
+    sd, path, sha = weights
+    register_pretrained_cfgs({"zoo_test_features.digits": dict(file=str(path), sha256=sha, num_classes=4)})
+
+    @register_model
+    def zoo_test_features(pretrained=False, **kwargs):
+        return build_model(FeatureDummy, "zoo_test_features", pretrained, **kwargs)
+
+    model = zoo.create_model("zoo_test_features", pretrained=True, features_only=True, out_indices=[1])
+    assert torch.equal(model.model.stem.weight, sd["stem.weight"])  # loaded, then wrapped
+    assert model.feature_info.reduction() == [2] and model.pretrained_cfg["tag"] == "digits"
+    assert [f.shape for f in model(torch.randn(1, 3, 8, 8))] == [(1, 8, 4, 4)]
+    assert len(timm.create_model("zoo_test_features", features_only=True)(torch.randn(1, 3, 8, 8))) == 2
+
+
+def test_features_only_needs_the_feature_interface(dummy):
+    with pytest.raises(ValueError, match="Dummy has no forward_intermediates"):
+        zoo.create_model("zoo_test_dummy", features_only=True)

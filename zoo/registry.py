@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 from timm.models import _registry as timm_registry
+from timm.models._features import FeatureGetterNet
 from timm.models._pretrained import DefaultCfg, PretrainedCfg
 from torch import nn
 
@@ -206,7 +207,14 @@ def build_model(
     or from ``checkpoint_path`` when given; either way through ``checkpoint_filter_fn(state_dict, model)``.
     Also accepts the arguments timm.create_model passes: ``pretrained_cfg`` (a tag, a cfg dict or a timm
     PretrainedCfg), ``pretrained_cfg_overlay`` (fields to override) and ``cache_dir``.
+
+    ``features_only=True`` returns, as timm's ``build_model_with_cfg``, the loaded model wrapped in timm's
+    ``FeatureGetterNet``: a module returning the (b, c, h, w) maps of ``out_indices`` (indices into the
+    model's ``feature_info``; default: all of them; an int: the last n), pruned after the last one asked for.
+    The model must implement ``forward_intermediates`` and ``feature_info``.
     """
+    features_only = kwargs.pop("features_only", False)
+    out_indices = kwargs.pop("out_indices", None)
     pretrained_cfg = kwargs.pop("pretrained_cfg", None)
     overlay = kwargs.pop("pretrained_cfg_overlay", None)
     cache_dir = kwargs.pop("cache_dir", None)
@@ -241,6 +249,22 @@ def build_model(
         if checkpoint_filter_fn is not None:
             state_dict = checkpoint_filter_fn(state_dict, model)
         hub.load_state_dict(model, state_dict, strict=pretrained_strict, source=source)
+    if features_only:
+        model = _feature_model(model, out_indices)
+    return model
+
+
+def _feature_model(model: nn.Module, out_indices) -> nn.Module:
+    if not (hasattr(model, "forward_intermediates") and hasattr(model, "feature_info")):
+        raise ValueError(
+            f"features_only: {type(model).__name__} has no forward_intermediates / feature_info; expected a model "
+            "that implements timm's feature interface"
+        )
+    cfg = model.pretrained_cfg
+    if out_indices is None:
+        out_indices = len(model.feature_info)  # timm's "last n": all of them
+    model = FeatureGetterNet(model, out_indices, output_fmt="NCHW")
+    model.pretrained_cfg = model.default_cfg = cfg
     return model
 
 

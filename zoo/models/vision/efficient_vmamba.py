@@ -35,9 +35,9 @@ from torch import nn
 
 from zoo.core.mamba import make_A_log, make_D, make_dt_proj
 from zoo.core.selective_scan import selective_scan_multi
-from zoo.registry import register_model, register_pretrained_cfgs
+from zoo.registry import build_model, register_model, register_pretrained_cfgs
 
-from .vmamba import HierarchicalBackbone, Stage, init_weights, build_hierarchical, drop_path_rates, stage_dims
+from .vmamba import HierarchicalBackbone, Stage, init_weights, drop_path_rates, stage_dims
 
 __all__ = ["EfficientVMamba", "ES2D", "EfficientVSSBlock", "atrous_split", "atrous_merge", "checkpoint_filter_fn"]
 
@@ -331,7 +331,7 @@ def checkpoint_filter_fn(state_dict: dict, model: EfficientVMamba) -> dict:
 
 
 def _create(variant: str, pretrained: bool, cfg: dict, kwargs: dict):
-    return build_hierarchical(EfficientVMamba, variant, pretrained, checkpoint_filter_fn, **{**cfg, **kwargs})
+    return build_model(EfficientVMamba, variant, pretrained, checkpoint_filter_fn=checkpoint_filter_fn, **{**cfg, **kwargs})
 
 
 @register_model

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models._features import FeatureGetterNet, feature_take_indices
+from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -43,7 +43,6 @@ from zoo.registry import build_model, register_model, register_pretrained_cfgs
 
 __all__ = [
     "VMamba", "SS2D", "VSSBlock", "HierarchicalBackbone", "Stage", "cross_scan", "cross_merge", "checkpoint_filter_fn",
-    "build_hierarchical",
 ]
 
 _PAPER = "VMamba: Visual State Space Model (Liu et al., NeurIPS 2024, arXiv:2401.10166)"
@@ -467,22 +466,8 @@ def checkpoint_filter_fn(state_dict: dict, model: VMamba) -> dict:
     return out
 
 
-def build_hierarchical(model_cls, variant: str, pretrained: bool, filter_fn, **kwargs):
-    """``build_model`` for a ``HierarchicalBackbone``; ``features_only=True`` (with ``out_indices``, default all
-    stages) wraps the model as timm does for models with ``forward_intermediates``: a module returning the
-    (b, c, h, w) stage maps, with ``feature_info``."""
-    features_only = kwargs.pop("features_only", False)
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    model = build_model(model_cls, variant, pretrained, checkpoint_filter_fn=filter_fn, **kwargs)
-    if features_only:
-        pretrained_cfg = model.pretrained_cfg
-        model = FeatureGetterNet(model, out_indices, output_fmt="NCHW")
-        model.pretrained_cfg = model.default_cfg = pretrained_cfg
-    return model
-
-
 def _create(variant: str, pretrained: bool, cfg: dict, kwargs: dict):
-    return build_hierarchical(VMamba, variant, pretrained, checkpoint_filter_fn, **{**cfg, **kwargs})
+    return build_model(VMamba, variant, pretrained, checkpoint_filter_fn=checkpoint_filter_fn, **{**cfg, **kwargs})
 
 
 @register_model
