@@ -22,11 +22,12 @@ Differences from the official code (forward and checkpoints are unaffected):
 from __future__ import annotations
 
 from functools import partial
-from typing import Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, lecun_normal_, resample_abs_pos_embed, resample_patch_embed, to_2tuple, trunc_normal_
+from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -164,6 +165,9 @@ class VisionMamba(nn.Module):
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
         self.norm_f = RMSNorm(embed_dim, eps=norm_epsilon)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        # One single-scale token map per block, as timm's ViT.
+        reduction = self.patch_embed.stride[0]
+        self.feature_info = [dict(num_chs=embed_dim, reduction=reduction, module=f"layers.{i}") for i in range(depth)]
 
         # Official order: ViT-style init of stem and head, then mamba-ssm's init over everything.
         lecun_normal_(self.patch_embed.proj.weight)
@@ -211,15 +215,69 @@ class VisionMamba(nn.Module):
         x = torch.cat([x[:, :mid], self.cls_token.expand(x.shape[0], -1, -1), x[:, mid:]], dim=1)
         return self.pos_drop(x + resample_pos_embed(self.pos_embed, grid, self.patch_embed.grid_size))
 
+    def _run_layer(self, layer: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor]):
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint(layer, x, residual, use_reentrant=False)
+        return layer(x, residual)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """Token maps after the blocks ``indices`` picks (an int: the last n; None: all), as timm's ViT.
+
+        The map of block i is the residual stream after it (the block's input stream plus its mixer
+        output; stochastic depth, an identity in eval, is not applied to it), with the middle class token
+        removed: (b, d, gh, gw) for "NCHW", (b, gh * gw, d) for "NLC". ``norm`` applies norm_f to every
+        map. Returns the maps, or (forward_features' tokens, maps); for block depth - 1 with ``norm`` in
+        eval, the map is those tokens without the class token.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"VisionMamba: output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        layers = self.layers[: max_index + 1] if stop_early and not torch.jit.is_scripting() else self.layers
+        tokens, grid = self.patch_embed(x)
+        hidden, residual = self._pos_embed(tokens, grid), None
+        intermediates = []
+        for i, layer in enumerate(layers):
+            hidden, residual = self._run_layer(layer, hidden, residual)
+            if i in take_indices:
+                stream = residual + hidden  # what the next block's add computes
+                feat = (self.norm_f(stream) if norm else stream).to(hidden.dtype)
+                mid = (feat.shape[1] - 1) // 2  # the class token's slot n // 2 in a 1 + n sequence
+                feat = torch.cat([feat[:, :mid], feat[:, mid + 1:]], dim=1)
+                if output_fmt == "NCHW":
+                    feat = feat.transpose(1, 2).reshape(feat.shape[0], -1, *grid).contiguous()
+                intermediates.append(feat)
+        if intermediates_only:
+            return intermediates
+        hidden, _ = add_norm(hidden, residual, self.norm_f, self.drop_path, self.residual_in_fp32)
+        return hidden, intermediates
+
+    def prune_intermediate_layers(
+        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> List[int]:
+        """Drop the blocks after the last of ``indices`` (and norm_f / the head when asked); returns the
+        absolute indices."""
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        self.layers = self.layers[: max_index + 1]
+        if prune_norm:
+            self.norm_f = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take_indices
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (b, c, h, w) -> normed tokens (b, 1 + n, d), class token at index n // 2."""
         x = self._pos_embed(*self.patch_embed(x))
         residual = None
         for layer in self.layers:
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x, residual = checkpoint(layer, x, residual, use_reentrant=False)
-            else:
-                x, residual = layer(x, residual)
+            x, residual = self._run_layer(layer, x, residual)
         x, _ = add_norm(x, residual, self.norm_f, self.drop_path, self.residual_in_fp32)
         return x
 
