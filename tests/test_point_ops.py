@@ -102,6 +102,17 @@ def test_trans_orders_swap_x_and_y():
     assert torch.equal(a, b)
 
 
+def test_official_cts_variant_sorts_by_the_first_axis_with_the_parity_sign():
+    # Largest cells: x 2, y 2 (even), z 1 (odd): exactly one odd -> descending first axis.
+    xyz = torch.tensor([[[0.0, 0, 0], [2, 0, 1], [1, 2, 0]]]) + 0.5
+    assert serialize(xyz, "xyz", grid_size=1.0, cts_variant="official")[0].tolist() == [[1, 2, 0]]
+    assert serialize(xyz, "yxz", grid_size=1.0, cts_variant="official")[0].tolist() == [[2, 0, 1]]  # ties stay in input order
+    even = torch.tensor([[[0.0, 0, 0], [2, 0, 0], [1, 2, 0]]]) + 0.5  # z max 0: both even -> ascending
+    assert serialize(even, "xyz", grid_size=1.0, cts_variant="official")[0].tolist() == [[0, 2, 1]]
+    with pytest.raises(ValueError, match="cts_variant must be 'snake' or 'official', got 'zigzag'"):
+        serialize(xyz, "xyz", cts_variant="zigzag")
+
+
 def test_serialize_errors():
     with pytest.raises(ValueError, match="unknown order 'peano'"):
         serialize(torch.rand(1, 5, 3), "peano")

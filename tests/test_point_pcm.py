@@ -61,6 +61,14 @@ def test_official_checkpoint_layout_loads(model):
     other.load_state_dict(checkpoint_filter_fn(official, other), strict=True)  # new head kept
 
 
+def test_official_cts_variant_runs_and_differs(model):
+    official = PointCloudMamba(**{**SMALL, "cts_variant": "official"}).eval()
+    official.load_state_dict(model.state_dict())
+    pts = torch.rand(2, 32, 3)
+    with torch.no_grad():
+        assert not torch.allclose(official(pts), model(pts))
+
+
 def test_backward_and_height_channel():
     m = PointCloudMamba(**{**SMALL, "in_channels": 4})
     assert m.encoder.embedding.net[0].in_channels == 4

@@ -23,9 +23,11 @@ Names follow the official modules (``encoder.local_grouper_list``, ``encoder.pre
 
 Deliberate deviations (documented, because they change orders, not weights):
 
-- CTS follows the paper (a snake scan: the first named axis fastest, reversing on every step of the
-  next). The released ``encode_cts`` multiplies by the axis maxima where it means the coordinates,
-  so its codes order the points by the first axis alone (ties arbitrary).
+- CTS follows the paper by default (a snake scan: the first named axis fastest, reversing on every
+  step of the next). The released ``encode_cts`` multiplies by the axis maxima where it means the
+  coordinates, so its codes order the points by the first axis alone; ``cts_variant="official"``
+  reproduces that (ties in input order; the sign rule per cloud rather than per batch), which is
+  what official checkpoints were trained with.
 - Prompt rows are assigned to orders by first appearance in ``orders``; the official code assigns
   them by iterating a Python ``set`` of strings, whose order depends on the training process's hash
   seed, so an official checkpoint's prompt-to-order assignment cannot be recovered from the file.
@@ -128,8 +130,12 @@ class PCMEncoder(nn.Module):
         prompt_dim: int = 384,
         drop_path_rate: float = 0.1,
         grid_size: float = 0.02,
+        cts_variant: str = "snake",
     ):
         super().__init__()
+        if cts_variant not in ("snake", "official"):
+            raise ValueError(f"PCM: cts_variant must be 'snake' or 'official', got {cts_variant!r}")
+        self.cts_variant = cts_variant
         stages = len(dim_expansion)
         if not len(pre_blocks) == len(mamba_blocks) == len(k_neighbors) == len(reducers) == stages:
             raise ValueError(
@@ -185,7 +191,7 @@ class PCMEncoder(nn.Module):
             x = self.pre_blocks_list[i](grouped)
             res = self.residual_proj_blocks_list[i](res) if res is not None else None
             for block in self.mamba_blocks_list[i]:
-                perm, _ = serialize(xyz, self.orders[layer], self.grid_size)
+                perm, _ = serialize(xyz, self.orders[layer], self.grid_size, cts_variant=self.cts_variant)
                 xyz, x = gather_points(xyz, perm), gather_points(x, perm)
                 res = gather_points(res, perm) if res is not None else None
                 x = x + self.pos_proj[i](xyz)

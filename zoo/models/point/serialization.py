@@ -202,6 +202,7 @@ def serialization_codes(
     grid_size: float = 0.02,
     lengths: Optional[torch.Tensor] = None,
     depth: Optional[int] = None,
+    cts_variant: str = "snake",
 ) -> torch.Tensor:
     """Codes (B, N) int64 of each point along ``order``; padded points get the int64 maximum.
 
@@ -209,9 +210,17 @@ def serialization_codes(
     of its largest cell coordinate (Pointcept/PointMamba take the largest over the whole batch,
     which makes a cloud's order depend on its batch-mates; the two agree whenever the clouds of a
     batch span the same power of two).
+
+    ``cts_variant`` (CTS orders only): ``"snake"``, the traversal of the PCM paper, or
+    ``"official"``, what the released PCM code computes: its ``encode_cts`` multiplies by the axis
+    maxima where the coordinates are meant, so the order is the first named axis alone, descending
+    when exactly one of the other two axes' largest cell index is odd (taken per cloud here, over
+    the batch there).
     """
     if order not in ORDERS:
         raise ValueError(f"serialization: unknown order {order!r}; expected one of {ORDERS}")
+    if cts_variant not in ("snake", "official"):
+        raise ValueError(f"serialization: cts_variant must be 'snake' or 'official', got {cts_variant!r}")
     grid = quantize(xyz, grid_size, lengths)
     valid = _valid_mask(xyz, lengths)
     if order.endswith("-trans"):
@@ -232,7 +241,12 @@ def serialization_codes(
     else:
         # Per-cloud extents so one cloud's code does not depend on its batch-mates.
         extent = torch.where(valid[..., None], grid, torch.zeros_like(grid)).amax(dim=1, keepdim=True) + 1
-        code = cts_encode(grid, order, extent)
+        if cts_variant == "snake":
+            code = cts_encode(grid, order, extent)
+        else:
+            a, b, c = (_AXIS[ch] for ch in order)
+            flip = ((extent[..., b] - 1) % 2) != ((extent[..., c] - 1) % 2)
+            code = torch.where(flip, -grid[..., a], grid[..., a])
     return torch.where(valid, code, torch.full_like(code, torch.iinfo(torch.long).max))
 
 
@@ -242,6 +256,7 @@ def serialize(
     grid_size: float = 0.02,
     lengths: Optional[torch.Tensor] = None,
     depth: Optional[int] = None,
+    cts_variant: str = "snake",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Order of the points of each cloud along ``order``: returns (perm, inverse), both (B, N).
 
@@ -249,7 +264,7 @@ def serialize(
     serialized features with ``inverse`` scatters them back. Ties (points in one cell) keep their
     input order (stable sort).
     """
-    code = serialization_codes(xyz, order, grid_size, lengths, depth)
+    code = serialization_codes(xyz, order, grid_size, lengths, depth, cts_variant)
     perm = torch.sort(code, dim=1, stable=True).indices
     return perm, invert_permutation(perm)
 
