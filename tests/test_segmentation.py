@@ -104,3 +104,37 @@ def test_train_improves_miou_and_cli_writes_json(tmp_path):
     saved = json.loads(out.read_text())
     assert saved["backbone"] == "vim_tiny" and saved["command"].startswith("zoo segment --backbone vim_tiny")
     assert set(saved["iou"]) == {"background", "circle", "rectangle", "triangle"}
+
+
+class FakeRegistry:
+    """mmengine's Registry as the integration uses it: register_module(name, module, force), build(cfg)."""
+
+    def __init__(self):
+        self.modules = {}
+
+    def register_module(self, name, module, force=False):
+        assert callable(module) and (force or name not in self.modules)
+        self.modules[name] = module
+
+    def build(self, cfg):
+        cfg = dict(cfg)
+        return self.modules[cfg.pop("type")](**cfg)
+
+
+def test_mmseg_backbone_adapter_without_mmseg():
+    from zoo.integrations.mmseg import ZooBackbone, register_mmseg_backbones
+
+    registry = FakeRegistry()
+    names = register_mmseg_backbones(registry)
+    assert {"ZooBackbone", "zoo_vmamba_tiny", "zoo_vim_small", "zoo_efficient_vmamba_tiny"} <= set(names)
+    backbone = registry.build(dict(type="zoo_vmamba_tiny", out_indices=(1, 2, 3), **VMAMBA))
+    backbone.init_weights()
+    feats = backbone(torch.randn(1, 3, 32, 32))
+    assert isinstance(feats, tuple) and [tuple(f.shape) for f in feats] == [(1, 16, 4, 4), (1, 32, 2, 2), (1, 64, 1, 1)]
+    assert backbone.out_channels == [16, 32, 64] and backbone.strides == [8, 16, 32]
+    vim = registry.build(dict(type="ZooBackbone", model_name="vim_tiny", out_indices=(0, 1, 2, 3), simple_pyramid=True, **VIM))
+    assert [f.shape[-1] for f in vim(torch.randn(1, 3, 32, 32))] == [16, 8, 4, 2] and vim.strides == [2, 4, 8, 16]
+    with pytest.raises(ValueError, match="init_cfg is not supported"):
+        ZooBackbone("vim_tiny", init_cfg=dict(type="Pretrained"), **VIM)
+    with pytest.raises(ValueError, match="simple_pyramid needs 4 maps of one width and stride"):
+        ZooBackbone("vmamba_tiny", simple_pyramid=True, **VMAMBA)

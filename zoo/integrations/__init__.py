@@ -1,0 +1,1 @@
+"""Bridges to other frameworks' registries (each module imports its framework lazily or guarded)."""
