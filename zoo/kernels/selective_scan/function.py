@@ -132,7 +132,7 @@ def _scan_fwd(
             *out.stride(),
             BLOCK_T=block_t, BLOCK_D=bd, BLOCK_N=bn,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_DTB=delta_bias is not None, SOFTPLUS=delta_softplus,
-            HAS_H0=h0 is not None, SAVE=save, HAS_CU=cu_seqlens is not None, STORE_OUT=store_out,
+            HAS_H0=h0 is not None, SAVE=save, HAS_CU=cu_seqlens is not None, STORE_OUT=store_out, HAS_T=H * W > 1,
             num_warps=warps,
         )
 
@@ -209,7 +209,7 @@ def _scan_bwd(
             BLOCK_T=block_t, BLOCK_D=bd, BLOCK_N=bn,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_DTB=delta_bias is not None, SOFTPLUS=delta_softplus,
             HAS_DLAST=dlast is not None, HAS_CU=cu_seqlens is not None, DETERMINISTIC=deterministic,
-            ADJ_ONLY=adj_only, num_warps=warps,
+            ADJ_ONLY=adj_only, HAS_T=H * W > 1, num_warps=warps,
         )
 
     if nseg > 1:
@@ -360,13 +360,14 @@ def selective_scan_multi_triton(
     contract. Inputs with a leading K axis are per direction; without it they are shared."""
     _check_device(u)
     K = len(directions)
-    flags = torch.tensor([direction_flags(d, hw) for d in directions], dtype=torch.int32, device=u.device)
+    flag_list = [direction_flags(d, hw) for d in directions]
+    flags = torch.tensor(flag_list, dtype=torch.int32, device=u.device)
 
     def shared(t):  # u and z may be shared by all directions: an expanded view, no copy
         return t if t is None or t.dim() == 4 else t.unsqueeze(0).expand(K, *t.shape)
 
     u, z = shared(u), shared(z)
-    H, W = hw if hw is not None else (1, 1)
+    H, W = hw if any(f & TRANSPOSE for f in flag_list) else (1, 1)
     out, last = _run(
         u, delta, A, _groups(B, K), _groups(C, K), D, z, delta_bias, initial_state, flags, cu_seqlens, H, W, delta_softplus,
         block_t, block_d,

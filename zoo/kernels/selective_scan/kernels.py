@@ -17,10 +17,40 @@ The backward recomputes the states of each chunk from the state saved at the chu
 forward saves one (d, n) state per chunk when gradients are needed), runs the adjoint scan
 backwards over the chunk, and never needs the pre-gate output: y is recomputed from the states.
 """
+import os
+
 import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+# The interpreter cannot run inline PTX; it takes the library functions instead.
+_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def _exp2_approx(x):
+    # ex2.approx.ftz: one special-function op. tl.exp2 adds a compare and two multiplies per
+    # element to keep denormal results, which the scan does not need (they only ever decay).
+    if _INTERPRET:
+        return tl.exp2(x)
+    else:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+
+
+@triton.jit
+def _log2_approx(x):
+    if _INTERPRET:
+        return tl.log2(x)
+    else:
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + _exp2_approx(-x * LOG2E))
 
 
 @triton.jit
@@ -31,17 +61,41 @@ def _combine(a1, b1, a2, b2):
 
 
 @triton.jit
-def _positions(s, seqlen, flags, H, W):
-    """Sequence position of recurrence step s (int tensor) for a direction's flags."""
+def _positions(s, seqlen, flags, H, W, HAS_T: tl.constexpr):
+    """Sequence position of recurrence step s (int tensor) for a direction's flags. The
+    column-major mapping costs integer divisions, so it is compiled in only when some direction
+    of the launch needs it (HAS_T)."""
     t = tl.where((flags & 1) != 0, seqlen - 1 - s, s)
-    t = tl.where((flags & 2) != 0, (t % H) * W + t // H, t)
+    if HAS_T:
+        t = tl.where((flags & 2) != 0, (t % H) * W + t // H, t)
     return t
 
 
 @triton.jit
 def _softplus(x):
     # log(1 + e^x) without overflow; above 20 it equals x in float32.
-    return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))), x)
+    return tl.where(x <= 20.0, LN2 * _log2_approx(1.0 + _exp2_approx(tl.minimum(x, 20.0) * LOG2E)), x)
+
+
+@triton.jit
+def _fwd_loads(u_base, dt_base, B_base, C_base, z_base, s, s_end, seqlen, start, flags, H, W, s_ul, s_dl, s_Bl, s_Cl,
+               s_zl, dmask, nmask, HAS_T: tl.constexpr, HAS_Z: tl.constexpr, STORE_OUT: tl.constexpr):
+    """One chunk's raw input tiles (steps s); masked rows and channels read as 0. C and z are only
+    read when the output is stored (stand-ins are returned otherwise)."""
+    smask = s < s_end
+    t = start + _positions(s, seqlen, flags, H, W, HAS_T)
+    m2 = smask[:, None] & dmask[None, :]
+    mb = smask[:, None] & nmask[None, :]
+    u = tl.load(u_base[None, :] + t[:, None] * s_ul, mask=m2, other=0.0)
+    dt = tl.load(dt_base[None, :] + t[:, None] * s_dl, mask=m2, other=0.0)
+    Bt = tl.load(B_base[None, :] + t[:, None] * s_Bl, mask=mb, other=0.0)
+    Ct = Bt
+    z = u
+    if STORE_OUT:
+        Ct = tl.load(C_base[None, :] + t[:, None] * s_Cl, mask=mb, other=0.0)
+        if HAS_Z:
+            z = tl.load(z_base[None, :] + t[:, None] * s_zl, mask=m2, other=0.0)
+    return u, dt, Bt, Ct, z
 
 
 @triton.jit
@@ -60,7 +114,7 @@ def _fwd_kernel(
     s_ok, s_ob, s_ol, s_od,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_H0: tl.constexpr, SAVE: tl.constexpr, HAS_CU: tl.constexpr, STORE_OUT: tl.constexpr,
+    HAS_H0: tl.constexpr, SAVE: tl.constexpr, HAS_CU: tl.constexpr, STORE_OUT: tl.constexpr, HAS_T: tl.constexpr,
 ):
     """Program (channel block, sequence x segment, direction). A sequence may be cut into NSEG
     segments of SEGLEN steps (a multiple of BLOCK_T) to fill the GPU when there are few
@@ -97,8 +151,7 @@ def _fwd_kernel(
     B_base = B_ptr + k64 * s_Bk + bb * s_Bb + (g // GB_DIV) * s_Bg + n * s_Bn
     C_base = C_ptr + k64 * s_Ck + bb * s_Cb + (g // GC_DIV) * s_Cg + n * s_Cn
     o_base = out_ptr + k64 * s_ok + bb * s_ob + d * s_od
-    if HAS_Z:
-        z_base = z_ptr + k64 * s_zk + bb * s_zb + d * s_zd
+    z_base = z_ptr + k64 * s_zk + bb * s_zb + d * s_zd
 
     A = tl.load(A_ptr + k64 * s_Ak + n[:, None] * s_An + d[None, :] * s_Ad, mask=dn_mask, other=0.0).to(tl.float32)
     A2 = A * LOG2E  # exp(x) = exp2(x log2 e): one multiply folded into A
@@ -120,34 +173,41 @@ def _fwd_kernel(
     s_end = tl.minimum(s0 + SEGLEN, seqlen)
     if not STORE_OUT:
         dtsum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    # Software prefetch: each iteration issues the next chunk's loads before computing on the
+    # current one, so their latency overlaps the scan (Triton does not pipeline these loads).
+    u_n, dt_n, B_n, C_n, z_n = _fwd_loads(u_base, dt_base, B_base, C_base, z_base, s0 + rows, s_end, seqlen, start,
+                                          flags, H, W, s_ul, s_dl, s_Bl, s_Cl, s_zl, dmask, nmask, HAS_T, HAS_Z,
+                                          STORE_OUT)
     for c in range(0, tl.cdiv(s_end - s0, BLOCK_T)):
         if SAVE:
             tl.store(hsave_ptr + (k64 * NSLOTS + slot0 + s0 // BLOCK_T + c) * DIMN + dn_off, h, mask=dn_mask)
         s = s0 + c * BLOCK_T + rows
         smask = s < s_end
-        t = start + _positions(s, seqlen, flags, H, W)
+        t = start + _positions(s, seqlen, flags, H, W, HAS_T)
         m2 = smask[:, None] & dmask[None, :]
-        u = tl.load(u_base[None, :] + t[:, None] * s_ul, mask=m2, other=0.0).to(tl.float32)
-        dt = tl.load(dt_base[None, :] + t[:, None] * s_dl, mask=m2, other=0.0).to(tl.float32)
+        u = u_n.to(tl.float32)
+        dt = dt_n.to(tl.float32)
+        Bt = B_n.to(tl.float32)
+        Ct = C_n.to(tl.float32)
+        z = z_n.to(tl.float32)
+        u_n, dt_n, B_n, C_n, z_n = _fwd_loads(u_base, dt_base, B_base, C_base, z_base, s + BLOCK_T, s_end, seqlen,
+                                              start, flags, H, W, s_ul, s_dl, s_Bl, s_Cl, s_zl, dmask, nmask, HAS_T,
+                                              HAS_Z, STORE_OUT)
         if HAS_DTB:
             dt += dtb[None, :]
         if SOFTPLUS:
             dt = _softplus(dt)
         dt = tl.where(m2, dt, 0.0)  # padded steps: decay 1, no input, so the state passes through
-        mb = smask[:, None] & nmask[None, :]
-        Bt = tl.load(B_base[None, :] + t[:, None] * s_Bl, mask=mb, other=0.0).to(tl.float32)
-        a = tl.exp2(dt[:, None, :] * A2[None, :, :])
+        a = _exp2_approx(dt[:, None, :] * A2[None, :, :])
         b = (dt * u)[:, None, :] * Bt[:, :, None]
         ca, cb = tl.associative_scan((a, b), 0, _combine)
         hs = cb + ca * h[None, :, :]
         if STORE_OUT:
-            Ct = tl.load(C_base[None, :] + t[:, None] * s_Cl, mask=mb, other=0.0).to(tl.float32)
             y = tl.sum(hs * Ct[:, :, None], axis=1)
             if HAS_D:
                 y += Dv[None, :] * u
             if HAS_Z:
-                z = tl.load(z_base[None, :] + t[:, None] * s_zl, mask=m2, other=0.0).to(tl.float32)
-                y = y * z * tl.sigmoid(z)
+                y = y * z * _sigmoid(z)
             tl.store(o_base[None, :] + t[:, None] * s_ol, y.to(out_ptr.dtype.element_ty), mask=m2)
         else:
             dtsum += tl.sum(dt, axis=0)
@@ -186,7 +246,7 @@ def _seg_combine_kernel(
             j = sq * NSEG + i
         tl.store(start_ptr + j * DIM * NSTATE + off, carry, mask=m)
         ds = tl.load(dtsum_ptr + j * DIM + d, mask=dmask, other=0.0)
-        carry = tl.exp2(ds[:, None] * A2) * carry + tl.load(end_ptr + j * DIM * NSTATE + off, mask=m, other=0.0)
+        carry = _exp2_approx(ds[:, None] * A2) * carry + tl.load(end_ptr + j * DIM * NSTATE + off, mask=m, other=0.0)
     tl.store(final_ptr + sq * DIM * NSTATE + off, carry, mask=m)
 
 
@@ -209,6 +269,7 @@ def _bwd_kernel(
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_DLAST: tl.constexpr, HAS_CU: tl.constexpr, DETERMINISTIC: tl.constexpr, ADJ_ONLY: tl.constexpr,
+    HAS_T: tl.constexpr,
 ):
     """Gradients. Per chunk (last to first): recompute the states from the saved chunk-start
     state, recompute y for the gate's derivative, then the adjoint g_s = C_s dy_s + a_{s+1} g_{s+1}
@@ -293,13 +354,13 @@ def _bwd_kernel(
         c = nch - 1 - ci
         s = s0 + c * BLOCK_T + rows
         smask = s < s_end
-        t = start + _positions(s, seqlen, flags, H, W)
+        t = start + _positions(s, seqlen, flags, H, W, HAS_T)
         m2 = smask[:, None] & dmask[None, :]
         mb = smask[:, None] & nmask[None, :]
         # delta of the next step in recurrence order: its decay carries the adjoint one step back.
         s1 = s + 1
         m21 = (s1 < seqlen)[:, None] & dmask[None, :]
-        t1 = start + _positions(s1, seqlen, flags, H, W)
+        t1 = start + _positions(s1, seqlen, flags, H, W, HAS_T)
         dt1 = tl.load(dt_base[None, :] + t1[:, None] * s_dl, mask=m21, other=0.0).to(tl.float32)
         if HAS_DTB:
             dt1 += dtb[None, :]
@@ -310,11 +371,11 @@ def _bwd_kernel(
         dout = tl.load(go_base[None, :] + t[:, None] * s_gl, mask=m2, other=0.0).to(tl.float32)
         if HAS_Z:
             z = tl.load(z_base[None, :] + t[:, None] * s_zl, mask=m2, other=0.0).to(tl.float32)
-            sz = tl.sigmoid(z)
+            sz = _sigmoid(z)
             dy = dout * z * sz
         else:
             dy = dout
-        an = tl.exp2(dt1[:, None, :] * A2[None, :, :])
+        an = _exp2_approx(dt1[:, None, :] * A2[None, :, :])
         ga, gs = tl.associative_scan((an, Ct[:, :, None] * dy[:, None, :]), 0, _combine, reverse=True)
         gs = gs + ga * gcar[None, :, :]
         gcar = tl.sum(tl.where(first_row, gs, 0.0), axis=0)
@@ -334,7 +395,7 @@ def _bwd_kernel(
             b = dtu[:, None, :] * Bt[:, :, None]
             h_in = tl.load(hsave_ptr + (k64 * NSLOTS + slot0 + s0 // BLOCK_T + c) * DIMN + dn_off, mask=dn_mask,
                            other=0.0)
-            ca, cb = tl.associative_scan((tl.exp2(dt[:, None, :] * A2[None, :, :]), b), 0, _combine)
+            ca, cb = tl.associative_scan((_exp2_approx(dt[:, None, :] * A2[None, :, :]), b), 0, _combine)
             hs = cb + ca * h_in[None, :, :]
             if HAS_Z:
                 y = tl.sum(hs * Ct[:, :, None], axis=1)
@@ -352,7 +413,7 @@ def _bwd_kernel(
             ddt = u * gB_ + tl.sum(gh * A[None, :, :], axis=1)
             dA_acc += tl.sum(gh * dt[:, None, :], axis=0)
             if SOFTPLUS:
-                ddt = ddt * tl.sigmoid(draw)
+                ddt = ddt * _sigmoid(draw)
             ddt = tl.where(m2, ddt, 0.0)
             if HAS_DTB:
                 dtb_acc += tl.sum(ddt, axis=0)
@@ -372,7 +433,7 @@ def _bwd_kernel(
     else:
         # Gradient of the state entering the segment: its first step's adjoint through that
         # step's decay (for segment 0 this is the initial state's gradient).
-        t0 = start + _positions(rows * 0 + s0, seqlen, flags, H, W)
+        t0 = start + _positions(rows * 0 + s0, seqlen, flags, H, W, HAS_T)
         m0 = ((rows == 0) & (s_end > s0))[:, None] & dmask[None, :]
         dt0 = tl.load(dt_base[None, :] + t0[:, None] * s_dl, mask=m0, other=0.0)
         dt0 = tl.sum(dt0.to(tl.float32), axis=0)
@@ -381,7 +442,7 @@ def _bwd_kernel(
         if SOFTPLUS:
             dt0 = _softplus(dt0)
         dt0 = tl.where(s_end > s0, dt0, 0.0)  # an empty sequence passes dlast straight to dh0
-        dh0 = gcar * tl.exp2(dt0[None, :] * A2)
+        dh0 = gcar * _exp2_approx(dt0[None, :] * A2)
         tl.store(dh0_ptr + seq * DIMN + dn_off, dh0, mask=dn_mask)
         tl.store(dA_ptr + seq * DIMN + dn_off, dA_acc, mask=dn_mask)
         if HAS_D:
