@@ -15,7 +15,8 @@ on; so is any other error (``"status": "error"``, with its message).
 When ``mamba_ssm`` is importable, every zoo entry is timed a second time with its selective scans replaced
 by mamba-ssm's ``selective_scan_fn`` (Vim: one call per direction, the reverse one on flipped copies as the
 official Vim does; VMamba / EfficientVMamba: one call over the four cross-scanned copies with per-direction
-groups as the official SS2D does), and ``ratios`` gives zoo / mamba-ssm inference images/s. Without it the
+groups as the official SS2D does); only the scan is swapped, convolutions and projections stay the zoo's.
+``ratios`` gives zoo / mamba-ssm images/s per cell. Without it the
 JSON says why the comparison could not be made. The JSON is rewritten after every measurement, so a run cut
 short keeps what it measured.
 """
