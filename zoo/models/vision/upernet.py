@@ -8,8 +8,8 @@ No auxiliary FCN head (the published recipes add one on the third map for traini
 
 Single-scale backbones (Vim: every map at the patch stride r) get ``SimplePyramid`` first: four maps
 resampled to strides r/4, r/2, r, 2r by two 2x2 transposed convolutions (with BN + GELU between), one
-transposed convolution, identity and 2x2 max-pooling, as the ViT / DeiT / BEiT UperNet setups of
-MMSegmentation do without a ViT-Adapter.
+transposed convolution, identity and 2x2 max-pooling, as MMSegmentation's BEiT / MAE UperNet backbones do
+(its ViT / DeiT configs resample by interpolation in a MultiLevelNeck instead); no ViT-Adapter.
 """
 from __future__ import annotations
 
