@@ -83,8 +83,10 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--depth", type=int, default=MODEL_KWARGS["depth"], help="Vim depth (the paper's dynamics are over depth)")
     p.add_argument("--out", default=None, help="JSON file to write")
     args = p.parse_args(argv)
+    MODEL_KWARGS["depth"] = args.depth
     _, test_loader = digits_loaders(64, 0)
     runs = []
     for variant in args.variants:
