@@ -19,14 +19,14 @@ leaves the float layer unchanged: x W^T = (x T)(W T^-T)^T):
     QuaRot-style: T = H, a normalised Hadamard matrix (block-diagonal I_m (x) H_2^k when the width
     is not a power of two).
 ``mambaquant``
-    * KLT-enhanced rotation (the paper's Section 4.1) on every layer except the mixers' out_proj:
+    * KLT-enhanced rotation (the paper's offline rotation) on every layer except the mixers' out_proj:
       with the calibration covariance of the layer input Cov(x) = K Lambda K^T (Karhunen-Loeve
       basis K), T = K H. Then Cov(x T) = H^T Lambda H, whose diagonal is sum_i Lambda_i H_ij^2 =
       tr(Lambda)/n for every channel j when |H_ij|^2 = 1/n: the channel variances are aligned,
       which the plain Hadamard transform does not guarantee. With a block-diagonal H the
       eigenvectors are dealt round-robin (by decreasing eigenvalue) to the blocks so that the
       block traces, and so the channel variances, stay close.
-    * Smooth-fused rotation (Section 4.2) on the mixers' out_proj, whose input y * SiLU(z) carries
+    * Smooth-fused rotation (the paper's online rotation) on the mixers' out_proj, whose input y * SiLU(z) carries
       the outliers: first a SmoothQuant-style diagonal s_j = max|x_j|^alpha / max|W_.j|^(1-alpha),
       x -> x / s (fused in deployment into the gate, the paper's scaled SiLU: SiLU(z) / s) and
       W -> W diag(s), then the Hadamard rotation: T = diag(1/s) H.

@@ -24,7 +24,7 @@ it is always on and gated. ``MemMambaModel`` stacks these blocks; at every ``cro
 layer the last position also attends to the final pools of the previous ``cross_layer_every`` layers
 (cross-layer attention; restricted to the last position, which may see the whole sequence).
 
-Metrics (Section 3 of the paper; the formulas are ours, in the paper's spirit):
+Metrics (the paper's horizontal-vertical memory fidelity; the formulas are ours, in its spirit):
 
 ``horizontal_fidelity`` (the paper's ETMF, expected token memory fidelity): for distances k,
     F_h(k) = E_t || y_{t+k}(x) - y_{t+k}(x with x_t zeroed) || / || y_t(x) - y_t(x with x_t zeroed) ||,

@@ -8,7 +8,7 @@ under the layer's input/output interaction. With the S6 parameterisation (the pa
     h_l = exp(Delta_l A) h_{l-1} + Delta_l B_l x_l,   y_l = C_l^T h_l,
 
 the token x_l is driven by sum_{j<=l} x_l^T S_C^T (...) S_B x_j, so the sign of the input/output
-matrix S_C^T S_B decides the dynamics. In the one-dimensional case (Section 4, the main theorem)
+matrix S_C^T S_B decides the dynamics. In the one-dimensional case (the paper's main theorem)
 exactly one of two scenarios happens: S_C^T S_B < 0 -> every token converges to zero (the
 *convergent* scenario, shown to hurt accuracy); S_C^T S_B > 0 -> every token diverges (the
 *divergent* scenario), tokens with a larger step S_Delta x_l diverging faster and so weighing more
@@ -21,7 +21,7 @@ Here, per mixer and scan direction: S_B, S_C are the B and C rows of ``x_proj`` 
 dt_proj.bias. The non-zero eigenvalues of the (d_inner x d_inner) matrix S_C^T S_B are those of the
 (d_state x d_state) matrix S_B S_C^T, which is what is decomposed.
 
-Token importance score (Section 5, the reordering refinement): s_l = K^T (S_Delta x_l + b_Delta),
+Token importance score (the reordering refinement; K S_Delta x as in the authors' released code): s_l = K^T (S_Delta x_l + b_Delta),
 the pre-softplus step of token l read by a vector K (learned when the mixer has
 ``reorder_tokens``; otherwise K = 1/d_inner, the mean step logit), where x_l is the layer's scan
 input (after in_proj, the depthwise conv and SiLU).
