@@ -150,3 +150,5 @@ def test_enable_refinements_on_a_zoo_model_and_cli(capsys):
     assert "layers.1.mixer" in out and "4 directions" in out
     assert main(["dynamics", "vim_tiny", "--json", "--params-only", "--set", "depth=1", "embed_dim=32"]) == 0
     assert '"scenario"' in capsys.readouterr().out
+    assert main(["dynamics", "abmil", "--params-only"]) == 2  # no Mamba mixer: an error, not a traceback
+    assert "has no Mamba mixer" in capsys.readouterr().err
