@@ -176,7 +176,8 @@ def add_cli(subparsers) -> None:
     )
     p.add_argument("--backbone", default=d.backbone, help="zoo entry with features_only support (vmamba_*, vim_*, ...)")
     p.add_argument("--backbone-kwargs", nargs="*", default=None, metavar="KEY=VALUE",
-                   help=f"create_model keyword arguments for the backbone (default: {d.backbone_kwargs}; none: the entry's own)")
+                   help=f"create_model keyword arguments for the backbone (default: {d.backbone_kwargs} for "
+                        f"{d.backbone}, none for other backbones; given without values: none)")
     p.add_argument("--out-indices", type=int, nargs="+", default=None, help="backbone maps (default: all stages / 4 blocks)")
     p.add_argument("--channels", type=int, default=d.channels, help="UperNet width")
     p.add_argument("--img-size", type=int, default=d.img_size, help="image side")
@@ -201,7 +202,8 @@ def _cli_segment(args: argparse.Namespace) -> int:
     d = SegmentConfig()
     cfg = SegmentConfig(
         backbone=args.backbone,
-        backbone_kwargs=d.backbone_kwargs if args.backbone_kwargs is None else parse_model_kwargs(args.backbone_kwargs),
+        backbone_kwargs=parse_model_kwargs(args.backbone_kwargs) if args.backbone_kwargs is not None
+        else d.backbone_kwargs if args.backbone == d.backbone else {},
         out_indices=tuple(args.out_indices) if args.out_indices else None, channels=args.channels,
         img_size=args.img_size, num_train=args.num_train, num_val=args.num_val, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, pretrained=args.pretrained,
