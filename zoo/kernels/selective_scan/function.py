@@ -68,8 +68,13 @@ def _lcm(a: int, b: int) -> int:
     return a * b // math.gcd(a, b)
 
 
+def _strides4(t):
+    """(K, b, l, d) strides; a 3-D tensor shared by all directions reads with K-stride 0."""
+    return (0, *t.stride()) if t.dim() == 3 else t.stride()
+
+
 def _geometry(u, A, B, C, cu_seqlens, block_t):
-    K, batch, L, dim = u.shape
+    K, batch, L, dim = A.shape[0], *u.shape[-3:]
     gb, gc = B.shape[3], C.shape[3]
     G = _lcm(gb, gc)  # a program's channels lie inside one group of B and one group of C
     nseq = batch if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -95,9 +100,9 @@ def _common_args(u, delta, A, B, C, D, z, delta_bias, flags, cu_seqlens, cs, H, 
          cu_seqlens if cu_seqlens is not None else flags, cs if cs is not None else flags],
         dict(L=L, DPG=dpg, NSTATE=A.shape[2], GB_DIV=G // B.shape[3], GC_DIV=G // C.shape[3], H=H, W=W,
              NCHUNK=nchunk, NSLOTS=nslots),
-        [*u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(),
+        [*_strides4(u), *delta.stride(), *A.stride(), *B.stride(), *C.stride(),
          D.stride(0) if D is not None else 0, delta_bias.stride(0) if delta_bias is not None else 0,
-         *(z.stride() if z is not None else (0, 0, 0, 0))],
+         *(_strides4(z) if z is not None else (0, 0, 0, 0))],
         (K, batch, L, dim, G, dpg, nseq, nchunk, nslots),
     )
 
@@ -180,9 +185,12 @@ def _scan_bwd(
     nblk = triton.cdiv(dpg, bd)
     dev = u.device
     dout = dout.contiguous()
-    du = torch.empty((K, batch, L, dim), dtype=u.dtype, device=dev)
+    # u and z shared by all directions: per-direction grads in float32, summed once below.
+    du = torch.empty((K, batch, L, dim), dtype=u.dtype if u.dim() == 4 else torch.float32, device=dev)
     ddt = torch.empty((K, batch, L, dim), dtype=delta.dtype, device=dev)
-    dz = torch.empty((K, batch, L, dim), dtype=z.dtype, device=dev) if z is not None else du
+    dz = du
+    if z is not None:
+        dz = torch.empty((K, batch, L, dim), dtype=z.dtype if z.dim() == 4 else torch.float32, device=dev)
     if deterministic:
         # One partial row per channel block sharing a group, summed below in a fixed order.
         dB = torch.empty((nblk * (G // gb), K, batch, L, gb, n), dtype=torch.float32, device=dev)
@@ -223,6 +231,10 @@ def _scan_bwd(
     def empty():
         return u.new_empty((0,))  # a fresh one each time: custom-op outputs may not alias
 
+    if u.dim() == 3:
+        du = du.sum(0).to(u.dtype)
+    if z is not None and z.dim() == 3:
+        dz = dz.sum(0).to(z.dtype)
     return [
         du, ddt, dA.sum(1).to(A.dtype), dB.sum(0).to(B.dtype), dC.sum(0).to(C.dtype),
         dD.sum(1).to(D.dtype) if D is not None else empty(),
@@ -260,7 +272,7 @@ def _backward(ctx, dout, dlast, _dhsave):
     u, delta, A, B, C, D, z, delta_bias, flags, cu_seqlens, hsave = ctx.saved_tensors
     H, W, softplus, block_t, block_d, h0_dtype = ctx.meta
     if dout is None:
-        dout = torch.zeros((*u.shape[:3], u.shape[3]), dtype=u.dtype, device=u.device)
+        dout = torch.zeros((A.shape[0], *u.shape[-3:]), dtype=u.dtype, device=u.device)
     du, ddt, dA, dB, dC, dD, dz, ddtb, dh0 = _scan_bwd(
         u, delta, A, B, C, D, z, delta_bias, flags, cu_seqlens, hsave, dout, dlast, H, W, softplus, block_t,
         block_d, torch.are_deterministic_algorithms_enabled(),
@@ -326,7 +338,7 @@ def selective_scan_triton(
 
 
 def _run(u, delta, A, B, C, D, z, delta_bias, h0, flags, cu_seqlens, H, W, softplus, block_t, block_d):
-    dpg = u.shape[3] // _lcm(B.shape[3], C.shape[3])
+    dpg = u.shape[-1] // _lcm(B.shape[3], C.shape[3])
     bt = _config(A.shape[2], dpg, False, block_t, block_d)[0]
     save = _needs_grad(u, delta, A, B, C, D, z, delta_bias, h0)
     if cu_seqlens is not None:
@@ -363,10 +375,6 @@ def selective_scan_multi_triton(
     flag_list = [direction_flags(d, hw) for d in directions]
     flags = torch.tensor(flag_list, dtype=torch.int32, device=u.device)
 
-    def shared(t):  # u and z may be shared by all directions: an expanded view, no copy
-        return t if t is None or t.dim() == 4 else t.unsqueeze(0).expand(K, *t.shape)
-
-    u, z = shared(u), shared(z)
     H, W = hw if any(f & TRANSPOSE for f in flag_list) else (1, 1)
     out, last = _run(
         u, delta, A, _groups(B, K), _groups(C, K), D, z, delta_bias, initial_state, flags, cu_seqlens, H, W, delta_softplus,
