@@ -23,14 +23,16 @@ REVERSE, TRANSPOSE = 1, 2  # direction flag bits (see kernels._positions)
 def _config(d_state: int, dpg: int, backward: bool, block_t: Optional[int] = None, block_d: Optional[int] = None):
     """(BLOCK_T, BLOCK_D, BLOCK_N, num_warps). Lanes go to channels first, then to states, warps
     after them; each thread then holds about 32 values of each (BLOCK_T, BLOCK_N, BLOCK_D) tile
-    (16 in the backward, which keeps about twice as many tiles live), so nothing spills. Few
+    (16 in the backward for d_state > 16), so nothing spills. Few
     channels per program keep many programs in flight. The backward uses the forward's BLOCK_T:
     it reads the states saved at the forward's chunk starts."""
     bn = triton.next_power_of_2(d_state)
     bd = block_d or max(1, min(128 // bn if bn < 16 else 8, 64, triton.next_power_of_2(dpg)))
     warps = max(1, min(8, bn * bd // 128))
     bt = block_t or max(2, min(32, 1024 * warps // (bn * bd)))
-    if backward and not block_d:
+    if backward and not block_d and bn > 16:
+        # Measured at d_state 16 (benchmarks/results/kernels_h100_sweep.json, "LM tile" rows): the
+        # forward's tile is also the faster backward tile; larger d_state halves it for registers.
         bd = max(1, bd // 2)
         warps = max(1, min(8, bn * bd // 128))
     return bt, bd, bn, warps
