@@ -245,3 +245,32 @@ def test_causal_conv1d_matches_torch(reverse, activation):
     grads = torch.autograd.grad(out, [x, w, b], gout)
     grads64 = torch.autograd.grad(ref, [x64, w64, b64], gout.double())
     assert all(rel(a, r) < 1e-5 for a, r in zip(grads, grads64))
+
+
+@pytest.mark.parametrize("dtype,has_residual,residual_in_fp32", [
+    (torch.float32, True, True), (torch.float32, False, True), (torch.bfloat16, True, False),
+])
+def test_fused_add_rms_norm_matches_add_norm(dtype, has_residual, residual_in_fp32):
+    from zoo.core.block import add_norm
+    from zoo.core.norm import RMSNorm
+    from zoo.kernels.norm import add_rms_norm_triton
+
+    g = torch.Generator().manual_seed(15)
+    h = torch.randn(3, 5, 37, generator=g).to(dtype).to(DEV).requires_grad_(True)
+    r_dtype = torch.float32 if residual_in_fp32 else dtype
+    r = torch.randn(3, 5, 37, generator=g).to(r_dtype).to(DEV).requires_grad_(True) if has_residual else None
+    norm = RMSNorm(37).to(DEV)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(37, generator=g))
+    out, rout = add_rms_norm_triton(h, r, norm.weight, 1e-5, residual_in_fp32)
+    ref, rref = add_norm(h, r, norm, None, residual_in_fp32)
+    assert out.dtype == ref.dtype and rout.dtype == rref.dtype
+    ins = [h, norm.weight] + ([r] if has_residual else [])
+    w1 = torch.randn(out.shape, generator=g).to(DEV)
+    w2 = torch.randn(rout.shape, generator=g).to(DEV)
+    got = torch.autograd.grad([out, rout], ins, [w1.to(out.dtype), w2.to(rout.dtype)])
+    want = torch.autograd.grad([ref, rref], ins, [w1.to(ref.dtype), w2.to(rref.dtype)])
+    # float32: rounding only; bfloat16: a few units of bf16 rounding (the interpreter truncates)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel(out, ref) < tol and rel(rout, rref) < tol
+    assert all(rel(a, b) < tol for a, b in zip(got, want))
