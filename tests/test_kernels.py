@@ -135,6 +135,16 @@ def test_multi_direction_one_launch():
             lambda **x: selective_scan_multi(**x, **kw, impl="naive"), t, 1e-5)
 
 
+def test_multi_direction_packed_sequences():
+    """Vim's pair over packed sequences (one empty) with per-sequence initial states."""
+    t = make(1, 25, 6, 4, k=2, seed=21)
+    t["initial_state"] = torch.randn(2, 3, 6, 4).to(DEV)
+    cu = torch.tensor([0, 7, 7, 25], device=DEV)
+    kw = dict(delta_softplus=True, return_last_state=True, directions=("forward", "reverse"), cu_seqlens=cu)
+    compare(lambda **x: selective_scan_multi_triton(**x, **kw),
+            lambda **x: selective_scan_multi(**x, **kw, impl="naive"), t, 1e-5)
+
+
 def test_deterministic_backward_is_bitwise_repeatable():
     t = make(2, 21, 20, 4, seed=8)
     ins = {k: v.requires_grad_(True) for k, v in t.items()}
