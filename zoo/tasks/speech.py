@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -65,7 +66,7 @@ def evaluate(task, model, loader):
 def run_speech_task(task: str = "kws", model_name: Optional[str] = None, epochs: int = 8, batch_size: int = 32,
                     lr: float = 2e-3, seed: int = 0, cache_dir: Optional[str] = None, output: Optional[str] = None,
                     voices_per_split: Optional[int] = None, n_strings: int = 1200, limit_batches: Optional[int] = None,
-                    progress: bool = True, **model_kwargs) -> dict:
+                    progress: bool = True, command: Optional[str] = None, **model_kwargs) -> dict:
     """Build the corpus (cached), train ``model_name`` from scratch, evaluate on held-out voices."""
     import zoo
 
@@ -98,7 +99,7 @@ def run_speech_task(task: str = "kws", model_name: Optional[str] = None, epochs:
             seen += len(labels)
             bar.set_postfix(loss=f"{loss.item():.3f}", utt_per_s=f"{seen / (time.time() - t0):.1f}")
     train_time = time.time() - t0
-    result = dict(task=task, model=model_name, epochs=epochs, train_utterances=len(train_loader.dataset),
+    result = dict(command=command, task=task, model=model_name, epochs=epochs, train_utterances=len(train_loader.dataset),
                   test_utterances=len(test_loader.dataset), train_seconds=train_time,
                   params=sum(p.numel() for p in model.parameters()), **evaluate(task, model, test_loader))
     if output:
@@ -124,7 +125,8 @@ def add_cli(subparsers) -> None:
 
 def _cli_main(args: argparse.Namespace) -> int:
     result = run_speech_task(args.task, args.model, args.epochs, args.batch_size, args.lr, args.seed, args.cache_dir,
-                             args.output, args.voices_per_split, limit_batches=args.limit_batches)
+                             args.output, args.voices_per_split, limit_batches=args.limit_batches,
+                             command="zoo " + " ".join(sys.argv[1:]))
     metric = f"accuracy {result['accuracy']:.4f}" if args.task == "kws" else f"CER {result['cer']:.4f}"
     print(f"{result['model']} on {args.task}: {metric} on {result['test_utterances']} held-out-voice utterances "
           f"({result['train_seconds']:.0f} s training, {result['params'] / 1e6:.2f}M params)")
