@@ -1,5 +1,6 @@
 """The `zoo` command line and the main job (fine-tune + evaluate on digits) at a tiny size."""
 import contextlib
+import importlib.util
 import io
 import json
 import re
@@ -16,7 +17,7 @@ from zoo.cli import main
 from zoo.data import DigitsDataset, create_dataset
 from zoo.tasks.classification import cosine_with_warmup, evaluate, param_groups_weight_decay
 
-pytest.importorskip("sklearn")
+needs_sklearn = pytest.mark.skipif(importlib.util.find_spec("sklearn") is None, reason="digits needs scikit-learn (the data extra)")
 
 # A 1-block, 32-wide Vim on 16x16 digits (4x4 patches): the whole job runs in seconds on CPU.
 TINY = ["--epochs", "1", "--limit-train-batches", "2", "--batch-size", "16", "--img-size", "16", "--patch-size", "4",
@@ -43,6 +44,7 @@ def tiny_job(tmp_path_factory):
     return code, stdout.getvalue(), stderr.getvalue(), out_dir
 
 
+@needs_sklearn
 def test_finetune_tiny_job_end_to_end(tiny_job):
     code, out, err, out_dir = tiny_job
     assert code == 0, err
@@ -60,6 +62,7 @@ def test_finetune_tiny_job_end_to_end(tiny_job):
     assert result["model_kwargs"]["depth"] == 1 and result["model_kwargs"]["embed_dim"] == 32
 
 
+@needs_sklearn
 def test_finetune_checkpoint_reloads_and_reproduces_accuracy(tiny_job):
     """The checkpoint loads strictly through create_model(checkpoint_path=...) and the reloaded model
     scores exactly the accuracy the job reported: the number was computed, by that model."""
@@ -116,6 +119,7 @@ def test_python_dash_m_zoo_and_console_script():
     assert proc.returncode == 0 and "--limit-train-batches" in proc.stdout
 
 
+@needs_sklearn
 def test_digits_split_is_stratified_fixed_and_normalised():
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     train = DigitsDataset("train", img_size=24, mean=mean, std=std)
