@@ -4,13 +4,10 @@ Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1) on CP
 checks the kernel code itself; sizes are small and odd (partial chunks, partial channel blocks,
 non-power-of-two d_state). Skipped only when triton cannot be imported.
 """
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are defined: set before importing them
+# conftest.py sets TRITON_INTERPRET=1 when there is no GPU, before any module imports the kernels.
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
 
 from zoo.core.selective_scan import selective_scan, selective_scan_multi, selective_scan_naive  # noqa: E402
