@@ -3,6 +3,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -112,7 +113,8 @@ def test_python_dash_m_zoo_and_console_script():
     proc = subprocess.run([sys.executable, "-m", "zoo", "list", "vim_t*"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "vim_tiny" in proc.stdout.split()
-    script = shutil.which("zoo")
+    # The script lands beside the interpreter of the environment the package was installed into.
+    script = shutil.which("zoo", path=os.path.dirname(sys.executable)) or shutil.which("zoo")
     if script is None:
         pytest.skip("the `zoo` console script is not installed (pip install -e .)")
     proc = subprocess.run([script, "finetune", "--help"], capture_output=True, text=True, timeout=120)
