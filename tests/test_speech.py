@@ -1,4 +1,5 @@
 """Speech encoders: front end, padding invariance, streaming, CTC utilities, the synthesized corpus."""
+import json
 import os
 import shutil
 
@@ -134,7 +135,13 @@ def test_corpus_and_task_end_to_end(task, tmp_path):
     if task == "kws":
         assert len(train) == len(KEYWORDS) and 0 <= label < len(KEYWORDS)
     res = run_speech_task(task, epochs=1, batch_size=4, cache_dir=str(tmp_path), voices_per_split=1, n_strings=12,
-                          limit_batches=2, output=str(tmp_path / "r.json"), progress=False, depth=1)
+                          limit_batches=2, output=str(tmp_path / "r.json"), progress=False, depth=1,
+                          save_weights=str(tmp_path / "w.safetensors"))
     metric = res["accuracy"] if task == "kws" else res["cer"]
     assert 0.0 <= metric <= (1.0 if task == "kws" else 10.0)
-    assert (tmp_path / "r.json").exists()
+    assert json.loads((tmp_path / "r.json").read_text())[("accuracy" if task == "kws" else "cer")] == metric
+    # The saved weights load back by name into a fresh model of the same entry (strict: no missing keys).
+    import zoo
+
+    reloaded = zoo.create_model(res["model"], depth=1, checkpoint_path=str(tmp_path / "w.safetensors"))
+    assert sum(p.numel() for p in reloaded.parameters()) == res["params"]

@@ -66,7 +66,8 @@ def evaluate(task, model, loader):
 def run_speech_task(task: str = "kws", model_name: Optional[str] = None, epochs: int = 8, batch_size: int = 32,
                     lr: float = 2e-3, seed: int = 0, cache_dir: Optional[str] = None, output: Optional[str] = None,
                     voices_per_split: Optional[int] = None, n_strings: int = 1200, limit_batches: Optional[int] = None,
-                    progress: bool = True, command: Optional[str] = None, **model_kwargs) -> dict:
+                    progress: bool = True, command: Optional[str] = None, save_weights: Optional[str] = None,
+                    **model_kwargs) -> dict:
     """Build the corpus (cached), train ``model_name`` from scratch, evaluate on held-out voices."""
     import zoo
 
@@ -105,6 +106,11 @@ def run_speech_task(task: str = "kws", model_name: Optional[str] = None, epochs:
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(result, indent=1))
+    if save_weights:
+        from safetensors.torch import save_file
+
+        Path(save_weights).parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, save_weights)
     return result
 
 
@@ -120,13 +126,14 @@ def add_cli(subparsers) -> None:
     p.add_argument("--voices-per-split", type=int, default=None, help="use only this many voices per split (quick runs)")
     p.add_argument("--limit-batches", type=int, default=None, help="train on at most this many batches per epoch")
     p.add_argument("--output", default=None, help="write the result JSON here")
+    p.add_argument("--save-weights", default=None, help="write the trained model's state dict here (safetensors)")
     p.set_defaults(func=_cli_main)
 
 
 def _cli_main(args: argparse.Namespace) -> int:
     result = run_speech_task(args.task, args.model, args.epochs, args.batch_size, args.lr, args.seed, args.cache_dir,
                              args.output, args.voices_per_split, limit_batches=args.limit_batches,
-                             command="zoo " + " ".join(sys.argv[1:]))
+                             command="zoo " + " ".join(sys.argv[1:]), save_weights=args.save_weights)
     metric = f"accuracy {result['accuracy']:.4f}" if args.task == "kws" else f"CER {result['cer']:.4f}"
     print(f"{result['model']} on {args.task}: {metric} on {result['test_utterances']} held-out-voice utterances "
           f"({result['train_seconds']:.0f} s training, {result['params'] / 1e6:.2f}M params)")
