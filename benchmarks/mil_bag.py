@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -61,7 +63,7 @@ def measure(model, bags, cu, device, dtype, warmup, repeats):
     return ms, peak
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--instances", type=int, default=100_000)
     p.add_argument("--in-dim", type=int, default=1024)
@@ -74,7 +76,7 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute MambaMIL layers in backward")
     p.add_argument("--output", default=None)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -102,7 +104,7 @@ def main():
             rows.append(row)
         del model
     result = dict(
-        script="benchmarks/mil_bag.py", device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        command="PYTHONPATH=. python benchmarks/mil_bag.py " + shlex.join(sys.argv[1:] if argv is None else argv), device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         torch=torch.__version__, params={n: sum(p.numel() for p in MODELS[n](args.in_dim, args.rate).parameters()) for n in args.models},
         config=vars(args), rows=rows,
     )

@@ -99,8 +99,14 @@ def main(argv=None) -> int:
     p.add_argument("--config", required=True, help="YAML recipe, e.g. configs/passkey_smoke.yaml")
     p.add_argument("--device", default=None, help="override the recipe's device")
     p.add_argument("--out", default=None, help="JSON file to write")
+    p.add_argument("--models", nargs="+", default=None, help="run only these of the recipe's models (e.g. one per process)")
     args = p.parse_args(argv)
     cfg = yaml.safe_load(Path(args.config).read_text())
+    if args.models:
+        unknown = sorted(set(args.models) - set(cfg["models"]))
+        if unknown:
+            p.error(f"--models {unknown} not in the recipe's models {cfg['models']}")
+        cfg["models"] = list(args.models)
     device = torch.device(args.device or cfg.get("device", "cpu"))
     results = []
     for name in cfg["models"]:

@@ -53,10 +53,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# "deit_tiny_patch16_224@eager": the timm model with attention written out (softmax(QK^T)V, the (N, N)
+# matrix materialised), as the Vim paper's DeiT baseline ran; without the suffix timm uses fused SDPA.
+EAGER = "@eager"
+
+
 def build(name: str, size: int, device: torch.device) -> torch.nn.Module:
     kwargs = dict(img_size=size) if name.startswith(_TAKES_IMG_SIZE) else {}
     if name in zoo.list_models():
         model = zoo.create_model(name, **kwargs)
+    elif name.endswith(EAGER):
+        fused = timm.layers.use_fused_attn()
+        timm.layers.set_fused_attn(False)  # read by timm's Attention modules at construction
+        try:
+            model = timm.create_model(name[: -len(EAGER)], pretrained=False, **kwargs)
+        finally:
+            timm.layers.set_fused_attn(fused)
     else:
         model = timm.create_model(name, pretrained=False, **kwargs)
     return model.to(device)
@@ -236,9 +248,10 @@ def main(argv=None) -> int:
     args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
     args.reps = args.reps if args.reps is not None else (5 if args.quick else 20)
     torch.backends.cudnn.benchmark = True
-    unknown = [m for m in args.models if m not in zoo.list_models() and not timm.is_model(m)]
+    unknown = [m for m in args.models if m not in zoo.list_models() and not timm.is_model(m.removesuffix(EAGER))]
     if unknown:
-        p.error(f"unknown models {unknown}: expected zoo entries ({', '.join(ZOO_MODELS)}, ...) or timm names")
+        p.error(f"unknown models {unknown}: expected zoo entries ({', '.join(ZOO_MODELS)}, ...) or timm names "
+                f"(optionally with {EAGER!r} for unfused attention)")
 
     ssm_fn, ssm_reason = (None, "skipped (--no-mamba-ssm)") if args.no_mamba_ssm else _mamba_ssm()
     if ssm_fn is not None and device.type != "cuda":
