@@ -2,7 +2,12 @@
 
 The recipe is timm's: AdamW without weight decay on 1-D parameters and on the model's
 ``no_weight_decay()`` names, per-step cosine learning rate after a linear warmup, optional label
-smoothing, gradient-norm clipping, optional bfloat16 autocast.
+smoothing, gradient-norm clipping, optional bfloat16 / float16 autocast.
+
+Under ``torchrun`` the same job runs data-parallel (DDP, or FSDP2 with ``--strategy fsdp``): each process
+loads ``--batch-size`` images per step through a DistributedSampler, metrics are all-reduced, and only rank 0
+prints, shows progress bars and writes files. Layer-wise lr decay, EMA of weights, gradient checkpointing
+and checkpoint / resume are options; the machinery lives in :mod:`zoo.tasks.engine`.
 """
 from __future__ import annotations
 
@@ -13,13 +18,20 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+
+from zoo.tasks.engine import (
+    STRATEGIES, DistContext, ShardSampler, all_reduce_max, all_reduce_sum, autocast, backward_and_step, cleanup_distributed,
+    cosine_with_warmup, create_ema, create_grad_scaler, create_optimizer, full_model_state_dict, init_distributed,
+    is_main_process, load_training_state, param_groups_weight_decay, read_training_state, save_training_state, unwrap_model,
+    wrap_model,
+)
 
 @dataclass
 class FinetuneConfig:
@@ -45,35 +57,17 @@ class FinetuneConfig:
     pretrained: bool = False
     checkpoint_path: Optional[str] = None
     device: str = "cpu"
-    amp: bool = False
+    amp: Union[bool, str] = False  # False: float32; True or "bf16": bfloat16 autocast; "fp16": float16 (+ GradScaler on CUDA)
     seed: int = 0
     limit_train_batches: Optional[int] = None
     output: Optional[str] = None
     progress: bool = True
-
-
-def param_groups_weight_decay(model: nn.Module, weight_decay: float):
-    """Two AdamW groups: decayed weights, and undecayed 1-D params (norms, biases, D) plus the
-    names in ``model.no_weight_decay()`` (position embedding, class token)."""
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def cosine_with_warmup(optimizer, total_steps: int, warmup_steps: int, min_lr: float):
-    """Per-step schedule: linear from ~0 to the base lr over warmup_steps, then cosine to min_lr."""
-    base = optimizer.param_groups[0]["lr"]
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return (min_lr + (base - min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))) / base
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    strategy: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard); ignored in a single process
+    grad_checkpointing: bool = False
+    layer_decay: Optional[float] = None  # layer-wise lr decay through the model's group_matcher (None: off)
+    ema_decay: Optional[float] = None  # EMA of weights with this decay, evaluated instead of the raw weights (None: off)
+    save_every: int = 0  # write <output>/checkpoint-epochN.pt every this many epochs (0: none)
+    resume: Optional[str] = None  # continue from a checkpoint-epochN.pt
 
 
 def model_kwargs_for(cfg: FinetuneConfig, num_classes: int) -> Dict[str, Any]:
@@ -89,41 +83,48 @@ def model_kwargs_for(cfg: FinetuneConfig, num_classes: int) -> Dict[str, Any]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bool = False) -> Dict[str, float]:
-    """Top-1 accuracy and images per second over a loader."""
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: Union[bool, str] = False,
+             num_valid: Optional[int] = None) -> Dict[str, float]:
+    """Top-1 accuracy and images per second over a loader. ``num_valid``: count only the first this many
+    samples of the stream (a :class:`~zoo.tasks.engine.ShardSampler` pads the shards to equal length)."""
     model.eval()
     correct = total = 0
     start = time.perf_counter()
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with autocast(device, amp):
             logits = model(images)
-        correct += (logits.argmax(-1) == labels).sum().item()
-        total += labels.numel()
+        hits = logits.argmax(-1) == labels
+        if num_valid is not None:
+            hits = hits[: max(0, num_valid - total)]
+        correct += hits.sum().item()
+        total += hits.numel()
     seconds = time.perf_counter() - start
-    return {"accuracy": correct / total, "images": total, "seconds": seconds, "images_per_s": total / seconds}
+    return {"accuracy": correct / max(total, 1), "correct": correct, "images": total, "seconds": seconds,
+            "images_per_s": total / seconds}
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, device, cfg: FinetuneConfig, epoch: int) -> Dict[str, float]:
+def train_one_epoch(model, loader, optimizer, scheduler, device, cfg: FinetuneConfig, epoch: int,
+                    scaler=None, ema=None, show_progress: bool = True) -> Dict[str, float]:
+    """One pass (at most ``limit_train_batches`` steps); the returned counts are this process's own."""
     model.train()
     steps = len(loader) if cfg.limit_train_batches is None else min(len(loader), cfg.limit_train_batches)
-    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not cfg.progress, leave=True)
+    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not (cfg.progress and show_progress),
+               leave=True)
     loss_sum = correct = seen = 0
     start = time.perf_counter()  # images/s counts everything: loading, augmentation, forward, backward, step
     for step, (images, labels) in enumerate(loader):
         if step == steps:
             break
         images, labels = images.to(device), labels.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+        with autocast(device, cfg.amp):
             logits = model(images)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"finetune: loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.clip_grad:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-        optimizer.step()
+        backward_and_step(loss, model, optimizer, cfg.clip_grad, scaler)
+        if ema is not None:
+            ema.update(unwrap_model(model))
         scheduler.step()
         seconds = time.perf_counter() - start
         n = labels.numel()
@@ -134,78 +135,148 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, cfg: FinetuneCo
                         lr=f"{optimizer.param_groups[0]['lr']:.2e}", img_s=f"{seen / seconds:.1f}")
         bar.update()
     bar.close()
-    return {"loss": loss_sum / seen, "accuracy": correct / seen, "images": seen, "seconds": seconds}
+    return {"loss_sum": loss_sum, "correct": correct, "images": seen, "seconds": seconds}
 
 
-def save_checkpoint(model: nn.Module, path: Path, metadata: Dict[str, Any]) -> None:
+def save_checkpoint(state_dict: Dict[str, torch.Tensor], path: Path, metadata: Dict[str, Any]) -> None:
     """safetensors state dict; ``metadata`` (JSON-encoded values) says how to rebuild the model."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     save_file(tensors, str(path), metadata={k: json.dumps(v) for k, v in metadata.items()})
 
 
 def finetune(cfg: FinetuneConfig, command: Optional[str] = None) -> Dict[str, Any]:
     """Fine-tune ``cfg.model`` on ``cfg.data`` and evaluate it on the test split; returns the result dict
-    (also written to ``<output>/result.json`` with the checkpoint ``<output>/model.safetensors``)."""
+    (also written to ``<output>/result.json`` with the checkpoint ``<output>/model.safetensors``).
+    Under torchrun every process runs this; the result (global metrics) is returned on every rank and
+    only rank 0 writes files."""
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise ValueError(f"finetune: epochs and batch size must be >= 1, got {cfg.epochs} and {cfg.batch_size}")
+    if cfg.strategy not in STRATEGIES:
+        raise ValueError(f"finetune: strategy must be one of {STRATEGIES}, got {cfg.strategy!r}")
+    if cfg.save_every and not cfg.output:
+        raise ValueError("finetune: --save-every writes checkpoints into --output, which is not set")
+    ctx = init_distributed(cfg.device)
+    try:
+        return _finetune(cfg, ctx, command)
+    finally:
+        cleanup_distributed(ctx)
+
+
+def _finetune(cfg: FinetuneConfig, ctx: DistContext, command: Optional[str]) -> Dict[str, Any]:
     import zoo
     from timm.data import resolve_data_config
+    from torch.utils.data.distributed import DistributedSampler
 
     from zoo.data import create_dataset, dataset_class
 
     wall_start = time.perf_counter()
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise ValueError(f"finetune: epochs and batch size must be >= 1, got {cfg.epochs} and {cfg.batch_size}")
-    device = torch.device(cfg.device)
-    torch.manual_seed(cfg.seed)
+    device = ctx.device
+    torch.manual_seed(cfg.seed)  # the same initialisation on every rank (FSDP shards it without a broadcast)
 
     kwargs = model_kwargs_for(cfg, dataset_class(cfg.data).num_classes)
     model = zoo.create_model(cfg.model, pretrained=cfg.pretrained, checkpoint_path=cfg.checkpoint_path, **kwargs)
     model.to(device)
+    if cfg.grad_checkpointing:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise ValueError(f"finetune: --grad-checkpointing needs set_grad_checkpointing(); {cfg.model} has none")
+        model.set_grad_checkpointing(True)
     data_cfg = resolve_data_config({}, model=model)  # mean / std from the entry's pretrained_cfg
     train_set = create_dataset(cfg.data, "train", img_size=cfg.img_size, mean=data_cfg["mean"], std=data_cfg["std"], seed=cfg.seed)
     test_set = create_dataset(cfg.data, "test", img_size=cfg.img_size, mean=data_cfg["mean"], std=data_cfg["std"], seed=cfg.seed)
-    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_set) >= cfg.batch_size,
-                              generator=torch.Generator().manual_seed(cfg.seed))
-    test_loader = DataLoader(test_set, batch_size=max(cfg.batch_size, 128))
+    eval_batch = max(cfg.batch_size, 128)
+    generator: Optional[torch.Generator] = None
+    num_valid: Optional[int] = None
+    if ctx.distributed:
+        # Every rank gets len(train_set) // world images per epoch, reshuffled per epoch from (seed, epoch).
+        train_sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed,
+                                           drop_last=True)
+        train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=train_sampler,
+                                  drop_last=len(train_sampler) >= cfg.batch_size)
+        test_sampler = ShardSampler(len(test_set), ctx.rank, ctx.world_size)
+        test_loader = DataLoader(test_set, batch_size=eval_batch, sampler=test_sampler)
+        num_valid = test_sampler.num_valid
+        torch.manual_seed(cfg.seed + ctx.rank)  # distinct augmentation and drop-path draws per rank
+    else:
+        generator = torch.Generator().manual_seed(cfg.seed)
+        train_sampler = None
+        train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_set) >= cfg.batch_size,
+                                  generator=generator)
+        test_loader = DataLoader(test_set, batch_size=eval_batch)
 
     params = sum(p.numel() for p in model.parameters())
-    print(describe_run(cfg, kwargs, params, len(train_set), len(test_set)), flush=True)
+    if ctx.is_main:
+        print(describe_run(cfg, kwargs, params, len(train_set), len(test_set), ctx), flush=True)
 
-    optimizer = torch.optim.AdamW(param_groups_weight_decay(model, cfg.weight_decay), lr=cfg.lr)
+    ema = create_ema(model, cfg.ema_decay, ctx, cfg.strategy) if cfg.ema_decay is not None else None
+    model = wrap_model(model, ctx, cfg.strategy)
+    optimizer = create_optimizer(unwrap_model(model), cfg.lr, cfg.weight_decay, cfg.layer_decay)
     steps_per_epoch = len(train_loader) if cfg.limit_train_batches is None else min(len(train_loader), cfg.limit_train_batches)
     total_steps = steps_per_epoch * cfg.epochs
-    scheduler = cosine_with_warmup(optimizer, total_steps, round(cfg.warmup_epochs * steps_per_epoch), cfg.min_lr)
+    scheduler = cosine_with_warmup(optimizer, total_steps, round(cfg.warmup_epochs * steps_per_epoch), cfg.min_lr, base_lr=cfg.lr)
+    scaler = create_grad_scaler(cfg.amp, device, cfg.strategy, ctx.distributed)
 
+    start_epoch = 0
     train_images = 0
     train_seconds = 0.0
     history = []
-    for epoch in range(cfg.epochs):
-        stats = train_one_epoch(model, train_loader, optimizer, scheduler, device, cfg, epoch)
-        train_images += stats["images"]
-        train_seconds += stats["seconds"]
-        history.append({"epoch": epoch + 1, "train_loss": stats["loss"], "train_accuracy": stats["accuracy"]})
-    ev = evaluate(model, test_loader, device, cfg.amp)
+    if cfg.resume:
+        state = read_training_state(cfg.resume)
+        saved = state["extra"]
+        if saved.get("model") != cfg.model or saved.get("model_kwargs") != kwargs:
+            raise ValueError(f"resume: {cfg.resume} holds {saved.get('model')} with {saved.get('model_kwargs')}, "
+                             f"but the arguments build {cfg.model} with {kwargs}")
+        start_epoch = load_training_state(state, ctx, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema,
+                                          scaler=scaler, generator=generator)
+        history, train_images, train_seconds = list(saved["history"]), saved["train_images"], saved["train_seconds"]
+        if ctx.is_main:
+            print(f"resumed from {cfg.resume}: {start_epoch} of {cfg.epochs} epochs done"
+                  + (f" ({state['rng_note']})" if state.get("rng_note") else ""), flush=True)
+    out = Path(cfg.output) if cfg.output else None
+
+    for epoch in range(start_epoch, cfg.epochs):
+        if train_sampler is not None:
+            train_sampler.set_epoch(epoch)
+        stats = train_one_epoch(model, train_loader, optimizer, scheduler, device, cfg, epoch, scaler, ema, show_progress=ctx.is_main)
+        loss_sum, correct, seen = all_reduce_sum([stats["loss_sum"], stats["correct"], stats["images"]], ctx)
+        train_images += int(seen)
+        train_seconds += all_reduce_max(stats["seconds"], ctx)
+        history.append({"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": correct / seen})
+        if cfg.save_every and ((epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs):
+            extra = dict(model=cfg.model, model_kwargs=kwargs, history=history, train_images=train_images,
+                         train_seconds=train_seconds, config=asdict(cfg))
+            save_training_state(out / f"checkpoint-epoch{epoch + 1}.pt", ctx, model=model, optimizer=optimizer, scheduler=scheduler,
+                                epoch=epoch + 1, ema=ema, scaler=scaler, generator=generator, extra=extra)
+    eval_model = ema.module if ema is not None else model
+    ev = evaluate(eval_model, test_loader, device, cfg.amp, num_valid)
+    correct, total = all_reduce_sum([ev["correct"], ev["images"]], ctx)
+    eval_seconds = all_reduce_max(ev["seconds"], ctx)
 
     result: Dict[str, Any] = dict(
         task="classification", model=cfg.model, data=cfg.data, pretrained=cfg.pretrained, model_kwargs=kwargs,
-        params=params, train_images=len(train_set), test_images=ev["images"], epochs=cfg.epochs,
-        accuracy=ev["accuracy"], train_images_per_s=train_images / train_seconds, eval_images_per_s=ev["images_per_s"],
-        train_seconds=train_seconds, eval_seconds=ev["seconds"], history=history,
+        params=params, train_images=len(train_set), test_images=int(total), epochs=cfg.epochs,
+        accuracy=correct / total, train_images_per_s=train_images / train_seconds, eval_images_per_s=total / eval_seconds,
+        train_seconds=train_seconds, eval_seconds=eval_seconds, history=history,
         device=str(device), threads=torch.get_num_threads(), torch=torch.__version__, config=asdict(cfg), command=command,
     )
-    if cfg.output:
-        out = Path(cfg.output)
+    if ctx.distributed:
+        result.update(world_size=ctx.world_size, strategy=cfg.strategy, global_batch_size=cfg.batch_size * ctx.world_size)
+    if ema is not None:
+        result["evaluated_weights"] = f"EMA (decay {cfg.ema_decay})"
+    weights = full_model_state_dict(eval_model, ctx) if out is not None else None  # collective under FSDP
+    if out is not None and ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(model, out / "model.safetensors", {"model": cfg.model, "model_kwargs": kwargs})
+        save_checkpoint(weights, out / "model.safetensors", {"model": cfg.model, "model_kwargs": kwargs})
         result["checkpoint"] = str(out / "model.safetensors")
     result["wall_seconds"] = time.perf_counter() - wall_start
-    if cfg.output:
+    if out is not None and ctx.is_main:
         (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
-def describe_run(cfg: FinetuneConfig, kwargs: Dict[str, Any], params: int, n_train: int, n_test: int) -> str:
+def describe_run(cfg: FinetuneConfig, kwargs: Dict[str, Any], params: int, n_train: int, n_test: int,
+                 ctx: Optional[DistContext] = None) -> str:
     """What is about to run, stated plainly: the entry, the exact create_model call, where weights come from."""
     from zoo import model_info
 
@@ -213,12 +284,27 @@ def describe_run(cfg: FinetuneConfig, kwargs: Dict[str, Any], params: int, n_tra
     weights = (f"pretrained weights of {cfg.model}" if cfg.pretrained
                else f"checkpoint {cfg.checkpoint_path}" if cfg.checkpoint_path
                else "none: random initialisation, trained from scratch (no --pretrained)")
-    return (f"finetune {cfg.model} on {cfg.data}: {n_train} train / {n_test} test images at {cfg.img_size}x{cfg.img_size}\n"
+    text = (f"finetune {cfg.model} on {cfg.data}: {n_train} train / {n_test} test images at {cfg.img_size}x{cfg.img_size}\n"
             f"  entry:   {model_info(cfg.model).get('description', cfg.model)}\n"
             f"  model:   create_model({call}) -> {params / 1e6:.2f}M params\n"
             f"  weights: {weights}\n"
             f"  train:   {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr:g}, device {cfg.device}, "
             f"{torch.get_num_threads()} threads")
+    extras = []
+    if ctx is not None and ctx.distributed:
+        extras.append(f"{ctx.world_size} processes ({cfg.strategy}), batch {cfg.batch_size} per process = "
+                      f"{cfg.batch_size * ctx.world_size} global")
+    if cfg.amp:
+        extras.append(f"autocast {'bf16' if cfg.amp is True else cfg.amp}")
+    if cfg.layer_decay is not None:
+        extras.append(f"layer-wise lr decay {cfg.layer_decay:g}")
+    if cfg.ema_decay is not None:
+        extras.append(f"EMA of weights (decay {cfg.ema_decay:g}), evaluated instead of the raw weights")
+    if cfg.grad_checkpointing:
+        extras.append("gradient checkpointing")
+    if extras:
+        text += "\n  options: " + "; ".join(extras)
+    return text
 
 
 def parse_model_kwargs(items) -> Dict[str, Any]:
@@ -264,12 +350,28 @@ def add_cli(subparsers) -> None:
     p.add_argument("--pretrained", action="store_true", help="start from the entry's pretrained weights (needs them cached or a network)")
     p.add_argument("--checkpoint-path", default=None, help="start from this checkpoint file")
     p.add_argument("--device", default=d.device, help="torch device, e.g. cpu or cuda")
-    p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16"],
+                   help="autocast: bf16 (also `--amp` alone) or fp16 (with a GradScaler on CUDA); default float32")
     p.add_argument("--seed", type=int, default=d.seed, help="seeds the initialisation, the split and the batch order")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's choice)")
     p.add_argument("--limit-train-batches", type=int, default=None, help="train on at most this many batches per epoch")
     p.add_argument("--output", default=None, help="write result.json and model.safetensors into this folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g = p.add_argument_group("scaling", "distributed training (launch with torchrun), memory and regularisation options")
+    g.add_argument("--strategy", default=d.strategy, choices=STRATEGIES,
+                   help="under torchrun: ddp (replicated weights) or fsdp (FSDP2 fully_shard: weights, gradients and "
+                        "optimizer state sharded per block, for the large entries); --batch-size is per process")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward (less memory)")
+    g.add_argument("--layer-decay", type=float, default=d.layer_decay,
+                   help="layer-wise lr decay through the model's group_matcher: the block below gets this times the lr "
+                        "of the block above (timm's param_groups_layer_decay)")
+    g.add_argument("--ema-decay", type=float, default=d.ema_decay,
+                   help="keep an EMA of the weights with this decay (e.g. 0.999) and evaluate it instead")
+    g.add_argument("--save-every", type=int, default=d.save_every,
+                   help="write OUTPUT/checkpoint-epochN.pt (model, optimizer, scheduler, EMA, RNG) every N epochs and "
+                        "after the last; 0: none")
+    g.add_argument("--resume", default=None, metavar="PATH",
+                   help="continue from a checkpoint-epochN.pt written by --save-every (same model arguments and --epochs)")
     p.add_argument("--json", action="store_true", help="print the result dict as JSON")
     p.set_defaults(func=_cli_finetune)
 
@@ -282,10 +384,14 @@ def _cli_finetune(args: argparse.Namespace) -> int:
         warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
         clip_grad=args.clip_grad, img_size=args.img_size, patch_size=args.patch_size, depth=args.depth,
         drop_path=args.drop_path, model_kwargs=parse_model_kwargs(args.model_kwargs), pretrained=args.pretrained,
-        checkpoint_path=args.checkpoint_path, device=args.device, amp=args.amp, seed=args.seed,
+        checkpoint_path=args.checkpoint_path, device=args.device, amp=args.amp or False, seed=args.seed,
         limit_train_batches=args.limit_train_batches, output=args.output, progress=not args.no_progress,
+        strategy=args.strategy, grad_checkpointing=args.grad_checkpointing, layer_decay=args.layer_decay,
+        ema_decay=args.ema_decay, save_every=args.save_every, resume=args.resume,
     )
     result = finetune(cfg, command=args.command_line)
+    if not is_main_process():
+        return 0
     if args.json:
         print(json.dumps(result, indent=1))
     print(f"top-1 accuracy: {result['accuracy']:.4f} on {result['test_images']} {cfg.data} test images")

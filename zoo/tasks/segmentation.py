@@ -19,7 +19,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from zoo.tasks.classification import cosine_with_warmup, param_groups_weight_decay, parse_model_kwargs
+from zoo.tasks.classification import parse_model_kwargs
+from zoo.tasks.engine import cosine_with_warmup, param_groups_weight_decay
 
 IGNORE_INDEX = 255
 
