@@ -31,7 +31,7 @@ from torch import nn
 __all__ = [
     "CheckpointError", "load_checkpoint", "load_state_dict", "resolve_pretrained", "resolve_pretrained_file",
     "resolve_source",
-    "file_sha256", "verify_sha256",
+    "file_sha256", "verify_sha256", "save_state_dict",
 ]
 
 # Keys under which training scripts nest the weights (timm, DeiT/Vim, DeepSpeed, EMA copies), in order of
@@ -310,3 +310,28 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], st
     if problems:
         warnings.warn(f"{what} loaded into {type(model).__name__} non-strictly; " + "; ".join(problems), stacklevel=2)
     model.load_state_dict(state_dict, strict=False)
+
+
+def save_state_dict(
+    state_dict: Mapping[str, torch.Tensor] | nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write a state dict (or a module's) as safetensors; floating tensors cast to ``dtype`` when given.
+
+    The training tasks' ``--save-weights`` and the packaging of shipped weights write through here; a float16 file
+    loads into a float32 model unchanged (``load_state_dict`` copies into the model's parameters).
+    """
+    from safetensors.torch import save_file
+
+    if isinstance(state_dict, nn.Module):
+        state_dict = state_dict.state_dict()
+    tensors = {}
+    for k, v in state_dict.items():
+        v = v.detach().cpu()
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        tensors[k] = v.contiguous()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=dict(metadata) if metadata else None)
+    return path

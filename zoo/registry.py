@@ -10,6 +10,12 @@ Model files register like timm's::
 
 Names are case-insensitive and treat "-" and "_" alike ("vim-small" is "vim_small"); "arch.tag" picks a
 pretrained tag, and the first tag registered for an arch is its default.
+
+A pretrained cfg may carry ``model_kwargs``: the architecture arguments its weights were trained with (e.g. the
+digits Vim: ``img_size=32, patch_size=8, stride=8, depth=6, num_classes=10``). They apply when that tag is
+created, by name ("vim_tiny.digits", through zoo or timm) or as the arch's default tag with ``pretrained=True``;
+keyword arguments given by the caller still win. The bare arch name without weights keeps the entry's own
+defaults.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import copy
 import dataclasses
 import difflib
 import fnmatch
+import functools
 import warnings
 from typing import Any, Callable, Mapping
 
@@ -37,7 +44,7 @@ __all__ = [
 # cfgs carry over unchanged.
 _ZOO_FIELDS = {
     "hf_hub_id", "hf_hub_filename", "hf_hub_revision", "url", "file", "sha256", "num_classes", "input_size",
-    "mean", "std", "crop_pct", "interpolation", "license", "paper", "source", "metrics", "notes",
+    "mean", "std", "crop_pct", "interpolation", "license", "paper", "source", "metrics", "notes", "model_kwargs",
 }
 _TIMM_FIELDS = {f.name for f in dataclasses.fields(PretrainedCfg)}
 _CFG_FIELDS = _ZOO_FIELDS | _TIMM_FIELDS
@@ -138,6 +145,36 @@ def _sync_timm_cfgs(arch: str) -> None:
         timm_registry._model_default_cfgs.pop(arch, None)
 
 
+def _tag_model_kwargs(arch: str, pretrained: bool, pretrained_cfg) -> dict[str, Any]:
+    """The ``model_kwargs`` of the cfg an entrypoint call builds: a named tag, a cfg mapping that carries them,
+    or the default tag when weights are asked for; {} otherwise."""
+    if isinstance(pretrained_cfg, str):
+        cfg = _resolve_cfg(arch, _normalize(pretrained_cfg))
+    elif isinstance(pretrained_cfg, Mapping):
+        cfg = pretrained_cfg
+    elif pretrained_cfg is None and pretrained:
+        cfg = _resolve_cfg(arch, None)
+    else:  # a timm PretrainedCfg has no model_kwargs field
+        return {}
+    model_kwargs = cfg.get("model_kwargs") or {}
+    if not isinstance(model_kwargs, Mapping):
+        raise ValueError(f"pretrained cfg of '{arch}': model_kwargs must be a mapping, got {type(model_kwargs).__name__}")
+    return dict(model_kwargs)
+
+
+def _with_tag_kwargs(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Wrap an entrypoint so that the chosen tag's ``model_kwargs`` become defaults of the call."""
+    arch = fn.__name__
+
+    @functools.wraps(fn)
+    def entrypoint(pretrained: bool = False, **kwargs):
+        extra = _tag_model_kwargs(arch, pretrained, kwargs.get("pretrained_cfg"))
+        return fn(pretrained=pretrained, **{**extra, **kwargs})
+
+    entrypoint.__zoo_entrypoint__ = fn
+    return entrypoint
+
+
 def _register_in_timm(fn: Callable[..., nn.Module]) -> None:
     name = fn.__name__
     if timm_registry.is_model(name) and name not in _timm_owned:
@@ -153,20 +190,28 @@ def _register_in_timm(fn: Callable[..., nn.Module]) -> None:
 # --- registration ----------------------------------------------------------------------------------------
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Register an entrypoint ``fn(pretrained=False, **kwargs) -> nn.Module`` under ``fn.__name__``, here and in timm."""
+    """Register an entrypoint ``fn(pretrained=False, **kwargs) -> nn.Module`` under ``fn.__name__``, here and in timm.
+
+    Returns the entrypoint wrapped so that a tag's ``model_kwargs`` apply (see the module docstring).
+    """
+    fn = getattr(fn, "__zoo_entrypoint__", fn)
     name = fn.__name__
     if name != _normalize(name):
         raise ValueError(f"model entrypoint names must be lowercase with '_' separators, got '{name}'")
     old = _entrypoints.get(name)
     if old is not None and (old.__module__, old.__qualname__) != (fn.__module__, fn.__qualname__):
         raise ValueError(f"model '{name}' is already registered by {old.__module__}; got a second one from {fn.__module__}")
-    _entrypoints[name] = fn
-    _register_in_timm(fn)
-    return fn
+    wrapped = _with_tag_kwargs(fn)
+    _entrypoints[name] = wrapped
+    _register_in_timm(wrapped)
+    return wrapped
 
 
 def register_pretrained_cfgs(cfgs: Mapping[str, Mapping[str, Any]]) -> None:
     """Register pretrained cfgs keyed by "arch.tag" (or a bare "arch"); an arch's first tag is its default.
+
+    A bare "arch" cfg (registered first) stays the default when tags follow: it describes the architecture, and
+    the tags add weights of their own (e.g. "mambamil" with no weights, "mambamil.digit_bags" trained here).
 
     Cfgs may be registered before or after their entrypoint. Unknown cfg fields are an error, so a typo
     cannot silently drop a weight source.
@@ -176,15 +221,18 @@ def register_pretrained_cfgs(cfgs: Mapping[str, Mapping[str, Any]]) -> None:
         unknown = sorted(set(cfg) - _CFG_FIELDS)
         if unknown:
             raise ValueError(f"pretrained cfg '{key}': unknown fields {unknown}; expected some of {sorted(_ZOO_FIELDS)}")
+        if cfg.get("model_kwargs") is not None and not isinstance(cfg["model_kwargs"], Mapping):
+            raise ValueError(f"pretrained cfg '{key}': model_kwargs must be a mapping of create_model arguments, "
+                             f"got {type(cfg['model_kwargs']).__name__}")
         if cfg.get("sha256"):
             sha = str(cfg["sha256"]).lower()
             if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
                 raise ValueError(f"pretrained cfg '{key}': sha256 must be 64 hex digits, got {cfg['sha256']!r}")
         tags = _pretrained_cfgs.setdefault(arch, {})
-        if tags and (tag is None) != ("" in tags):
-            # A bare "arch" cfg and tagged ones would both claim to be the arch's default.
-            raise ValueError(f"pretrained cfg '{key}': '{arch}' already has {'a bare' if '' in tags else 'tagged'} "
-                             f"cfg; an arch takes either one bare cfg or tagged cfgs")
+        if tag is None and tags and "" not in tags:
+            # A bare "arch" cfg registered after tagged ones would not be the arch's default, yet claim to be.
+            raise ValueError(f"pretrained cfg '{key}': '{arch}' already has tagged cfgs; a bare cfg (the arch's "
+                             f"default) must be registered before them")
         tags[tag or ""] = dict(cfg)
     for arch in {split_model_name(k)[0] for k in cfgs} & _timm_owned:
         _sync_timm_cfgs(arch)

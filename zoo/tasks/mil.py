@@ -94,8 +94,15 @@ def run_mil_benchmark(
     batch_size: int = 8,
     output: Optional[str] = None,
     command: Optional[str] = None,
+    save_weights: Optional[str] = None,
 ) -> dict:
-    """Train and test each model on digit bags for each seed; returns (and prints) the table."""
+    """Train and test each model on digit bags for each seed; returns (and prints) the table.
+
+    ``save_weights`` (one model, one seed) writes the trained model's state dict (safetensors).
+    """
+    if save_weights and (len(models) != 1 or len(seeds) != 1):
+        raise ValueError(f"mil bench: --save-weights needs one model and one seed, got models {list(models)} "
+                         f"and seeds {list(seeds)}")
     runs: List[dict] = []
     for seed in seeds:
         tr_x, tr_y = make_digit_bags(train_bags, "train", bag_size=tuple(bag_size), seed=seed)
@@ -127,6 +134,10 @@ def run_mil_benchmark(
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(result, indent=1) + "\n")
+    if save_weights:
+        from zoo.hub import save_state_dict
+
+        save_state_dict(model, save_weights)
     return result
 
 
@@ -154,6 +165,7 @@ def add_cli(subparsers) -> None:
     b.add_argument("--batch-size", type=int, default=8, help="bags per step (packed into one sequence)")
     b.add_argument("--lr", type=float, default=1e-3)
     b.add_argument("--output", default=None, help="write the table as JSON here")
+    b.add_argument("--save-weights", default=None, help="write the trained model's state dict here (safetensors; one model, one seed)")
     b.set_defaults(func=_cli_bench)
     e = sub.add_parser("extract", help="tile whole-slide images and cache their bag features (safetensors, resumable)")
     e.add_argument("slides", nargs="+", help="slide files OpenSlide can read")
@@ -171,7 +183,8 @@ def add_cli(subparsers) -> None:
 def _cli_bench(args: argparse.Namespace) -> int:
     run_mil_benchmark(args.models, args.seeds, args.epochs, args.train_bags, args.test_bags, args.bag_size,
                       args.embed_dim, args.rate, lr=args.lr, batch_size=args.batch_size, output=args.output,
-                      command=getattr(args, "command_line", None) or "zoo " + shlex.join(sys.argv[1:]))
+                      command=getattr(args, "command_line", None) or "zoo " + shlex.join(sys.argv[1:]),
+                      save_weights=args.save_weights)
     return 0
 
 

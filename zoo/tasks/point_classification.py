@@ -130,7 +130,12 @@ def _device_name(device: str) -> str:
 def run_points_benchmark(
     models: Sequence[str], seeds: Sequence[int], epochs: int, train_per_class: int, test_per_class: int, num_points: int,
     batch_size: int = 32, lr: float = 1e-3, device: str = "cpu", output: Optional[str] = None, command: str = "",
+    save_weights: Optional[str] = None,
 ) -> dict:
+    """Train and test each model for each seed; ``save_weights`` (one model, one seed) writes the trained state dict."""
+    if save_weights and (len(models) != 1 or len(seeds) != 1):
+        raise ValueError(f"points bench: --save-weights needs one model and one seed, got models {list(models)} "
+                         f"and seeds {list(seeds)}")
     train_x, train_y = make_shapes3d(train_per_class, num_points, seed=1000)
     test_x, test_y = make_shapes3d(test_per_class, num_points, seed=2000)
     rows: List[dict] = []
@@ -167,6 +172,10 @@ def run_points_benchmark(
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(result, indent=2) + "\n")
+    if save_weights:
+        from zoo.hub import save_state_dict
+
+        save_state_dict(model, save_weights)
     return result
 
 
@@ -184,13 +193,15 @@ def add_cli(subparsers) -> None:
     b.add_argument("--lr", type=float, default=1e-3)
     b.add_argument("--device", default="cpu")
     b.add_argument("--output", default=None, help="write the table as JSON here")
+    b.add_argument("--save-weights", default=None, help="write the trained model's state dict here (safetensors; one model, one seed)")
     b.set_defaults(func=_cli_bench)
 
 
 def _cli_bench(args: argparse.Namespace) -> int:
     run_points_benchmark(args.models, args.seeds, args.epochs, args.train_per_class, args.test_per_class, args.num_points,
                          args.batch_size, args.lr, args.device, args.output,
-                         command=getattr(args, "command_line", None) or "zoo " + shlex.join(sys.argv[1:]))
+                         command=getattr(args, "command_line", None) or "zoo " + shlex.join(sys.argv[1:]),
+                         save_weights=args.save_weights)
     return 0
 
 

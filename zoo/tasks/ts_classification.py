@@ -71,9 +71,14 @@ def run_tsc_benchmark(
     dataset: str = "BasicMotions", seeds: Sequence[int] = (0, 1, 2), epochs: int = 100, lr: float = 1e-3,
     batch_size: int = 16, d_model: int = 64, d_state: int = 16, d_ff: int = 128, e_layers: int = 2,
     patch_len: Optional[int] = None, output: Optional[str] = None, progress: bool = True,
-    command: Optional[str] = None,
+    command: Optional[str] = None, save_weights: Optional[str] = None,
 ) -> dict:
-    """Test accuracy of 1-NN (Euclidean) and the S-Mamba classifier (mean and per seed); printed and returned."""
+    """Test accuracy of 1-NN (Euclidean) and the S-Mamba classifier (mean and per seed); printed and returned.
+
+    ``save_weights`` (one seed) writes the trained classifier's state dict (safetensors).
+    """
+    if save_weights and len(seeds) != 1:
+        raise ValueError(f"tsc bench: --save-weights needs one seed, got {list(seeds)}")
     X_train, y_train, classes = load_classification_set(dataset, "train")
     X_test, y_test, _ = load_classification_set(dataset, "test")
     knn = nearest_neighbour_accuracy(X_train, y_train, X_test, y_test)
@@ -104,6 +109,10 @@ def run_tsc_benchmark(
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(result, indent=2) + "\n")
+    if save_weights:
+        from zoo.hub import save_state_dict
+
+        save_state_dict(model, save_weights)
     return result
 
 
@@ -123,6 +132,7 @@ def add_cli(subparsers) -> None:
     b.add_argument("--patch-len", type=int, default=None, help="patch tokens of this length (default: variate tokens)")
     b.add_argument("--output", default=None, help="write the result as JSON here")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
+    b.add_argument("--save-weights", default=None, help="write the trained classifier's state dict here (safetensors; one seed)")
     b.set_defaults(func=_cli_bench)
 
 
@@ -130,7 +140,7 @@ def _cli_bench(args: argparse.Namespace) -> int:
     run_tsc_benchmark(
         args.dataset, args.seeds, args.epochs, args.lr, args.batch_size, args.d_model, args.d_state, args.d_ff,
         args.e_layers, args.patch_len, args.output, progress=not args.quiet,
-        command=getattr(args, "command_line", None) or "zoo " + shlex.join(sys.argv[1:]),
+        command=getattr(args, "command_line", None) or "zoo " + shlex.join(sys.argv[1:]), save_weights=args.save_weights,
     )
     return 0
 
