@@ -177,10 +177,6 @@ def _to(x, device):
 # Each runner returns: model (trained or loaded), metric dict, train settings, and an example input
 # (args for the forward call, on CPU) of one evaluation batch and of one sample.
 
-class TaskResult(dict):
-    pass
-
-
 def _vision_overrides(name: str, budget: str) -> Dict[str, Any]:
     if budget == "full":
         return {}
@@ -247,29 +243,31 @@ def run_point_classification(name: str, budget: str, device: torch.device, seed:
 
     sizes = {"tiny": (4, 4, 128, 1), "quick": (16, 20, 256, 1), "full": (120, 60, 512, 8)}[budget]
     train_pc, test_pc, num_points, epochs = sizes
-    overrides: Dict[str, Any] = {}
-    if budget != "full":
-        if name.startswith("pointmamba"):
-            overrides = {"depth": 2, "num_group": num_points // 16, "group_size": 16}
-        elif name.startswith("pcm"):
-            overrides = {"mamba_blocks": (1, 1, 1, 1)}
+    batch_size = 16 if budget != "full" else 32
+    if pretrained_tag is not None:  # our own weights: the full task's test split, at the cfg's cloud size
+        model = zoo.create_model(f"{name}.{pretrained_tag}", pretrained=True)
+        num_points = int((model.pretrained_cfg.get("input_size") or (512, 3))[0])
+        test_x, test_y = make_shapes3d(60, num_points, seed=2000)
+        model_kwargs: Dict[str, Any] = {}
+        train: Dict[str, Any] = {"trained": False, "evaluated": "Shapes3D test split (60 per class, seed 2000)"}
     else:
-        if name.startswith("pointmamba"):
-            overrides = {"num_group": num_points // 16}  # as zoo points bench: patches scale with the cloud
-    if pretrained_tag is not None:
-        raise ValueError("point entries with our own weights: evaluation of tagged weights is not wired yet")
-    train_x, train_y = make_shapes3d(train_pc, num_points, seed=1000)
-    test_x, test_y = make_shapes3d(test_pc, num_points, seed=2000)
-    torch.manual_seed(seed)
-    model_kwargs = dict(num_classes=len(CLASSES), **overrides)
-    model = zoo.create_model(name, **model_kwargs)
-    secs = train_model(model, train_x, train_y, epochs, 16 if budget != "full" else 32, 1e-3, seed, device)
+        overrides: Dict[str, Any] = {}
+        if name.startswith("pointmamba"):  # patches scale with the cloud, as in zoo points bench
+            overrides = {"num_group": num_points // 16} | ({} if budget == "full" else {"depth": 2, "group_size": 16})
+        elif name.startswith("pcm") and budget != "full":
+            overrides = {"mamba_blocks": (1, 1, 1, 1)}
+        train_x, train_y = make_shapes3d(train_pc, num_points, seed=1000)
+        test_x, test_y = make_shapes3d(test_pc, num_points, seed=2000)
+        torch.manual_seed(seed)
+        model_kwargs = dict(num_classes=len(CLASSES), **overrides)
+        model = zoo.create_model(name, **model_kwargs)
+        secs = train_model(model, train_x, train_y, epochs, batch_size, 1e-3, seed, device)
+        train = {"trained": True, "epochs": epochs, "train_clouds": len(train_x), "num_points": num_points,
+                 "batch_size": batch_size, "lr": 1e-3, "seconds": secs, "recipe": "zoo.tasks.point_classification.train_model"}
+    model.to(device)
     ev = evaluate(model, test_x, test_y, 64, device)
     metrics = {"overall_accuracy": ev["overall_accuracy"], "mean_class_accuracy": ev["mean_class_accuracy"],
                "test_clouds": len(test_x)}
-    train = {"trained": True, "epochs": epochs, "train_clouds": len(train_x), "num_points": num_points,
-             "batch_size": 16 if budget != "full" else 32, "lr": 1e-3, "seconds": secs,
-             "recipe": "zoo.tasks.point_classification.train_model"}
     return dict(model=model, metric=("overall_accuracy", True), metrics=metrics, train=train, model_kwargs=model_kwargs,
                 data=f"Shapes3D ({len(CLASSES)} classes, {num_points} points)", batch=(test_x[:16],),
                 sample=(test_x[:1],), input_desc=f"points ({num_points}, 3)", unit="clouds/s")
@@ -280,29 +278,34 @@ def run_forecasting(name: str, budget: str, device: torch.device, seed: int, pre
     from zoo.data.timeseries import load_forecast_data
     from zoo.tasks.forecasting import _predict, evaluate_forecaster, train_forecaster
 
-    if pretrained_tag is not None:
-        raise ValueError("forecasting entries with our own weights: evaluation of tagged weights is not wired yet")
-    pred_len = 24 if budget == "tiny" else 96
-    data = load_forecast_data("epf_fr_be", 96, pred_len)
-    settings = {"tiny": dict(epochs=1, steps_per_epoch=2), "quick": dict(epochs=1, steps_per_epoch=20),
-                "full": dict(epochs=10, steps_per_epoch=None)}[budget]
-    model_kwargs: Dict[str, Any] = dict(seq_len=96, pred_len=pred_len, enc_in=len(data.columns))
-    if budget != "full":
-        model_kwargs["e_layers"] = 1
-    torch.manual_seed(seed)
-    model = zoo.create_model(name, **model_kwargs)
-    hist = train_forecaster(model, data, settings["epochs"], 1e-3, 32, 3, settings["steps_per_epoch"], seed, device,
-                            progress=False)
+    if pretrained_tag is not None:  # our own weights: the test windows at the model's look-back and horizon
+        model = zoo.create_model(f"{name}.{pretrained_tag}", pretrained=True)
+        data = load_forecast_data("epf_fr_be", model.seq_len, model.pred_len)
+        model_kwargs: Dict[str, Any] = {}
+        train: Dict[str, Any] = {"trained": False, "evaluated": "epf_fr_be test windows"}
+    else:
+        pred_len = 24 if budget == "tiny" else 96
+        data = load_forecast_data("epf_fr_be", 96, pred_len)
+        settings = {"tiny": dict(epochs=1, steps_per_epoch=2), "quick": dict(epochs=1, steps_per_epoch=20),
+                    "full": dict(epochs=10, steps_per_epoch=None)}[budget]
+        model_kwargs = dict(seq_len=96, pred_len=pred_len, enc_in=len(data.columns))
+        if budget != "full":
+            model_kwargs["e_layers"] = 1
+        torch.manual_seed(seed)
+        model = zoo.create_model(name, **model_kwargs)
+        hist = train_forecaster(model, data, settings["epochs"], 1e-3, 32, 3, settings["steps_per_epoch"], seed, device,
+                                progress=False)
+        train = {"trained": True, **settings, "batch_size": 32, "lr": 1e-3, "patience": 3, "epochs_run": hist["epochs_run"],
+                 "recipe": "zoo.tasks.forecasting.train_forecaster (best validation weights restored)"}
+    model.to(device)
     test = evaluate_forecaster(model, data.test, device=device)
     metrics = {"test_mse": test["mse"], "test_mae": test["mae"], "test_windows": len(data.test)}
-    train = {"trained": True, **settings, "batch_size": 32, "lr": 1e-3, "patience": 3, "epochs_run": hist["epochs_run"],
-             "recipe": "zoo.tasks.forecasting.train_forecaster (best validation weights restored)"}
     xs, ys, marks = zip(*[data.test[i] for i in range(16)])
     x, m = torch.stack(xs), torch.stack(marks)
     return dict(model=model, metric=("test_mse", False), metrics=metrics, train=train, model_kwargs=model_kwargs,
-                data=f"epf_fr_be ({len(data.columns)} variates), look-back 96 -> {pred_len}", batch=(x, m),
-                sample=(x[:1], m[:1]), forward=lambda mod, x, m: _predict(mod, x, m),
-                input_desc=f"window (96, {len(data.columns)}) + time marks", unit="windows/s")
+                data=f"epf_fr_be ({len(data.columns)} variates), look-back {data.seq_len} -> {data.pred_len}",
+                batch=(x, m), sample=(x[:1], m[:1]), forward=lambda mod, x, m: _predict(mod, x, m),
+                input_desc=f"window ({data.seq_len}, {len(data.columns)}) + time marks", unit="windows/s")
 
 
 def run_ts_classification(name: str, budget: str, device: torch.device, seed: int, pretrained_tag: Optional[str]):
@@ -310,21 +313,23 @@ def run_ts_classification(name: str, budget: str, device: torch.device, seed: in
     from zoo.data.timeseries import load_classification_set
     from zoo.tasks.ts_classification import _accuracy, train_classifier
 
-    if pretrained_tag is not None:
-        raise ValueError("series classifiers with our own weights: evaluation of tagged weights is not wired yet")
     X_train, y_train, classes = load_classification_set("BasicMotions", "train")
     X_test, y_test, _ = load_classification_set("BasicMotions", "test")
-    epochs = {"tiny": 1, "quick": 10, "full": 100}[budget]
-    model_kwargs = dict(seq_len=X_train.shape[1], num_classes=len(classes), enc_in=X_train.shape[2])
-    torch.manual_seed(seed)
-    model = zoo.create_model(name, **model_kwargs)
-    secs = train_classifier(model, X_train, y_train, epochs, 1e-3, 16, seed=seed, progress=False)
-    model.to(device)
+    if pretrained_tag is not None:  # our own weights: the official test split
+        model = zoo.create_model(f"{name}.{pretrained_tag}", pretrained=True)
+        model_kwargs: Dict[str, Any] = {}
+        train: Dict[str, Any] = {"trained": False, "evaluated": "BasicMotions official test split"}
+    else:
+        epochs = {"tiny": 1, "quick": 10, "full": 100}[budget]
+        model_kwargs = dict(seq_len=X_train.shape[1], num_classes=len(classes), enc_in=X_train.shape[2])
+        torch.manual_seed(seed)
+        model = zoo.create_model(name, **model_kwargs)
+        secs = train_classifier(model, X_train, y_train, epochs, 1e-3, 16, seed=seed, progress=False)
+        train = {"trained": True, "epochs": epochs, "batch_size": 16, "lr": 1e-3, "seconds": secs,
+                 "recipe": "zoo.tasks.ts_classification.train_classifier (CPU)"}
     acc = _accuracy(model.cpu(), X_test, y_test)
     model.to(device)
     metrics = {"test_accuracy": acc, "test_series": len(X_test)}
-    train = {"trained": True, "epochs": epochs, "batch_size": 16, "lr": 1e-3, "seconds": secs,
-             "recipe": "zoo.tasks.ts_classification.train_classifier (CPU)"}
     x = torch.as_tensor(X_test[:16])
     return dict(model=model, metric=("test_accuracy", True), metrics=metrics, train=train, model_kwargs=model_kwargs,
                 data=f"UEA BasicMotions {tuple(X_train.shape[1:])}", batch=(x,), sample=(x[:1],),
@@ -333,30 +338,36 @@ def run_ts_classification(name: str, budget: str, device: torch.device, seed: in
 
 def _run_speech(kind: str, name: str, budget: str, device: torch.device, seed: int, pretrained_tag: Optional[str]):
     import zoo
+    from torch.utils.data import DataLoader
+
     from zoo.data.speech import SynthSpeech, build_corpus, collate_waves
     from zoo.tasks.speech import evaluate, run_speech_task
 
-    if pretrained_tag is not None:
-        raise ValueError("speech entries with our own weights: evaluation of tagged weights is not wired yet")
-    model_kwargs: Dict[str, Any] = {}
-    if kind == "digits":
-        model_kwargs["num_classes"] = 11  # blank + 10 digits
-    if budget != "full" and name == "conmamba_ctc_large":
-        model_kwargs["depth"] = 2
-    settings = {"tiny": dict(epochs=1, limit_batches=2), "quick": dict(epochs=1, limit_batches=20),
-                "full": dict(epochs=8, limit_batches=None)}[budget]
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = str(Path(tmp) / "model.safetensors")
-        result = run_speech_task(kind, name, settings["epochs"], 32, 2e-3, seed, progress=False, save_weights=weights,
-                                 limit_batches=settings["limit_batches"], **model_kwargs)
-        model = zoo.create_model(name, checkpoint_path=weights, **model_kwargs)
-    model.to(device)
     metric = ("accuracy", True) if kind == "kws" else ("cer", False)
-    metrics = {metric[0]: result[metric[0]], "test_utterances": result["test_utterances"]}
-    train = {"trained": True, **settings, "batch_size": 32, "lr": 2e-3, "seconds": result["train_seconds"],
-             "recipe": "zoo.tasks.speech.run_speech_task"}
-    corpus = build_corpus(kind, seed=seed, progress=False)
+    corpus = build_corpus(kind, seed=seed, progress=False)  # the task's default corpus (cached after the first build)
     test = SynthSpeech(corpus, "test", train=False, seed=seed)
+    model_kwargs: Dict[str, Any] = {}
+    if pretrained_tag is not None:  # our own weights: the held-out voices
+        model = zoo.create_model(f"{name}.{pretrained_tag}", pretrained=True)
+        value = evaluate(kind, model, DataLoader(test, 32, shuffle=False, collate_fn=collate_waves))[metric[0]]
+        train: Dict[str, Any] = {"trained": False, "evaluated": "held-out voices"}
+    else:
+        if kind == "digits":
+            model_kwargs["num_classes"] = 11  # blank + 10 digits
+        if budget != "full" and name == "conmamba_ctc_large":
+            model_kwargs["depth"] = 2
+        settings = {"tiny": dict(epochs=1, limit_batches=2), "quick": dict(epochs=1, limit_batches=20),
+                    "full": dict(epochs=8, limit_batches=None)}[budget]
+        with tempfile.TemporaryDirectory() as tmp:
+            weights = str(Path(tmp) / "model.safetensors")
+            result = run_speech_task(kind, name, settings["epochs"], 32, 2e-3, seed, progress=False, save_weights=weights,
+                                     limit_batches=settings["limit_batches"], **model_kwargs)
+            model = zoo.create_model(name, checkpoint_path=weights, **model_kwargs)
+        value = result[metric[0]]
+        train = {"trained": True, **settings, "batch_size": 32, "lr": 2e-3, "seconds": result["train_seconds"],
+                 "recipe": "zoo.tasks.speech.run_speech_task"}
+    model.to(device)
+    metrics = {metric[0]: value, "test_utterances": len(test)}
     waves, lengths, _ = collate_waves([test[i] for i in range(min(16, len(test)))])
     return dict(model=model, metric=metric, metrics=metrics, train=train, model_kwargs=model_kwargs,
                 data=f"synthesized speech ({'keywords' if kind == 'kws' else 'digit strings'}, held-out voices)",
@@ -369,24 +380,25 @@ def run_mil(name: str, budget: str, device: torch.device, seed: int, pretrained_
     from zoo.data.digit_bags import make_digit_bags
     from zoo.tasks.mil import evaluate_mil, train_mil
 
-    if pretrained_tag is not None:
-        raise ValueError("MIL entries with our own weights: evaluation of tagged weights is not wired yet")
     train_bags, test_bags, epochs = {"tiny": (16, 32, 1), "quick": (64, 100, 2), "full": (300, 300, 10)}[budget]
-    tr_x, tr_y = make_digit_bags(train_bags, "train", seed=seed)
-    te_x, te_y = make_digit_bags(test_bags, "test", seed=seed)
-    model_kwargs: Dict[str, Any] = dict(in_dim=tr_x[0].shape[1], num_classes=2)
-    if budget == "tiny":
-        model_kwargs["embed_dim"] = 32
-    elif budget == "quick":
-        model_kwargs["embed_dim"] = 64  # zoo mil bench's width
-    torch.manual_seed(seed)
-    model = zoo.create_model(name, **model_kwargs)
-    train_mil(model, tr_x, tr_y, epochs, 1e-3, 1e-5, 8, seed, desc=name)
+    if pretrained_tag is not None:  # our own weights: zoo mil bench's test bags
+        model = zoo.create_model(f"{name}.{pretrained_tag}", pretrained=True)
+        te_x, te_y = make_digit_bags(300, "test", seed=seed)
+        model_kwargs: Dict[str, Any] = {}
+        train: Dict[str, Any] = {"trained": False, "evaluated": f"300 test bags, seed {seed}"}
+    else:
+        tr_x, tr_y = make_digit_bags(train_bags, "train", seed=seed)
+        te_x, te_y = make_digit_bags(test_bags, "test", seed=seed)
+        model_kwargs = dict(in_dim=tr_x[0].shape[1], num_classes=2)
+        model_kwargs["embed_dim"] = 32 if budget == "tiny" else 64  # 64: zoo mil bench's width
+        torch.manual_seed(seed)
+        model = zoo.create_model(name, **model_kwargs)
+        train_mil(model, tr_x, tr_y, epochs, 1e-3, 1e-5, 8, seed, desc=name)
+        train = {"trained": True, "epochs": epochs, "train_bags": len(tr_x), "bags_per_step": 8, "lr": 1e-3,
+                 "weight_decay": 1e-5, "recipe": "zoo.tasks.mil.train_mil (CPU)"}
     ev = evaluate_mil(model, te_x, te_y)
     model.to(device)
     metrics = {"accuracy": ev["accuracy"], "auc": ev["auc"], "test_bags": len(te_x)}
-    train = {"trained": True, "epochs": epochs, "train_bags": len(tr_x), "bags_per_step": 8, "lr": 1e-3,
-             "weight_decay": 1e-5, "recipe": "zoo.tasks.mil.train_mil (CPU)"}
     return dict(model=model, metric=("accuracy", True), metrics=metrics, train=train, model_kwargs=model_kwargs,
                 data="digit bags (positive iff a 9 is in the bag), 8-48 instances of 64 features",
                 batch=(list(te_x[:8]),), sample=([te_x[0]],), input_desc="bag of 8-48 x 64 features", unit="bags/s")
@@ -577,11 +589,14 @@ def add_cli(subparsers) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--output", default="runs/bench", help="folder for bench.json and bench.md")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cli_bench)
 
 
 def _cli_bench(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     result = run_bench(args.models, args.budget, args.device, args.output, args.seed, progress=not args.no_progress,
                        command=getattr(args, "command_line", None))
     ok = sum(r["status"] == "ok" for r in result["rows"])
