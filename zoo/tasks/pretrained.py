@@ -196,13 +196,17 @@ def _cli_eval(args) -> int:
 
 
 def _cli_train(args) -> int:
-    from zoo.cli import main
+    import subprocess
 
     recipe = load_recipe(args.recipe)
     argv = shlex.split(recipe["train"])
-    if argv[0] != "zoo":
-        raise ValueError(f"recipe {args.recipe}: train must be a `zoo ...` command, got {recipe['train']!r}")
-    rc = main(argv[1:])
+    if argv[0] == "zoo":
+        argv = [sys.executable, "-m", "zoo", *argv[1:]]
+    elif argv[:2] == ["python", "-m"] and argv[2].startswith("zoo"):
+        argv = [sys.executable, *argv[1:]]
+    else:
+        raise ValueError(f"recipe {args.recipe}: train must be a `zoo ...` or `python -m zoo...` command, got {recipe['train']!r}")
+    rc = subprocess.run(argv).returncode
     if rc:
         return rc
     package_weights(recipe["weights"], recipe["name"])

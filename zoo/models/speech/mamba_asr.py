@@ -31,9 +31,14 @@ register_pretrained_cfgs({
         notes="Published: ConMamba (CTC) encoder only, character CTC, no LM, 31.6M params (README performance "
               "table of xi-j/Mamba-ASR). No official checkpoint is released ('Inference and Checkpoints (Later)').",
     ),
-    "mamba_kws_tiny": dict(
-        num_classes=22, license="Apache-2.0", source="mamba-zoo",
-        notes="Keyword spotting on the espeak-ng corpus built by zoo.data.speech (12 command words + 10 digits).",
+    # Trained here (configs/pretrained/mamba_kws_tiny.kws.yaml: `zoo speech --task kws --epochs 4`); float16
+    # package data. The tag is the arch's default, so `create_model("mamba_kws_tiny", pretrained=True)` loads it.
+    "mamba_kws_tiny.kws": dict(
+        file="weights/mamba_kws_tiny.kws.safetensors",
+        sha256="e7f4a68e9c045abba0531c0274fe7ef16f6a1a570352248c3f06dab4aa21dda3",
+        num_classes=22, input_size=(16000,), license="Apache-2.0", source="mamba-zoo",
+        notes="Keyword spotting on the espeak-ng corpus built by zoo.data.speech (12 command words + 10 digits); "
+              "input: 16 kHz waveforms (batch, samples) with their lengths.",
     ),
     "mamba_ctc_causal_tiny": dict(
         num_classes=11, license="Apache-2.0", source="mamba-zoo",
