@@ -23,13 +23,27 @@ def causal_conv1d(
     reverse: bool = False,
     cu_seqlens: Optional[torch.Tensor] = None,
     conv_state: Optional[torch.Tensor] = None,
+    activation: Optional[str] = None,
 ) -> torch.Tensor:
     """Depthwise conv over length, (b, l, d) -> (b, l, d); output t sees inputs t-k+1..t
     (t..t+k-1 with ``reverse``, i.e. the causal conv of the flipped sequence, flipped back).
 
     ``cu_seqlens`` (batch 1): packed sequences that must not see each other. ``conv_state``
     (b, k-1, d): the inputs just before x, for streaming (forward direction only).
+    ``activation``: None or "silu", applied to the output. CUDA tensors go to the Triton kernel
+    (channels-last, activation fused), which PyTorch's depthwise conv needs transposed copies for.
     """
+    if activation not in (None, "silu"):
+        raise ValueError(f"causal_conv1d: activation must be None or 'silu', got {activation!r}")
+    if x.is_cuda and cu_seqlens is None and conv_state is None:
+        from zoo.kernels.conv1d import causal_conv1d_triton  # lazily: the CPU path needs no Triton
+
+        return causal_conv1d_triton(x, weight, bias, reverse=reverse, activation=activation)
+    out = _causal_conv1d_torch(x, weight, bias, reverse, cu_seqlens, conv_state)
+    return F.silu(out) if activation == "silu" else out
+
+
+def _causal_conv1d_torch(x, weight, bias, reverse, cu_seqlens, conv_state):
     k = weight.shape[-1]
     if cu_seqlens is not None:
         return _packed_conv1d(x, weight, bias, reverse, cu_seqlens)
@@ -214,7 +228,8 @@ class Mamba(nn.Module):
         D = getattr(self, "D" + suffix)
         conv_state, ssm_state = state if state is not None else (None, None)
         x_in = x
-        x = F.silu(causal_conv1d(x, conv.weight, conv.bias, reverse=reverse, cu_seqlens=cu_seqlens, conv_state=conv_state))
+        x = causal_conv1d(x, conv.weight, conv.bias, reverse=reverse, cu_seqlens=cu_seqlens, conv_state=conv_state,
+                          activation="silu")
         perm = None
         if self.reorder_tokens:
             if cu_seqlens is not None or state is not None:

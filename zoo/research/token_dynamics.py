@@ -102,7 +102,7 @@ def scan_inputs(mixer: Mamba, hidden: torch.Tensor, suffix: str = "") -> torch.T
     """x_l of one direction: SiLU(depthwise conv(in_proj(hidden)'s x half)), (batch, length, d_inner)."""
     x = mixer.in_proj(hidden).chunk(2, dim=-1)[0]
     conv = getattr(mixer, "conv1d" + suffix)
-    return F.silu(causal_conv1d(x, conv.weight, conv.bias, reverse=suffix == "_b"))
+    return causal_conv1d(x, conv.weight, conv.bias, reverse=suffix == "_b", activation="silu")
 
 
 def importance_scores(mixer: Mamba, hidden: torch.Tensor, suffix: str = "") -> torch.Tensor:

@@ -8,6 +8,7 @@ per-direction gradients of such a view.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Optional, Sequence
@@ -290,6 +291,21 @@ def _backward(ctx, dout, dlast, _dhsave):
 _scan_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _flags_tensor(flags: tuple, device: torch.device) -> torch.Tensor:
+    """The per-direction flags as a device tensor. Copying a host list to the GPU synchronises the
+    stream (the host then waits for all queued work), so eager calls reuse one tensor per value."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(flags, dtype=torch.int32, device=device)
+    return _cached_flags(flags, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_flags(flags: tuple, device: torch.device) -> torch.Tensor:
+    # A tensor made under inference_mode could not be saved for a later backward.
+    with torch.inference_mode(False):
+        return torch.tensor(flags, dtype=torch.int32, device=device)
+
+
 def _check_device(u: torch.Tensor):
     if u.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
@@ -328,7 +344,7 @@ def selective_scan_triton(
     strides), plus ``cu_seqlens`` for packed sequences. ``block_t``/``block_d`` override the
     tile sizes (benchmarks). Inputs are assumed validated by the core op."""
     _check_device(u)
-    flags = torch.tensor([REVERSE if reverse else 0], dtype=torch.int32, device=u.device)
+    flags = _flags_tensor((REVERSE if reverse else 0,), u.device)
     out, last = _run(
         u[None], delta[None], A[None], _groups(B, None)[None], _groups(C, None)[None],
         None if D is None else D[None], None if z is None else z[None],
@@ -375,7 +391,7 @@ def selective_scan_multi_triton(
     _check_device(u)
     K = len(directions)
     flag_list = [direction_flags(d, hw) for d in directions]
-    flags = torch.tensor(flag_list, dtype=torch.int32, device=u.device)
+    flags = _flags_tensor(tuple(flag_list), u.device)
 
     H, W = hw if any(f & TRANSPOSE for f in flag_list) else (1, 1)
     out, last = _run(
