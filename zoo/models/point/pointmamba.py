@@ -455,6 +455,19 @@ register_pretrained_cfgs({
     ),
 })
 
+# Trained here (configs/pretrained/pointmamba_tiny.shapes3d.yaml: `zoo points bench --models pointmamba --seeds 0`);
+# float16 package data. Measured numbers: model_cards/pointmamba.md.
+register_pretrained_cfgs({
+    "pointmamba_tiny.shapes3d": dict(
+        file="weights/pointmamba_tiny.shapes3d.safetensors",
+        sha256="71cf446cf07205990a373b812b9ccc22d9e6360eafb7ceb306d3a1263553e363",
+        num_classes=5, input_size=(512, 3), license="Apache-2.0", paper=_PAPER, source="mamba-zoo",
+        model_kwargs=dict(num_classes=5),
+        notes="Trained from scratch on Shapes3D (zoo.data.shapes3d: sphere, box, cylinder, cone, torus; 512 points) "
+              "by zoo's points benchmark recipe, 8 epochs.",
+    ),
+})
+
 
 def _create(variant: str, pretrained: bool, cfg: dict, kwargs: dict) -> PointMamba:
     return build_model(PointMamba, variant, pretrained, checkpoint_filter_fn=checkpoint_filter_fn, **{**cfg, **kwargs})
@@ -470,6 +483,13 @@ def pointmamba_modelnet40(pretrained: bool = False, **kwargs) -> PointMamba:
 def pointmamba_scanobjectnn(pretrained: bool = False, **kwargs) -> PointMamba:
     """PointMamba for ScanObjectNN (2048 points): 128 patches of 32 points, 12 blocks of width 384."""
     return _create("pointmamba_scanobjectnn", pretrained, dict(num_classes=15, num_group=128, drop_path_rate=0.5), kwargs)
+
+
+@register_model
+def pointmamba_tiny(pretrained: bool = False, **kwargs) -> PointMamba:
+    """PointMamba at CPU scale (zoo's points benchmark): width 96, 4 blocks, 32 patches of 16 points (512 points)."""
+    cfg = dict(trans_dim=96, depth=4, num_group=32, group_size=16, drop_path_rate=0.1, head_hidden=128)
+    return _create("pointmamba_tiny", pretrained, cfg, kwargs)
 
 
 @register_model
