@@ -7,9 +7,10 @@ Two comparisons, each timed for inference (forward under ``torch.inference_mode`
 (forward + backward of the mean output, no optimizer step):
 
 - ``sequence``: a causal Mamba block stack (zoo.core: RMSNorm -> Mamba, d_state 16, expand 2, pre-norm
-  residual blocks) against ``torch.nn.TransformerEncoder`` (pre-norm, causal mask, PyTorch's fused SDPA
-  attention), same width and depth, the Transformer's feed-forward width chosen so both have the same
-  parameter count (both counts are recorded), on random (batch, length, dim) inputs.
+  residual blocks) against a causal pre-norm Transformer (GPT-style blocks, attention through PyTorch's
+  ``scaled_dot_product_attention(is_causal=True)``: flash / memory-efficient kernels, no (L, L) mask), same
+  width and depth, the Transformer's MLP width chosen so both have the same parameter count (both counts are
+  recorded), on random (batch, length, dim) inputs.
 - ``vision``: zoo's ``vim_tiny`` against timm's ``deit_tiny_patch16_224``, both built for each image size
   (patch 16: (size / 16)^2 tokens), random weights, random images.
 
@@ -36,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -68,18 +70,37 @@ class MambaStack(nn.Module):
         return self.norm_f(x.to(self.norm_f.weight.dtype))
 
 
+class TransformerBlock(nn.Module):
+    """Pre-norm Transformer block: causal multi-head attention through ``F.scaled_dot_product_attention``
+    (flash / memory-efficient kernels, no (L, L) mask materialised), then a GELU MLP."""
+
+    def __init__(self, dim: int, heads: int, ffn: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, ffn), nn.GELU(), nn.Linear(ffn, dim))
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(attn.transpose(1, 2).reshape(b, n, c))
+        return x + self.mlp(self.norm2(x))
+
+
 class TransformerStack(nn.Module):
-    """torch.nn.TransformerEncoder, pre-norm, causal (fused scaled-dot-product attention)."""
+    """Pre-norm causal Transformer blocks and a final LayerNorm (GPT-style, without the embedding)."""
 
     def __init__(self, dim: int, depth: int, heads: int, ffn: int):
         super().__init__()
-        layer = nn.TransformerEncoderLayer(dim, heads, ffn, dropout=0.0, activation="gelu", batch_first=True,
-                                           norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, depth, norm=nn.LayerNorm(dim), enable_nested_tensor=False)
+        self.blocks = nn.ModuleList([TransformerBlock(dim, heads, ffn) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
 
     def forward(self, x):
-        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1], device=x.device, dtype=x.dtype)
-        return self.encoder(x, mask=mask, is_causal=True)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
 
 
 def n_params(model: nn.Module) -> int:
@@ -242,9 +263,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="CUDA: float32 instead of bf16 autocast")
     p.add_argument("--max-step-seconds", type=float, default=None, help="stop a model's sweep after a slower step "
-                   "(default 20 on CPU, 5 on CUDA)")
+                   "(default 20 on CPU, 2 on CUDA)")
     p.add_argument("--time-budget", type=float, default=None, help="stop measuring after this many seconds "
-                   "(default 900 on CPU, 140 on CUDA)")
+                   "(default 900 on CPU, 120 on CUDA)")
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -257,8 +278,8 @@ def main(argv=None):
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     args.reps = args.reps or (10 if cuda else 3)
     args.amp = args.amp and cuda
-    args.max_step_seconds = args.max_step_seconds or (5.0 if cuda else 20.0)
-    args.time_budget = args.time_budget or (140.0 if cuda else 900.0)
+    args.max_step_seconds = args.max_step_seconds or (2.0 if cuda else 20.0)
+    args.time_budget = args.time_budget or (120.0 if cuda else 900.0)
     if args.threads:
         torch.set_num_threads(args.threads)
     out_dir = Path(args.out or f"benchmarks/results/seq_scaling_{args.device}")
@@ -296,10 +317,10 @@ def main(argv=None):
         torch.manual_seed(0)
         mamba_params = n_params(MambaStack(args.dim, args.depth))
         tf = matched_transformer(args.dim, args.depth, args.heads, mamba_params)
-        ffn = tf.encoder.layers[0].linear1.out_features
+        ffn = tf.blocks[0].mlp[0].out_features
         out["sequence"] = {"dim": args.dim, "depth": args.depth, "heads": args.heads, "transformer_ffn": ffn,
                            "mamba_params": mamba_params, "transformer_params": n_params(tf), "batch": args.batch}
-        print(f"sequence: MambaStack {mamba_params:,} params vs TransformerEncoder (ffn {ffn}) {n_params(tf):,} params",
+        print(f"sequence: MambaStack {mamba_params:,} params vs Transformer (ffn {ffn}) {n_params(tf):,} params",
               flush=True)
 
         def seq_input(length):
