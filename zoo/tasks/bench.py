@@ -15,9 +15,12 @@ MIL aggregators        digit bags (mil)                                 test acc
 =====================  ===============================================  ==========================================
 
 Training every entry in full on a CPU takes far too long, so each run has a stated budget (``--budget``):
-``full`` is each task's default recipe on the entry's registered architecture; ``quick`` trains the entry
-at its registered width with fewer layers for a few hundred steps at most; ``tiny`` is a smoke budget for
-tests. Whatever was changed (architecture keyword arguments, epochs, steps, data sizes) is written into the
+``full`` is each task's default recipe (its epochs and data) on the entry's registered architecture, except
+where the task's default changes the architecture (``zoo finetune``'s 6 blocks and 8x8 patches for Vim at
+32x32, ``zoo mil bench``'s width 64 for MIL); ``quick`` trains the entry at its registered width with fewer
+layers for at most a few dozen steps on small data (metrics near chance level are expected; the row is for
+params, FLOPs, speed and memory at the task's input, and proves the entry runs the task); ``tiny`` is a smoke
+budget for tests. Whatever was changed (architecture keyword arguments, epochs, steps, data sizes) is written into the
 row. Entries with pretrained weights of our own (a pretrained cfg whose ``file`` is package data, listed by
 ``zoo.list_models(pretrained=True)``) get a second row: those weights evaluated directly, no training.
 Weights published elsewhere (the official ImageNet checkpoints, fetched from the Hugging Face Hub) are not
@@ -562,8 +565,10 @@ def run_bench(patterns: Sequence[str] = ("*",), budget: str = "quick", device: s
                                "reset; weights already resident are not counted)"),
         "budgets": {
             "tiny": "smoke test: narrowed widths, 1 epoch of at most 2 steps, small data",
-            "quick": "the entry's registered width with fewer layers, at most ~20 training steps / a few epochs on small data",
-            "full": "each task's default recipe on the entry's registered architecture",
+            "quick": "the entry's registered width with fewer layers (kwargs in each row), at most a few dozen training "
+                     "steps on small data: metrics near chance are expected",
+            "full": "each task's default recipe (epochs, data) on the registered architecture, except where the task's "
+                    "default sets it (Vim: zoo finetune's 6 blocks, 8x8 patches at 32x32; MIL: width 64)",
         },
         "rows": rows,
     }
