@@ -255,6 +255,20 @@ register_pretrained_cfgs({
     ),
 })
 
+# Trained here (configs/pretrained/mambamil.digit_bags.yaml: `zoo mil bench --models mambamil --seeds 0`); float16
+# package data. The bare "mambamil" cfg above stays the arch's default (the official architecture, no weights).
+register_pretrained_cfgs({
+    "mambamil.digit_bags": dict(
+        file="weights/mambamil.digit_bags.safetensors",
+        sha256="3a767d9e1763870702a6b68007928971e5d67f1681b813373e36727b9e6d679d",
+        num_classes=2, input_size=(None, 64), license="Apache-2.0 (weights trained by mamba-zoo)", paper=_PAPER,
+        source="mamba-zoo",
+        model_kwargs=dict(in_dim=64, embed_dim=64, num_classes=2, drop_rate=0.25),
+        notes="Trained on digit bags (zoo.data.digit_bags: bags of 8-48 scikit-learn digits as 64-d pixel "
+              "instances, positive iff the bag holds a 9), SR-Mamba rate 5, 10 epochs.",
+    ),
+})
+
 
 def _create(variant: str, pretrained: bool, cfg: dict, kwargs: dict) -> MambaMIL:
     return build_model(MambaMIL, variant, pretrained, checkpoint_filter_fn=checkpoint_filter_fn, **{**cfg, **kwargs})
