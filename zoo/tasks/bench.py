@@ -503,8 +503,9 @@ def _fmt(v, spec: str = ".4f") -> str:
 
 
 def format_markdown(result: Dict[str, Any]) -> str:
+    done = "" if result.get("complete", True) else f" (partial: {len(result['rows'])} of {len(result['entries'])} entries)"
     lines = [
-        f"# zoo bench ({result['budget']} budget, {result['device']})",
+        f"# zoo bench ({result['budget']} budget, {result['device']}){done}",
         "",
         f"Command: `{result['command']}`",
         "",
@@ -546,14 +547,8 @@ def run_bench(patterns: Sequence[str] = ("*",), budget: str = "quick", device: s
     names = select_entries(patterns)
     if not names:
         raise ValueError(f"zoo bench: no registered entry matches {list(patterns)}")
-    rows = []
-    bar = tqdm(names, desc="zoo bench", unit="entry", disable=not progress)
-    for name in bar:
-        bar.set_postfix_str(name)
-        rows.append(bench_entry(name, budget, device, seed))
-        bar.write(f"{name}: " + (f"{rows[-1]['metric']['name']} {rows[-1]['metric']['value']:.4f}"
-                                 if rows[-1]["status"] == "ok" else f"{rows[-1]['status']}: {rows[-1]['error'][:100]}"))
     dev = torch.device(device)
+    rows: List[Dict[str, Any]] = []
     result = {
         "command": command, "budget": budget, "device": device, "seed": seed,
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
@@ -570,13 +565,27 @@ def run_bench(patterns: Sequence[str] = ("*",), budget: str = "quick", device: s
             "full": "each task's default recipe (epochs, data) on the registered architecture, except where the task's "
                     "default sets it (Vim: zoo finetune's 6 blocks, 8x8 patches at 32x32; MIL: width 64)",
         },
+        "entries": names,
+        "complete": False,
         "rows": rows,
     }
-    if output:
-        out = Path(output)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-        (out / "bench.md").write_text(format_markdown(result))
+
+    def save():
+        if output:
+            out = Path(output)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "bench.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+            (out / "bench.md").write_text(format_markdown(result))
+
+    bar = tqdm(names, desc="zoo bench", unit="entry", disable=not progress)
+    for name in bar:
+        bar.set_postfix_str(name)
+        rows.append(bench_entry(name, budget, device, seed))
+        bar.write(f"{name}: " + (f"{rows[-1]['metric']['name']} {rows[-1]['metric']['value']:.4f}"
+                                 if rows[-1]["status"] == "ok" else f"{rows[-1]['status']}: {rows[-1]['error'][:100]}"))
+        save()  # a run cut short keeps the rows it finished
+    result["complete"] = True
+    save()
     return result
 
 
