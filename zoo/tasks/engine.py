@@ -187,10 +187,11 @@ def param_groups_weight_decay(model: nn.Module, weight_decay: float):
 
 
 def param_groups_layer_decay(model: nn.Module, weight_decay: float, layer_decay: float):
-    """timm's layer-wise lr decay groups (BEiT style) from the model's ``group_matcher``: the last block
-    (and the final norm / head) keep lr scale 1, each block below gets ``layer_decay`` times the one above,
-    the stem ``layer_decay ** (num_blocks + 1)``. Weight decay as :func:`param_groups_weight_decay`.
-    Each group carries its ``lr_scale``."""
+    """timm's layer-wise lr decay groups (BEiT style) from the model's ``group_matcher``: parameters the
+    matcher leaves out (the head) keep lr scale 1, the last block (with the final norm, for matchers that
+    put it there) ``layer_decay``, each block below ``layer_decay`` times the one above, the stem
+    ``layer_decay ** (num_blocks + 1)``. Weight decay as :func:`param_groups_weight_decay`. Each group
+    carries its ``lr_scale``."""
     from timm.optim import param_groups_layer_decay as timm_layer_decay
 
     if not 0.0 < layer_decay <= 1.0:
