@@ -464,6 +464,22 @@ def smamba_pems08(pretrained: bool = False, **kwargs) -> SMamba:
     return _create_published("pems08", pretrained, kwargs)
 
 
+# Trained here (configs/pretrained/smamba_classifier.basicmotions.yaml: `zoo tsc bench --seeds 0 --save-weights ...`);
+# float16 package data. Its model_kwargs apply when the tag is named (or with pretrained=True); the bare
+# `smamba_classifier` keeps taking free keyword arguments.
+register_pretrained_cfgs({
+    "smamba_classifier.basicmotions": dict(
+        file="weights/smamba_classifier.basicmotions.safetensors",
+        sha256="41d5b363fce46becfc54dab2420ce220b34c79a77429c0027e94931b23ca120a",
+        num_classes=4, input_size=(100, 6), license="Apache-2.0 (weights trained by mamba-zoo)", paper=_PAPER,
+        source="mamba-zoo",
+        model_kwargs=dict(seq_len=100, num_classes=4, d_model=64, d_state=16, d_ff=128, e_layers=2),
+        notes="Trained on UEA BasicMotions (aeon's copy, official 40-series train split; 6 variates x 100 steps; "
+              "classes Badminton, Running, Standing, Walking), variate tokens, 100 epochs.",
+    ),
+})
+
+
 @register_model
 def smamba_classifier(pretrained: bool = False, **kwargs) -> SMambaClassifier:
     """S-Mamba encoder over variate tokens with a mean-pooled classification head (zoo extension)."""
