@@ -149,7 +149,10 @@ def _tag_model_kwargs(arch: str, pretrained: bool, pretrained_cfg) -> dict[str, 
     """The ``model_kwargs`` of the cfg an entrypoint call builds: a named tag, a cfg mapping that carries them,
     or the default tag when weights are asked for; {} otherwise."""
     if isinstance(pretrained_cfg, str):
-        cfg = _resolve_cfg(arch, _normalize(pretrained_cfg))
+        tag = _normalize(pretrained_cfg)
+        if tag not in _pretrained_cfgs.get(arch, {}):
+            return {}  # the entrypoint (or build_model) reports the unknown tag in its own words
+        cfg = _resolve_cfg(arch, tag)
     elif isinstance(pretrained_cfg, Mapping):
         cfg = pretrained_cfg
     elif pretrained_cfg is None and pretrained:
