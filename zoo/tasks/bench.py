@@ -118,8 +118,9 @@ def _reset_rss_peak() -> bool:
 
 
 def measure_forward(model: nn.Module, forward: Callable[[nn.Module], Any], batch: int, device: torch.device,
-                    reps: int = 3, warmup: int = 1) -> Dict[str, Any]:
-    """Inference samples/s (median of ``reps`` timed passes) and the peak memory of one forward pass."""
+                    reps: int = 5, warmup: int = 2, min_seconds: float = 1.0, max_reps: int = 50) -> Dict[str, Any]:
+    """Inference samples/s (median of at least ``reps`` timed passes, more until ``min_seconds`` have passed,
+    at most ``max_reps``) and the peak memory of those forward passes."""
     model.eval()
     with torch.inference_mode():
         for _ in range(warmup):
@@ -131,14 +132,14 @@ def measure_forward(model: nn.Module, forward: Callable[[nn.Module], Any], batch
         else:
             can_reset = _reset_rss_peak()
             base = _proc_status_kib("VmRSS")
-        times = []
-        for _ in range(reps):
+        times: List[float] = []
+        while len(times) < reps or (sum(times) < min_seconds and len(times) < max_reps):
             start = time.perf_counter()
             forward(model)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - start)
-    out: Dict[str, Any] = {"batch": batch, "reps": reps, "seconds_per_batch": statistics.median(times)}
+    out: Dict[str, Any] = {"batch": batch, "reps": len(times), "seconds_per_batch": statistics.median(times)}
     out["samples_per_s"] = batch / out["seconds_per_batch"]
     if device.type == "cuda":
         out["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
