@@ -173,9 +173,13 @@ def _finetune(cfg: FinetuneConfig, ctx: DistContext, command: Optional[str]) -> 
 
     wall_start = time.perf_counter()
     device = ctx.device
+    state = read_training_state(cfg.resume) if cfg.resume else None  # fail early on a wrong file
     torch.manual_seed(cfg.seed)  # the same initialisation on every rank (FSDP shards it without a broadcast)
 
     kwargs = model_kwargs_for(cfg, dataset_class(cfg.data).num_classes)
+    if state is not None and (state["extra"].get("model") != cfg.model or state["extra"].get("model_kwargs") != kwargs):
+        raise ValueError(f"resume: {cfg.resume} holds {state['extra'].get('model')} with {state['extra'].get('model_kwargs')}, "
+                         f"but the arguments build {cfg.model} with {kwargs}")
     model = zoo.create_model(cfg.model, pretrained=cfg.pretrained, checkpoint_path=cfg.checkpoint_path, **kwargs)
     model.to(device)
     if cfg.grad_checkpointing:
@@ -221,18 +225,19 @@ def _finetune(cfg: FinetuneConfig, ctx: DistContext, command: Optional[str]) -> 
     train_images = 0
     train_seconds = 0.0
     history = []
-    if cfg.resume:
-        state = read_training_state(cfg.resume)
+    if state is not None:
         saved = state["extra"]
-        if saved.get("model") != cfg.model or saved.get("model_kwargs") != kwargs:
-            raise ValueError(f"resume: {cfg.resume} holds {saved.get('model')} with {saved.get('model_kwargs')}, "
-                             f"but the arguments build {cfg.model} with {kwargs}")
         start_epoch = load_training_state(state, ctx, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema,
                                           scaler=scaler, generator=generator)
         history, train_images, train_seconds = list(saved["history"]), saved["train_images"], saved["train_seconds"]
         if ctx.is_main:
+            notes = [state["rng_note"]] if state.get("rng_note") else []
+            if saved["config"]["epochs"] != cfg.epochs:
+                notes.append(f"the schedule now spans {cfg.epochs} epochs, the checkpoint's run {saved['config']['epochs']}")
+            if ema is None and state.get("ema") is not None:
+                notes.append("the checkpoint's EMA weights are not used: no --ema-decay")
             print(f"resumed from {cfg.resume}: {start_epoch} of {cfg.epochs} epochs done"
-                  + (f" ({state['rng_note']})" if state.get("rng_note") else ""), flush=True)
+                  + "".join(f"; {n}" for n in notes), flush=True)
     out = Path(cfg.output) if cfg.output else None
 
     for epoch in range(start_epoch, cfg.epochs):

@@ -377,10 +377,16 @@ def read_training_state(path: Union[str, Path]) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"resume: no checkpoint file at {path}")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{":  # safetensors: 8-byte header length, then a JSON header
+        raise ValueError(f"resume: {path} is a safetensors weights file, not a training checkpoint "
+                         f"(expected checkpoint-epochN.pt from --save-every; weights alone load with --checkpoint-path)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, or one holding arbitrary objects
-        raise ValueError(f"resume: {path} is not a training checkpoint readable with torch.load(weights_only=True): {e}") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"resume: {path} is not a training checkpoint readable with torch.load(weights_only=True): {type(e).__name__}: {first}") from e
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         got = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"resume: {path} is not a training checkpoint: expected format {CHECKPOINT_FORMAT!r}, got {got!r} "
