@@ -29,6 +29,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import platform
 import shlex
 import statistics
@@ -300,6 +301,7 @@ def main(argv=None):
         "device_name": torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine()),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
         "selective_scan": scan,
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,  # other jobs' CPU use
         "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
         "memory_method": ("torch.cuda.max_memory_allocated over the timed steps minus memory allocated before them"
                           if cuda else "peak RSS increase over the timed steps (VmHWM after malloc_trim and a "
@@ -311,6 +313,7 @@ def main(argv=None):
 
     def save():
         out["wall_seconds"] = time.perf_counter() - start
+        out["load_average_now"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
         json_path.write_text(json.dumps(out, indent=1) + "\n")
 
     if "sequence" in args.benches:
