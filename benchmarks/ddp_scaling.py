@@ -13,7 +13,8 @@ device up front, so no data loading is timed; what scales is compute plus the gr
 untimed steps (Triton compilation, NCCL set-up), then ``steps`` timed steps between two device synchronisations
 and barriers; images/s = N x batch x steps / the slowest rank's time. The JSON (``--out``) holds both runs, the
 speed-up, the efficiency, the exact commands and the devices; ``--device cpu`` (gloo) checks the logic without
-a GPU at a tiny size.
+a GPU at a tiny size. The launched processes get NCCL_NVLS_ENABLE=0 (and PyTorch's / NVSHMEM's multicast off)
+unless the environment sets them.
 """
 from __future__ import annotations
 
@@ -128,6 +129,9 @@ def launch(args, argv, nproc: int, result_file: str):
            str(Path(__file__).resolve()), *argv, "--worker", result_file]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    # NVLink multicast stays off (shared GPU hosts can be put out of service by it); DDP does not need it.
+    for var, value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
+        env.setdefault(var, value)
     print(f"[ddp_scaling] {nproc} process(es): {shlex.join(cmd)}", flush=True)
     start = time.perf_counter()
     try:
