@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,9 +28,9 @@ from tqdm.auto import tqdm
 from zoo.tasks.engine import (
     STRATEGIES, DistContext, ShardSampler, all_reduce_max, all_reduce_sum, autocast, backward_and_step, cleanup_distributed,
     cosine_with_warmup, create_ema, create_grad_scaler, create_optimizer, full_model_state_dict, init_distributed,
-    is_main_process, load_training_state, param_groups_weight_decay, read_training_state, save_training_state, unwrap_model,
-    wrap_model,
+    is_main_process, load_training_state, read_training_state, save_training_state, unwrap_model, wrap_model,
 )
+from zoo.tasks.engine import param_groups_weight_decay  # noqa: F401  (re-exported: moved to the engine)
 
 @dataclass
 class FinetuneConfig:
@@ -132,7 +131,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, cfg: FinetuneCo
         correct += (logits.argmax(-1) == labels).sum().item()
         seen += n
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
-                        lr=f"{optimizer.param_groups[0]['lr']:.2e}", img_s=f"{seen / seconds:.1f}")
+                        lr=f"{max(g['lr'] for g in optimizer.param_groups):.2e}", img_s=f"{seen / seconds:.1f}")
         bar.update()
     bar.close()
     return {"loss_sum": loss_sum, "correct": correct, "images": seen, "seconds": seconds}
