@@ -102,3 +102,46 @@ def test_weights_are_package_data():
     assert files and all(any(fnmatch(f, p) for p in patterns) for f in files)
     total = sum(resolve_pretrained_file(f).stat().st_size for f in files)
     assert total < 10e6, f"shipped weights should stay a few MB, got {total / 1e6:.1f} MB"
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_recipe_is_the_recorded_training_command(tag):
+    from zoo.tasks.pretrained import RECIPES, load_recipe
+
+    recipe = load_recipe(RECIPES / f"{tag}.yaml")
+    assert recipe["name"] == tag
+    assert json.loads((REPO / recipe["train_result"]).read_text())["command"] == recipe["train"]
+    assert recipe["evaluate"] == _recorded(tag)["command"]
+    arch, t = registry.split_model_name(tag)
+    assert (recipe["model_kwargs"] or {}) == (registry._pretrained_cfgs[arch][t].get("model_kwargs") or {})
+
+
+def _run_cli(argv):
+    import argparse
+    import importlib
+
+    module = importlib.import_module(f"zoo.tasks.{argv[0]}")
+    parser = argparse.ArgumentParser()
+    module.add_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv[1:])
+    args.command_line = "zoo " + " ".join(argv[1:])
+    return args.func(args)
+
+
+def test_task_save_weights_reload_into_the_tag(tmp_path):
+    """Each task's --save-weights writes a state dict that loads strictly into the shipped tag's architecture."""
+    w = tmp_path / "points.safetensors"
+    assert _run_cli(["point_classification", "points", "bench", "--models", "pointmamba", "--epochs", "1",
+                     "--train-per-class", "2", "--test-per-class", "1", "--num-points", "512", "--batch-size", "8",
+                     "--save-weights", str(w)]) == 0
+    zoo.create_model("pointmamba_tiny.shapes3d", checkpoint_path=str(w))
+    w = tmp_path / "mil.safetensors"
+    assert _run_cli(["mil", "mil", "bench", "--models", "mambamil", "--seeds", "0", "--epochs", "1", "--train-bags", "4",
+                     "--test-bags", "4", "--save-weights", str(w)]) == 0
+    zoo.create_model("mambamil.digit_bags", checkpoint_path=str(w))
+    w = tmp_path / "tsc.safetensors"
+    assert _run_cli(["ts_classification", "tsc", "bench", "--seeds", "0", "--epochs", "1", "--quiet",
+                     "--save-weights", str(w)]) == 0
+    zoo.create_model("smamba_classifier.basicmotions", checkpoint_path=str(w))
+    with pytest.raises(ValueError, match="--save-weights needs one model and one seed"):
+        _run_cli(["mil", "mil", "bench", "--seeds", "0", "1", "--save-weights", str(w)])
