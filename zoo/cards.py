@@ -12,6 +12,7 @@ from the registry, ``model_cards/flops.json`` and ``benchmarks/results/*.json``:
     {{flops NAME}}                forward FLOPs of NAME at its default input (from flops.json)
     {{input NAME}}                the default input the FLOPs were measured at
     {{weights ARCH}}              the arch's tags with weights and where they come from
+    {{metric NAME KEY}}           a published number, kept in the registry: the ``metrics`` of NAME's pretrained cfg
     {{result FILE KEY.PATH FMT}}  a value of a committed result JSON (FMT: a format spec, e.g. .4f or ,)
     {{command FILE}}              the command recorded in a result JSON
     {{shipped TAG}}               the "trained here" block of a tag shipped with the package: recipe, data,
@@ -204,6 +205,16 @@ def _weights(arch: str) -> str:
     return "; ".join(rows) if rows else "none registered"
 
 
+def _metric(name: str, key: str) -> str:
+    """A published number kept in the registry: ``metrics[key]`` of the pretrained cfg of ``name``."""
+    registry = _registry()
+    arch, tag = registry.split_model_name(name)
+    metrics = registry._resolve_cfg(arch, tag).get("metrics") or {}
+    if key not in metrics:
+        raise KeyError(f"pretrained cfg of {name} has no metrics[{key!r}]; it has {sorted(metrics)}")
+    return str(metrics[key])
+
+
 def _recipe(tag: str) -> dict:
     import yaml
 
@@ -273,11 +284,13 @@ def render(text: str) -> str:
         if name == "result":
             value = _lookup(_json(args[0]), args[1])
             return format(value, args[2]) if len(args) > 2 else str(value)
+        if name == "metric":
+            return _metric(args[0], args[1])
         if name == "command":
             return f"`{_json(args[0])['command']}`"
         if name == "shipped":
             return _shipped(args[0])
-        raise ValueError(f"unknown card directive {{{{{name}}}}}; expected params, flops, input, weights, result, command, shipped")
+        raise ValueError(f"unknown card directive {{{{{name}}}}}; expected params, flops, input, weights, metric, result, command, shipped")
 
     return _DIRECTIVE.sub(fill, text)
 
