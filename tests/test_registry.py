@@ -312,3 +312,37 @@ def test_features_only_wraps_after_loading_weights(registry, weights):
 def test_features_only_needs_the_feature_interface(dummy):
     with pytest.raises(ValueError, match="Dummy has no forward_intermediates"):
         zoo.create_model("zoo_test_dummy", features_only=True)
+
+
+def test_tag_model_kwargs_build_the_tagged_architecture(registry, tmp_path):
+    torch.manual_seed(0)
+    sd = Dummy(num_classes=3, width=4).state_dict()
+    path = tmp_path / "narrow.safetensors"
+    save_file(sd, str(path))
+    register_pretrained_cfgs({
+        "zoo_test_dummy": dict(num_classes=10, notes="bare cfg: the architecture, no weights"),  # stays the default
+        "zoo_test_dummy.narrow": dict(file=str(path), sha256=file_sha256(path), num_classes=3,
+                                      model_kwargs=dict(width=4, num_classes=3)),
+    })
+    register_model(zoo_test_dummy)
+    assert zoo.create_model("zoo_test_dummy").stem.out_channels == 8  # the bare arch keeps its defaults
+    model = zoo.create_model("zoo_test_dummy.narrow", pretrained=True)  # strict load: the shapes must fit
+    assert model.stem.out_channels == 4 and model.head.weight.equal(sd["head.weight"])
+    assert zoo.create_model("zoo_test_dummy.narrow", width=6).stem.out_channels == 6  # the caller's kwargs win
+    assert timm.create_model("zoo_test_dummy.narrow", pretrained=True).stem.out_channels == 4
+    assert zoo.list_models("zoo_test_dummy", pretrained=True) == ["zoo_test_dummy.narrow"]
+    assert zoo.model_info("zoo_test_dummy.narrow")["num_params"] == sum(p.numel() for p in sd.values())
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        zoo.create_model("zoo_test_dummy", pretrained=True)  # the default (bare) cfg has none
+    with pytest.raises(ValueError, match="model_kwargs must be a mapping"):
+        register_pretrained_cfgs({"zoo_test_dummy.bad": dict(model_kwargs=[("width", 4)])})
+
+
+def test_model_kwargs_of_the_default_tag_apply_with_pretrained(registry, tmp_path):
+    sd = Dummy(num_classes=3, width=4).state_dict()
+    path = tmp_path / "narrow.safetensors"
+    save_file(sd, str(path))
+    register_pretrained_cfgs({"zoo_test_dummy.narrow": dict(file=str(path), num_classes=3, model_kwargs=dict(width=4))})
+    register_model(zoo_test_dummy)
+    assert zoo.create_model("zoo_test_dummy", pretrained=True).stem.out_channels == 4
+    assert zoo.create_model("zoo_test_dummy").stem.out_channels == 8  # without weights: the entry's defaults
