@@ -61,7 +61,10 @@ def count_params(name: str) -> int:
     if name not in _param_cache:
         import zoo
 
-        with torch.device("meta"):
+        try:
+            with torch.device("meta"):  # shapes only: fast, no memory
+                model = zoo.create_model(name, **_extra_kwargs(name))
+        except Exception:  # an init that needs real values
             model = zoo.create_model(name, **_extra_kwargs(name))
         _param_cache[name] = sum(p.numel() for p in model.parameters())
     return _param_cache[name]
