@@ -247,6 +247,7 @@ def _shipped(tag: str) -> str:
         f"| Data | {recipe['data']} |",
         f"| Architecture arguments (the tag's `model_kwargs`) | {kwargs} |",
         f"| Parameters | {evaluation['params']:,} |",
+        f"| FLOPs | {_flops(tag if tag in _flops_table() else tag.split('.')[0])} |",  # tags without model_kwargs: the arch's
         f"| Training | {recipe['training']} |",
         f"| Training command | `{train['command']}` (result: `{recipe['train_result']}`) |",
     ]
