@@ -258,6 +258,9 @@ def _shipped(tag: str) -> str:
         f"{evaluation['test_samples']:,} test samples ({evaluation['data']}) |",
         f"| Command | `{evaluation['command']}` (result: `benchmarks/results/pretrained_{tag}.json`) |",
     ]
+    if train_value is not None and round(train_value, 4) != round(evaluation[metric], 4):
+        lines += ["", "The two differ because the shipped weights are the float32 ones rounded to "
+                  f"{evaluation['weights_dtype']}; the card's number for the tag is the one measured from the packaged file."]
     return "\n".join(lines)
 
 

@@ -135,6 +135,12 @@ def reference_outputs(model, name: str) -> list:
     return [[round(v, 5) for v in row] for row in out.float().flatten(1)[:, :64].tolist()]
 
 
+def _float_dtype(state_dict) -> str:
+    """The dtype of a state dict's floating tensors (integer buffers such as BatchNorm's counters aside)."""
+    dtypes = {str(v.dtype).replace("torch.", "") for v in state_dict.values() if v.is_floating_point()}
+    return ", ".join(sorted(dtypes))
+
+
 def evaluate_pretrained(name: str, output: Optional[str] = None, command: Optional[str] = None) -> Dict[str, Any]:
     """Load the shipped ``name`` with pretrained=True (packaged file, sha256 checked, strict) and test it."""
     import zoo
@@ -149,7 +155,7 @@ def evaluate_pretrained(name: str, output: Optional[str] = None, command: Option
     result = {
         "model": name, "command": command, **result,
         "weights": f"zoo/{model.pretrained_cfg['file']}", "sha256": model.pretrained_cfg["sha256"],
-        "weights_dtype": str(next(iter(zoo.hub.load_checkpoint(path).values())).dtype).replace("torch.", ""),
+        "weights_dtype": _float_dtype(zoo.hub.load_checkpoint(path)),
         "params": sum(p.numel() for p in model.parameters()),
         "model_kwargs": model.pretrained_cfg.get("model_kwargs") or {},
         "eval_seconds": round(time.perf_counter() - start, 1), "torch": torch.__version__,
