@@ -225,8 +225,11 @@ def _recipe(tag: str) -> dict:
     return {**yaml.safe_load(path.read_text()), "path": path.relative_to(REPO).as_posix()}
 
 
-def _metric_text(result: dict, metric: str) -> str:
-    return f"{metric.replace('_', ' ')} {result[metric]:.4f}"
+_METRIC_NAMES = {"cer": "character error rate", "overall_accuracy": "overall accuracy", "accuracy": "accuracy"}
+
+
+def _metric_name(metric: str) -> str:
+    return _METRIC_NAMES.get(metric, metric.replace("_", " "))
 
 
 def _shipped(tag: str) -> str:
@@ -252,9 +255,9 @@ def _shipped(tag: str) -> str:
         f"| Training command | `{train['command']}` (result: `{recipe['train_result']}`) |",
     ]
     if train_value is not None:
-        lines.append(f"| Test {metric.replace('_', ' ')} at the end of training (float32) | {train_value:.4f} |")
+        lines.append(f"| Test {_metric_name(metric)} at the end of training (float32) | {train_value:.4f} |")
     lines += [
-        f"| Test {metric.replace('_', ' ')} of the shipped weights | **{evaluation[metric]:.4f}** on "
+        f"| Test {_metric_name(metric)} of the shipped weights | **{evaluation[metric]:.4f}** on "
         f"{evaluation['test_samples']:,} test samples ({evaluation['data']}) |",
         f"| Command | `{evaluation['command']}` (result: `benchmarks/results/pretrained_{tag}.json`) |",
     ]
