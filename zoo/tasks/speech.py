@@ -124,6 +124,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=None, help="where the corpus is built (default ~/.cache/mamba-zoo/speech)")
     p.add_argument("--voices-per-split", type=int, default=None, help="use only this many voices per split (quick runs)")
+    p.add_argument("--n-strings", type=int, default=1200, help="digits task: how many digit strings to synthesize (train + test)")
     p.add_argument("--limit-batches", type=int, default=None, help="train on at most this many batches per epoch")
     p.add_argument("--output", default=None, help="write the result JSON here")
     p.add_argument("--save-weights", default=None, help="write the trained model's state dict here (safetensors)")
@@ -132,7 +133,7 @@ def add_cli(subparsers) -> None:
 
 def _cli_main(args: argparse.Namespace) -> int:
     result = run_speech_task(args.task, args.model, args.epochs, args.batch_size, args.lr, args.seed, args.cache_dir,
-                             args.output, args.voices_per_split, limit_batches=args.limit_batches,
+                             args.output, args.voices_per_split, n_strings=args.n_strings, limit_batches=args.limit_batches,
                              command="zoo " + " ".join(sys.argv[1:]), save_weights=args.save_weights)
     metric = f"accuracy {result['accuracy']:.4f}" if args.task == "kws" else f"CER {result['cer']:.4f}"
     print(f"{result['model']} on {args.task}: {metric} on {result['test_utterances']} held-out-voice utterances "
