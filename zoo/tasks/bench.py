@@ -563,7 +563,7 @@ def format_markdown(result: Dict[str, Any]) -> str:
         "",
         f"Command: `{result['command']}`",
         "",
-        f"torch {result['torch']}, {result['threads']} threads, {result['machine']}. Metric: the task's test metric "
+        f"torch {result['torch']}, {result['threads']} CPU thread(s), {result['machine']}. Metric: the task's test metric "
         "(higher is better unless marked ↓). FLOPs: " + result["flops_note"] + ". Throughput: inference, median of "
         "timed batches. Peak memory: " + result["peak_memory_method"] + ".",
         "",
@@ -588,7 +588,7 @@ def format_markdown(result: Dict[str, Any]) -> str:
             f"{_fmt(m['value'])} | {r['params']:,} | {_fmt(r.get('entry_params'), ',')} | "
             f"{_fmt(r['flops'] / 1e6 if r.get('flops') is not None else None, ',.1f')} | "
             f"{_fmt(tp['samples_per_s'], '.1f') + ' ' + tp['unit'] if tp else '-'} | "
-            f"{_fmt(mem / 2**20 if mem is not None else None, '.1f')} | {ran}; {kw} |"
+            f"{_fmt(mem / 2**20 if mem is not None else None, '.1f')} | {'; '.join(x for x in (ran, kw) if x)} |"
         )
     return "\n".join(lines) + "\n"
 
