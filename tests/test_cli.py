@@ -77,6 +77,19 @@ def test_finetune_checkpoint_reloads_and_reproduces_accuracy(tiny_job):
     assert ev["accuracy"] == pytest.approx(result["accuracy"], abs=1e-9)
 
 
+@needs_sklearn
+@pytest.mark.parametrize("model", ["vmamba_tiny", "efficient_vmamba_tiny"])
+def test_finetune_hierarchical_entry(model, tmp_path, capsys):
+    """The job's Vim-style size defaults (image size, patch 8, depth 6) are not forced on entries that size
+    themselves to the input: they build with their own stem and train end to end."""
+    argv = ["finetune", "--model", model, "--epochs", "1", "--limit-train-batches", "1", "--batch-size", "8",
+            "--img-size", "32", "--model-kwargs", "depths=(1,1,1,1)", "dims=16", "--no-progress", "--output", str(tmp_path)]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 0, err
+    kwargs = json.loads((tmp_path / "result.json").read_text())["model_kwargs"]
+    assert kwargs == {"num_classes": 10, "drop_path_rate": 0.0, "depths": [1, 1, 1, 1], "dims": 16}
+
+
 def test_list_and_info(capsys):
     code, out, _ = run_cli(["list", "vim*"], capsys)
     assert code == 0 and "vim_tiny" in out.split() and "vim_small" in out.split()

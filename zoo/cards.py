@@ -59,13 +59,9 @@ _param_cache: Dict[str, int] = {}
 
 def count_params(name: str) -> int:
     if name not in _param_cache:
-        import zoo
+        from zoo.registry import create_skeleton
 
-        try:
-            with torch.device("meta"):  # shapes only: fast, no memory
-                model = zoo.create_model(name, **_extra_kwargs(name))
-        except Exception:  # an init that needs real values
-            model = zoo.create_model(name, **_extra_kwargs(name))
+        model = create_skeleton(name, **_extra_kwargs(name))
         _param_cache[name] = sum(p.numel() for p in model.parameters())
     return _param_cache[name]
 

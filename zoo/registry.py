@@ -338,6 +338,16 @@ def create_model(
     return _entrypoints[arch](pretrained=pretrained, **kwargs)
 
 
+def create_skeleton(model_name: str, **kwargs) -> nn.Module:
+    """``create_model(model_name, **kwargs)`` with random weights, built on the meta device (shapes only, no
+    memory) where the constructor allows: for parameter counts and for what the model class takes."""
+    try:
+        with torch.device("meta"):
+            return create_model(model_name, **kwargs)
+    except Exception:  # an init that needs real values; a genuine error is raised again by the real build
+        return create_model(model_name, **kwargs)
+
+
 def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:
     """Registered arch names matching the fnmatch ``pattern`` (case-, "-"/"_"-insensitive), sorted.
 

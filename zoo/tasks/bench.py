@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
-import fnmatch
 import gc
 import json
 import math
@@ -191,50 +190,6 @@ def _vision_overrides(name: str, budget: str) -> Dict[str, Any]:
     return {}
 
 
-def _train_digits(name: str, model_kwargs: Dict[str, Any], cfg, device: torch.device):
-    """Train ``name`` on digits with the finetune config's hyper-parameters; evaluate with the task's evaluate()."""
-    import zoo
-    import torch.nn.functional as F
-    from timm.data import resolve_data_config
-    from torch.utils.data import DataLoader
-
-    from zoo.data import create_dataset
-    from zoo.tasks.classification import evaluate
-
-    torch.manual_seed(cfg.seed)
-    model = zoo.create_model(name, **model_kwargs).to(device)
-    data_cfg = resolve_data_config({}, model=model)
-    kw = dict(img_size=cfg.img_size, mean=data_cfg["mean"], std=data_cfg["std"], seed=cfg.seed)
-    train_set, test_set = create_dataset("digits", "train", **kw), create_dataset("digits", "test", **kw)
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(cfg.seed))
-    steps_per_epoch = min(len(loader), cfg.limit_train_batches or len(loader))
-    total, warmup = steps_per_epoch * cfg.epochs, max(1, round(cfg.warmup_epochs * steps_per_epoch))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
-                             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}], lr=cfg.lr)
-    floor = cfg.min_lr / cfg.lr
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warmup if s < warmup else
-                                              floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
-    seen, start = 0, time.perf_counter()
-    model.train()
-    for _ in range(cfg.epochs):
-        for step, (x, y) in enumerate(loader):
-            if step == steps_per_epoch:
-                break
-            loss = F.cross_entropy(model(x.to(device)), y.to(device), label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            opt.step()
-            sched.step()
-            seen += len(y)
-    train_seconds = time.perf_counter() - start
-    ev = evaluate(model, DataLoader(test_set, batch_size=128), device)
-    return model, {"accuracy": ev["accuracy"], "test_images": ev["images"], "train_images_per_s": seen / train_seconds}
-
-
 def run_classification(name: str, budget: str, device: torch.device, seed: int, pretrained_tag: Optional[str]):
     import zoo
     from timm.data import resolve_data_config
@@ -253,30 +208,23 @@ def run_classification(name: str, budget: str, device: torch.device, seed: int, 
         train = {"trained": False, "evaluated": "digits test split", "img_size": size}
         model_kwargs: Dict[str, Any] = {}
     else:
-        is_vim = name.startswith("vim")
         overrides = _vision_overrides(name, budget)
         kw = dict(model=name, data="digits", seed=seed, device=str(device), progress=False)
         if budget == "full":
-            cfg = FinetuneConfig(**kw) if is_vim else FinetuneConfig(**kw, patch_size=None, depth=None)
+            cfg = FinetuneConfig(**kw)
         else:
             steps = 2 if budget == "tiny" else 20
             cfg = FinetuneConfig(
                 **kw, epochs=1, batch_size=16 if budget == "tiny" else 32, limit_train_batches=steps,
-                img_size=16 if budget == "tiny" else 32, patch_size=(4 if budget == "tiny" else 8) if is_vim else None,
+                img_size=16 if budget == "tiny" else 32, patch_size=4 if budget == "tiny" else 8,
                 depth=overrides.pop("depth", None), model_kwargs=overrides,
             )
-        if is_vim:
-            with tempfile.TemporaryDirectory() as tmp:
-                cfg.output = tmp
-                result = finetune(cfg)
-                model_kwargs = result["model_kwargs"]
-                model = zoo.create_model(name, checkpoint_path=str(Path(tmp) / "model.safetensors"), **model_kwargs).to(device)
-            recipe = "zoo.tasks.classification.finetune"
-        else:  # zoo finetune always passes img_size, which the hierarchical entries do not take
-            model_kwargs = dict(num_classes=10, drop_path_rate=cfg.drop_path, **cfg.model_kwargs)
-            model, result = _train_digits(name, model_kwargs, cfg, device)
-            recipe = ("zoo finetune's recipe and hyper-parameters in a plain loop (AdamW, no decay on 1-D params, "
-                      "warmup + cosine, label smoothing, grad clipping); zoo.tasks.classification.evaluate")
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg.output = tmp
+            result = finetune(cfg)
+            model_kwargs = result["model_kwargs"]
+            model = zoo.create_model(name, checkpoint_path=str(Path(tmp) / "model.safetensors"), **model_kwargs).to(device)
+        recipe = "zoo.tasks.classification.finetune"
         metrics = {"top1_accuracy": result["accuracy"], "test_images": result["test_images"],
                    "train_images_per_s": result["train_images_per_s"]}
         train = {"trained": True, "epochs": cfg.epochs, "batch_size": cfg.batch_size,

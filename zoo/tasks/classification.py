@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import inspect
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from zoo.registry import create_skeleton
 from zoo.tasks.engine import (
     STRATEGIES, DistContext, ShardSampler, all_reduce_max, all_reduce_sum, autocast, backward_and_step, cleanup_distributed,
     cosine_with_warmup, create_ema, create_grad_scaler, create_optimizer, full_model_state_dict, init_distributed,
@@ -70,12 +72,18 @@ class FinetuneConfig:
 
 
 def model_kwargs_for(cfg: FinetuneConfig, num_classes: int) -> Dict[str, Any]:
-    """The keyword arguments create_model gets (also stored with the checkpoint to rebuild it)."""
-    kwargs: Dict[str, Any] = dict(num_classes=num_classes, img_size=cfg.img_size, drop_path_rate=cfg.drop_path)
-    if cfg.patch_size is not None:
+    """The keyword arguments create_model gets (also stored with the checkpoint to rebuild it).
+
+    The image and patch size go only to entries built for one input size (Vim); hierarchical entries
+    (VMamba, EfficientVMamba) take any input and have no such arguments. The job prints what it passed."""
+    kwargs: Dict[str, Any] = dict(num_classes=num_classes, drop_path_rate=cfg.drop_path)
+    takes = inspect.signature(type(create_skeleton(cfg.model))).parameters
+    if "img_size" in takes:
+        kwargs["img_size"] = cfg.img_size
+    if cfg.patch_size is not None and {"patch_size", "stride"} <= takes.keys():
         # Vim takes the patch stride separately; equal stride gives non-overlapping patches.
         kwargs.update(patch_size=cfg.patch_size, stride=cfg.patch_size)
-    if cfg.depth is not None:
+    if cfg.depth is not None and "depth" in takes:
         kwargs["depth"] = cfg.depth
     kwargs.update(cfg.model_kwargs)
     return kwargs
@@ -346,8 +354,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="cross-entropy label smoothing")
     p.add_argument("--clip-grad", type=float, default=d.clip_grad, help="max gradient norm (0: no clipping)")
     p.add_argument("--img-size", type=int, default=d.img_size, help="image side after upsampling")
-    p.add_argument("--patch-size", type=int, default=d.patch_size, help="patch size and stride")
-    p.add_argument("--depth", type=int, default=d.depth, help="number of blocks (overrides the entry's)")
+    p.add_argument("--patch-size", type=int, default=d.patch_size, help="patch size and stride (entries built for one patch size: Vim)")
+    p.add_argument("--depth", type=int, default=d.depth, help="number of blocks (overrides the entry's; entries with one stack: Vim)")
     p.add_argument("--drop-path", type=float, default=d.drop_path, help="stochastic depth rate")
     p.add_argument("--model-kwargs", nargs="+", default=[], metavar="KEY=VALUE",
                    help="more keyword arguments for create_model, e.g. embed_dim=96 d_state=8")
