@@ -298,11 +298,79 @@ def bench_mamba(t, bwd):
     return r
 
 
+
+# ---- tile sweep ----------------------------------------------------------------------------
+
+class tiles:
+    """Overrides the launchers' tile choice: fwd / bwd = (BLOCK_T, BLOCK_D, num_warps); the
+    backward always uses the forward's BLOCK_T (it reads the states saved at its chunk starts).
+    min_programs overrides the segmenting threshold of long sequences."""
+
+    def __init__(self, fwd=None, bwd=None, min_programs=None):
+        self.fwd, self.bwd, self.min_programs = fwd, bwd, min_programs
+
+    def __enter__(self):
+        from zoo.kernels.selective_scan import function as F
+
+        self.F, self.orig, self.orig_min = F, F._config, F._MIN_PROGRAMS
+
+        def config(d_state, dpg, backward, block_t=None, block_d=None):
+            bt, bd, bn, w = self.orig(d_state, dpg, backward, block_t, block_d)
+            pick = self.bwd if backward else self.fwd
+            if pick is None:
+                return bt, bd, bn, w
+            return pick[0], pick[1], bn, pick[2]
+
+        F._config = config
+        if self.min_programs:
+            F._MIN_PROGRAMS = self.min_programs
+        return self
+
+    def __exit__(self, *exc):
+        self.F._config, self.F._MIN_PROGRAMS = self.orig, self.orig_min
+
+
+def sweep(partial_path):
+    """Forward tiles alone, then backward tiles under the default forward tile of the same
+    BLOCK_T, at the LM shape; then the segment count of the long shape. Each row is written to
+    partial_path as soon as it is measured (a run cut short still reports what it measured)."""
+    rows = []
+    lm = dict(b=8, l=4096, d=2048, n=16, mamba=False)
+    plan = []
+    for fwd in ((8, 8, 1), (16, 8, 1), (4, 16, 1), (8, 16, 1), (2, 32, 1), (4, 32, 1), (4, 64, 2)):
+        plan.append((f"LM fwd T{fwd[0]} D{fwd[1]} w{fwd[2]}", dict(lm, bwd=False), dict(fwd=fwd)))
+    bwd_tiles = {8: ((8, 1), (16, 1), (32, 2), (32, 4), (64, 4)),
+                 4: ((8, 1), (16, 1), (32, 1), (32, 2), (64, 2), (64, 4), (128, 4)),
+                 16: ((8, 1), (16, 2))}
+    for bt, choices in bwd_tiles.items():
+        for bd, bw in choices:
+            plan.append((f"LM bwd T{bt} D{bd} w{bw}", dict(lm), dict(fwd=(bt, 8, 1), bwd=(bt, bd, bw))))
+    for mp in (1024, 2048, 4096):
+        plan.append((f"long min_programs {mp}", dict(b=1, l=65536, d=1536, n=16, mamba=False), dict(min_programs=mp)))
+    for name, kw, tile in plan:
+        try:
+            with tiles(**tile):
+                r = bench_case(name, **kw)
+                if "bwd" in tile:  # a tile is only worth its time if it is also right
+                    c = check_case("bf16 n16", b=3, l=517, d=193, n=16, dtype=torch.bfloat16, seed=5)
+                    r["check_ok"], r["check_worst"] = c["ok"], c["worst"]
+            r["tiles"] = tile
+        except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others' numbers
+            r = dict(name=name, tiles=tile, error=f"{type(e).__name__}: {str(e)[:300]}")
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+        with open(partial_path, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
 def main():
     global BW
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", os.path.join(os.path.dirname(__file__), "results")))
-    ap.add_argument("--quick", action="store_true", help="fewer correctness cases and no tile sweep")
+    ap.add_argument("--quick", action="store_true", help="fewer correctness cases")
+    ap.add_argument("--sweep", action="store_true",
+                    help="instead of the standard cases: time forward and backward tiles (T, D, warps) separately")
     ap.add_argument("--skip-check", action="store_true")
     args = ap.parse_args()
     t0 = time.time()
@@ -329,14 +397,12 @@ def main():
                                                directions=("forward", "reverse", "forward_t", "reverse_t"))),
         ("VMamba 1-dir 56x56", dict(b=16, l=3136, d=192, n=16)),
     ]
-    if not args.quick:
-        # Tile sweep: block_d applies to the forward and the backward alike when given.
-        for bt, bd in ((4, 8), (8, 16), (16, 8)):
-            cases.append((f"LM fwd tile T{bt} D{bd}", dict(b=8, l=4096, d=2048, n=16, block=dict(block_t=bt, block_d=bd),
-                                                          mamba=False, bwd=False)))
-        for bt, bd in ((4, 8), (8, 8), (8, 4)):
-            cases.append((f"LM tile T{bt} D{bd}", dict(b=8, l=4096, d=2048, n=16, block=dict(block_t=bt, block_d=bd),
-                                                      mamba=False)))
+    if args.sweep:
+        cases = []
+    report["timings"] = []
+    os.makedirs(args.out, exist_ok=True)
+    if args.sweep:
+        report["sweep"] = sweep(os.path.join(args.out, "kernels_sweep.partial.json"))
     report["timings"] = []
     for name, kw in cases:
         try:

@@ -251,6 +251,38 @@ def _seg_combine_kernel(
 
 
 @triton.jit
+def _bwd_loads(u_base, dt_base, B_base, C_base, z_base, go_base, hs_ptr, s, s_lo, s_end, seqlen, start, flags, H, W,
+               s_ul, s_dl, s_Bl, s_Cl, s_zl, s_gl, dmask, nmask, dn_mask, HAS_T: tl.constexpr, HAS_Z: tl.constexpr,
+               ADJ_ONLY: tl.constexpr):
+    """One backward chunk's raw input tiles (steps s): the next step's delta (its decay carries
+    the adjoint back), C, dout, z, and unless ADJ_ONLY, u, delta, B and the chunk-start state at
+    hs_ptr. Rows outside [s_lo, s_end) read as 0; stand-ins are returned for tiles not read."""
+    smask = (s >= s_lo) & (s < s_end)
+    t = start + _positions(s, seqlen, flags, H, W, HAS_T)
+    m2 = smask[:, None] & dmask[None, :]
+    mb = smask[:, None] & nmask[None, :]
+    s1 = s + 1
+    t1 = start + _positions(s1, seqlen, flags, H, W, HAS_T)
+    dt1 = tl.load(dt_base[None, :] + t1[:, None] * s_dl, mask=(smask & (s1 < seqlen))[:, None] & dmask[None, :],
+                  other=0.0)
+    Ct = tl.load(C_base[None, :] + t[:, None] * s_Cl, mask=mb, other=0.0)
+    dout = tl.load(go_base[None, :] + t[:, None] * s_gl, mask=m2, other=0.0)
+    z = dout
+    if HAS_Z:
+        z = tl.load(z_base[None, :] + t[:, None] * s_zl, mask=m2, other=0.0)
+    u = dout
+    draw = dt1
+    Bt = Ct
+    h_in = tl.zeros(dn_mask.shape, dtype=tl.float32)
+    if not ADJ_ONLY:
+        u = tl.load(u_base[None, :] + t[:, None] * s_ul, mask=m2, other=0.0)
+        draw = tl.load(dt_base[None, :] + t[:, None] * s_dl, mask=m2, other=0.0)
+        Bt = tl.load(B_base[None, :] + t[:, None] * s_Bl, mask=mb, other=0.0)
+        h_in = tl.load(hs_ptr, mask=dn_mask, other=0.0)
+    return dt1, Ct, dout, z, u, draw, Bt, h_in
+
+
+@triton.jit
 def _bwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, flags_ptr, cu_ptr, cs_ptr,
     hsave_ptr, dout_ptr, dlast_ptr,
@@ -315,8 +347,7 @@ def _bwd_kernel(
     # Per-token gradient buffers share one contiguous (k, b, l, d) layout.
     tok = k64 * s_gk + bb * s_gb + d * s_gd
     go_base = dout_ptr + tok
-    if HAS_Z:
-        z_base = z_ptr + k64 * s_zk + bb * s_zb + d * s_zd
+    z_base = z_ptr + k64 * s_zk + bb * s_zb + d * s_zd  # read only when HAS_Z
     if DETERMINISTIC:
         # Row of the partial buffer: this program's block index among those sharing the group.
         dB_base = dB_ptr + ((g % GB_DIV) * NBLK + pid_d % NBLK) * s_dBp
@@ -350,6 +381,13 @@ def _bwd_kernel(
     s0 = seg * SEGLEN
     s_end = tl.minimum(s0 + SEGLEN, seqlen)
     nch = tl.cdiv(s_end - s0, BLOCK_T)
+    hs_base = hsave_ptr + (k64 * NSLOTS + slot0 + s0 // BLOCK_T) * DIMN + dn_off
+    # Software prefetch as in the forward: the previous chunk's loads are issued before this
+    # chunk's scans, so their latency overlaps the computation.
+    c = nch - 1
+    dt1_n, C_n, dout_n, z_n, u_n, draw_n, B_n, h_n = _bwd_loads(
+        u_base, dt_base, B_base, C_base, z_base, go_base, hs_base + c * DIMN, s0 + c * BLOCK_T + rows, s0, s_end, seqlen,
+        start, flags, H, W, s_ul, s_dl, s_Bl, s_Cl, s_zl, s_gl, dmask, nmask, dn_mask & (nch > 0), HAS_T, HAS_Z, ADJ_ONLY)
     for ci in range(0, nch):
         c = nch - 1 - ci
         s = s0 + c * BLOCK_T + rows
@@ -357,20 +395,26 @@ def _bwd_kernel(
         t = start + _positions(s, seqlen, flags, H, W, HAS_T)
         m2 = smask[:, None] & dmask[None, :]
         mb = smask[:, None] & nmask[None, :]
-        # delta of the next step in recurrence order: its decay carries the adjoint one step back.
-        s1 = s + 1
-        m21 = (s1 < seqlen)[:, None] & dmask[None, :]
-        t1 = start + _positions(s1, seqlen, flags, H, W, HAS_T)
-        dt1 = tl.load(dt_base[None, :] + t1[:, None] * s_dl, mask=m21, other=0.0).to(tl.float32)
+        m21 = ((s + 1) < seqlen)[:, None] & dmask[None, :]
+        dt1 = dt1_n.to(tl.float32)
+        Ct = C_n.to(tl.float32)
+        dout = dout_n.to(tl.float32)
+        z = z_n.to(tl.float32)
+        u = u_n.to(tl.float32)
+        draw = draw_n.to(tl.float32)
+        Bt = B_n.to(tl.float32)
+        h_in = h_n
+        # Past the first chunk (c = 0) every row is below s0, so that prefetch reads nothing.
+        dt1_n, C_n, dout_n, z_n, u_n, draw_n, B_n, h_n = _bwd_loads(
+            u_base, dt_base, B_base, C_base, z_base, go_base, hs_base + (c - 1) * DIMN, s - BLOCK_T, s0, s_end,
+            seqlen, start, flags, H, W, s_ul, s_dl, s_Bl, s_Cl, s_zl, s_gl, dmask, nmask,
+            dn_mask & (c > 0), HAS_T, HAS_Z, ADJ_ONLY)
         if HAS_DTB:
             dt1 += dtb[None, :]
         if SOFTPLUS:
             dt1 = _softplus(dt1)
         dt1 = tl.where(m21, dt1, 0.0)  # past the end: decay 1, so dlast enters unchanged
-        Ct = tl.load(C_base[None, :] + t[:, None] * s_Cl, mask=mb, other=0.0).to(tl.float32)
-        dout = tl.load(go_base[None, :] + t[:, None] * s_gl, mask=m2, other=0.0).to(tl.float32)
         if HAS_Z:
-            z = tl.load(z_base[None, :] + t[:, None] * s_zl, mask=m2, other=0.0).to(tl.float32)
             sz = _sigmoid(z)
             dy = dout * z * sz
         else:
@@ -382,19 +426,14 @@ def _bwd_kernel(
         if ADJ_ONLY:
             dt1sum += tl.sum(dt1, axis=0)
         else:
-            u = tl.load(u_base[None, :] + t[:, None] * s_ul, mask=m2, other=0.0).to(tl.float32)
-            draw = tl.load(dt_base[None, :] + t[:, None] * s_dl, mask=m2, other=0.0).to(tl.float32)
             if HAS_DTB:
                 draw += dtb[None, :]
             dt = draw
             if SOFTPLUS:
                 dt = _softplus(draw)
             dt = tl.where(m2, dt, 0.0)
-            Bt = tl.load(B_base[None, :] + t[:, None] * s_Bl, mask=mb, other=0.0).to(tl.float32)
             dtu = dt * u
             b = dtu[:, None, :] * Bt[:, :, None]
-            h_in = tl.load(hsave_ptr + (k64 * NSLOTS + slot0 + s0 // BLOCK_T + c) * DIMN + dn_off, mask=dn_mask,
-                           other=0.0)
             ca, cb = tl.associative_scan((_exp2_approx(dt[:, None, :] * A2[None, :, :]), b), 0, _combine)
             hs = cb + ca * h_in[None, :, :]
             if HAS_Z:
