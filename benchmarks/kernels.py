@@ -337,15 +337,13 @@ def sweep(partial_path):
     rows = []
     lm = dict(b=8, l=4096, d=2048, n=16, mamba=False)
     plan = []
-    for fwd in ((8, 8, 1), (16, 8, 1), (4, 16, 1), (8, 16, 1), (2, 32, 1), (4, 32, 1), (4, 64, 2)):
+    for fwd in ((8, 8, 1), (8, 16, 1), (16, 16, 2), (8, 32, 2), (16, 8, 1)):
         plan.append((f"LM fwd T{fwd[0]} D{fwd[1]} w{fwd[2]}", dict(lm, bwd=False), dict(fwd=fwd)))
-    bwd_tiles = {8: ((8, 1), (16, 1), (32, 2), (32, 4), (64, 4)),
-                 4: ((8, 1), (16, 1), (32, 1), (32, 2), (64, 2), (64, 4), (128, 4)),
-                 16: ((8, 1), (16, 2))}
+    bwd_tiles = {8: ((8, 1), (16, 1), (16, 2), (32, 4)), 4: ((8, 1), (16, 1), (16, 2)), 16: ((8, 1), (8, 2))}
     for bt, choices in bwd_tiles.items():
         for bd, bw in choices:
             plan.append((f"LM bwd T{bt} D{bd} w{bw}", dict(lm), dict(fwd=(bt, 8, 1), bwd=(bt, bd, bw))))
-    for mp in (1024, 2048, 4096):
+    for mp in (1024, 4096, 8192):
         plan.append((f"long min_programs {mp}", dict(b=1, l=65536, d=1536, n=16, mamba=False), dict(min_programs=mp)))
     for name, kw, tile in plan:
         try:
