@@ -304,15 +304,15 @@ def bench_mamba(t, bwd):
 class tiles:
     """Overrides the launchers' tile choice: fwd / bwd = (BLOCK_T, BLOCK_D, num_warps); the
     backward always uses the forward's BLOCK_T (it reads the states saved at its chunk starts).
-    min_programs overrides the segmenting threshold of long sequences."""
+    target_programs overrides how many programs long sequences are segmented into."""
 
-    def __init__(self, fwd=None, bwd=None, min_programs=None):
-        self.fwd, self.bwd, self.min_programs = fwd, bwd, min_programs
+    def __init__(self, fwd=None, bwd=None, target_programs=None):
+        self.fwd, self.bwd, self.target_programs = fwd, bwd, target_programs
 
     def __enter__(self):
         from zoo.kernels.selective_scan import function as F
 
-        self.F, self.orig, self.orig_min = F, F._config, F._MIN_PROGRAMS
+        self.F, self.orig, self.orig_min = F, F._config, F._TARGET_PROGRAMS
 
         def config(d_state, dpg, backward, block_t=None, block_d=None):
             bt, bd, bn, w = self.orig(d_state, dpg, backward, block_t, block_d)
@@ -322,12 +322,12 @@ class tiles:
             return pick[0], pick[1], bn, pick[2]
 
         F._config = config
-        if self.min_programs:
-            F._MIN_PROGRAMS = self.min_programs
+        if self.target_programs:
+            F._TARGET_PROGRAMS = self.target_programs
         return self
 
     def __exit__(self, *exc):
-        self.F._config, self.F._MIN_PROGRAMS = self.orig, self.orig_min
+        self.F._config, self.F._TARGET_PROGRAMS = self.orig, self.orig_min
 
 
 def sweep(partial_path):
@@ -344,7 +344,7 @@ def sweep(partial_path):
         for bd, bw in choices:
             plan.append((f"LM bwd T{bt} D{bd} w{bw}", dict(lm), dict(fwd=(bt, 8, 1), bwd=(bt, bd, bw))))
     for mp in (1024, 4096, 8192):
-        plan.append((f"long min_programs {mp}", dict(b=1, l=65536, d=1536, n=16, mamba=False), dict(min_programs=mp)))
+        plan.append((f"long target_programs {mp}", dict(b=1, l=65536, d=1536, n=16, mamba=False), dict(target_programs=mp)))
     for name, kw, tile in plan:
         try:
             with tiles(**tile):
@@ -394,6 +394,9 @@ def main():
         ("VMamba 4-dir 56x56 (1 launch)", dict(b=16, l=3136, d=192, n=16, hw=(56, 56), shared_u=True,
                                                directions=("forward", "reverse", "forward_t", "reverse_t"))),
         ("VMamba 1-dir 56x56", dict(b=16, l=3136, d=192, n=16)),
+        # VMamba's released configurations use d_state 1 (the "v05_noz" forward).
+        ("VMamba-T 4-dir 56x56 d_state 1 (1 launch)", dict(b=16, l=3136, d=192, n=1, hw=(56, 56), shared_u=True,
+                                                          directions=("forward", "reverse", "forward_t", "reverse_t"))),
     ]
     if args.sweep:
         cases = []

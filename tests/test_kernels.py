@@ -224,7 +224,7 @@ def test_segmented_long_sequence_path(monkeypatch, reverse):
     (forward and backward), here 3 segments of 9 chunks of 4 steps, the last one partial."""
     from zoo.kernels.selective_scan import function
 
-    monkeypatch.setattr(function, "_MIN_PROGRAMS", 1 << 20)
+    monkeypatch.setattr(function, "_SEGMENT_BELOW", 1 << 20)
     assert function._segments(1, 101, 4, False) == (3, 36)
     t = make(1, 101, 3, 4, seed=12)
     t["initial_state"] = None if reverse else torch.randn(1, 3, 4).to(DEV)

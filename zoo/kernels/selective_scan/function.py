@@ -24,31 +24,39 @@ REVERSE, TRANSPOSE = 1, 2  # direction flag bits (see kernels._positions)
 def _config(d_state: int, dpg: int, backward: bool, block_t: Optional[int] = None, block_d: Optional[int] = None):
     """(BLOCK_T, BLOCK_D, BLOCK_N, num_warps). Lanes go to channels first, then to states, warps
     after them; each thread then holds about 32 values of each (BLOCK_T, BLOCK_N, BLOCK_D) tile
-    (16 in the backward for d_state > 16), so nothing spills. Few
-    channels per program keep many programs in flight. The backward uses the forward's BLOCK_T:
-    it reads the states saved at the forward's chunk starts."""
+    in the backward (16 for d_state > 16), so it does not spill. Few channels per program keep
+    many programs in flight. The backward uses the forward's BLOCK_T: it reads the states saved
+    at the forward's chunk starts.
+
+    Measured on an H200 at d_state 16 (benchmarks/results/kernels_h200_sweep.json, LM rows):
+    the forward is fastest with twice the backward's channels per program (T8 x D16, one warp:
+    0.71 ms against 0.84 ms at T8 x D8), the backward with T8 x D8 (wider tiles spill)."""
     bn = triton.next_power_of_2(d_state)
     bd = block_d or max(1, min(128 // bn if bn < 16 else 8, 64, triton.next_power_of_2(dpg)))
     warps = max(1, min(8, bn * bd // 128))
     bt = block_t or max(2, min(32, 1024 * warps // (bn * bd)))
     if backward and not block_d and bn > 16:
-        # Measured at d_state 16 (benchmarks/results/kernels_h100_sweep.json, "LM tile" rows): the
-        # forward's tile is also the faster backward tile; larger d_state halves it for registers.
         bd = max(1, bd // 2)
         warps = max(1, min(8, bn * bd // 128))
+    if not backward and not block_d and bn == 16:
+        bd = min(2 * bd, max(bd, triton.next_power_of_2(dpg)))
     return bt, bd, bn, warps
 
 
-# Fewer programs than this (channel blocks x sequences x directions) leave SMs idle: the
-# sequence is then cut into segments scanned in parallel and chained (about twice the work).
-_MIN_PROGRAMS = 1024
+# Fewer programs than _SEGMENT_BELOW (channel blocks x sequences x directions) leave SMs idle:
+# the sequence is then cut into segments scanned in parallel and chained (about twice the work),
+# enough of them for about _TARGET_PROGRAMS programs. Measured at (1, 65536, 1536, 16) on an H200
+# (kernels_h200_sweep.json, "long" rows): 1024 programs 3.0 ms forward / 16.1 ms forward+backward,
+# 4096 programs 2.1 / 9.4 ms, 8192 no better.
+_SEGMENT_BELOW = 512
+_TARGET_PROGRAMS = 4096
 
 
 def _segments(nprog: int, L: int, block_t: int, packed: bool):
     """(NSEG, SEGLEN): one segment unless too few programs fill the GPU."""
-    if packed or nprog >= _MIN_PROGRAMS // 2:
+    if packed or nprog >= _SEGMENT_BELOW:
         return 1, max(L, 1)
-    nseg = min(triton.cdiv(_MIN_PROGRAMS, nprog), max(1, L // (8 * block_t)))
+    nseg = min(triton.cdiv(_TARGET_PROGRAMS, nprog), max(1, L // (8 * block_t)))
     seglen = triton.cdiv(triton.cdiv(L, nseg), block_t) * block_t  # whole chunks: saved states align
     return triton.cdiv(L, seglen), seglen
 
