@@ -4,7 +4,8 @@
 
 A sequence is filler tokens with a marker and one passkey digit inserted at a uniformly random place,
 ending in a query token; the model must name the digit at the query (10 classes, chance 10%). Training
-lengths are drawn from [train_length // 4, train_length]; evaluation runs at each of ``eval_lengths``
+lengths are drawn from [L // 4, L] with L = train_length, or L rising from task.start_length over the
+first train.length_warmup of the steps (a curriculum); evaluation runs at each of ``eval_lengths``
 (longer than training: length extrapolation). Also reports the memory-fidelity metrics of the trained
 models (horizontal of layer 0 at distances 1, 16, 64; vertical per layer) on one evaluation batch.
 
@@ -69,8 +70,10 @@ def train(model, cfg: dict, device) -> float:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t["lr"], total_steps=t["steps"], pct_start=0.1)
     model.train()
     start = time.perf_counter()
+    log = []
     for step in range(t["steps"]):
-        length = int(torch.randint(task["train_length"] // 4, task["train_length"] + 1, (1,), generator=gen))
+        longest = train_length_at(step, cfg)
+        length = int(torch.randint(max(4, longest // 4), longest + 1, (1,), generator=gen))
         tokens, labels = passkey_batch(t["batch_size"], length, gen, device)
         loss = F.cross_entropy(model(tokens), labels)
         opt.zero_grad(set_to_none=True)
@@ -79,8 +82,21 @@ def train(model, cfg: dict, device) -> float:
         opt.step()
         sched.step()
         if (step + 1) % max(1, t["steps"] // 10) == 0:
-            print(f"  step {step + 1}/{t['steps']} loss {loss.item():.3f}", flush=True)
-    return time.perf_counter() - start
+            log.append(dict(step=step + 1, longest=longest, loss=round(loss.item(), 4)))
+            print(f"  step {step + 1}/{t['steps']} (lengths up to {longest}) loss {loss.item():.3f}", flush=True)
+    return time.perf_counter() - start, log
+
+
+def train_length_at(step: int, cfg: dict) -> int:
+    """Longest training length at ``step``: ``train_length`` throughout, or with
+    ``train.length_warmup`` = f a curriculum rising linearly from ``task.start_length`` to
+    ``train_length`` over the first f of the steps."""
+    task, t = cfg["task"], cfg["train"]
+    warm = t.get("length_warmup", 0.0) * t["steps"]
+    if warm <= 0 or step >= warm:
+        return task["train_length"]
+    start = task.get("start_length", task["train_length"])
+    return int(start + (task["train_length"] - start) * step / warm)
 
 
 @torch.no_grad()
@@ -114,7 +130,7 @@ def main(argv=None) -> int:
         model = build(name, cfg).to(device)
         params = n_params(model)
         print(f"{name}: {params} parameters, width {model.embed.embedding_dim}", flush=True)
-        seconds = train(model, cfg, device)
+        seconds, log = train(model, cfg, device)
         acc = {n: evaluate(model, n, cfg["task"]["eval_samples"], device) for n in cfg["task"]["eval_lengths"]}
         tokens, _ = passkey_batch(8, cfg["task"]["train_length"], torch.Generator().manual_seed(7), device)
         states = model.forward_hidden(tokens)
@@ -123,7 +139,7 @@ def main(argv=None) -> int:
         distances = [k for k in (1, 16, 64) if k < tokens.shape[1]]
         run = dict(model=name, params=params, d_model=model.embed.embedding_dim, train_seconds=round(seconds, 1), accuracy=acc,
                    horizontal_fidelity_layer0=horizontal_fidelity(layer0, x0, distances),
-                   vertical_fidelity=vertical_fidelity(states))
+                   vertical_fidelity=vertical_fidelity(states), loss_log=log)
         print(json.dumps(run), flush=True)
         results.append(run)
     lengths = cfg["task"]["eval_lengths"]
