@@ -385,6 +385,8 @@ def main():
     ap.add_argument("--sweep", action="store_true",
                     help="instead of the standard cases: time forward and backward tiles (T, D, warps) separately")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--cases", nargs="+", default=None, metavar="NAME",
+                    help="time only the standard cases whose name starts with one of these (e.g. Vim-S)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="time every case this many times (whole passes over the cases) and report the median; "
                          "short kernels on a shared GPU drift by several times between runs")
@@ -416,6 +418,8 @@ def main():
         ("VMamba-T 4-dir 56x56 d_state 1 (1 launch)", dict(b=16, l=3136, d=192, n=1, hw=(56, 56), shared_u=True,
                                                           directions=("forward", "reverse", "forward_t", "reverse_t"))),
     ]
+    if args.cases:
+        cases = [c for c in cases if any(c[0].startswith(p) for p in args.cases)]
     if args.sweep:
         cases = []
     report["timings"] = []
