@@ -6,7 +6,7 @@ DeiT / Swin / ConvNeXt of similar size, at several resolutions, in one run.
 
 Per (model, resolution, mode): build the model (random weights), ``warmup`` untimed steps, then the median
 wall time of ``reps`` steps (CUDA synchronised around each). Inference: ``model(x)`` under
-``torch.inference_mode`` in eval mode. Training: forward, cross-entropy on random labels, backward and an
+``torch.inference_mode`` in eval mode; ``infer_graph``: the same captured once in a CUDA graph and replayed. Training: forward, cross-entropy on random labels, backward and an
 AdamW step in train mode. bf16 autocast on CUDA (``--no-amp`` for float32); ``cudnn.benchmark`` on. Peak
 memory is ``torch.cuda.max_memory_allocated`` over the timed steps, from a reset after the model and
 optimizer are built (CUDA only). An out-of-memory error is recorded as ``"status": "oom"`` and the run goes
@@ -87,6 +87,25 @@ def time_steps(step, device: torch.device, warmup: int, reps: int) -> list:
     return times
 
 
+def graphed_inference(model, x, autocast, device: torch.device):
+    """``model(x)`` captured once in a CUDA graph; the returned step replays it. This removes the host's
+    per-kernel launch cost (Python, dispatcher, Triton launcher), which bounds small-batch inference of
+    deep models with many small kernels, and leaves the GPU time."""
+    if device.type != "cuda":
+        raise RuntimeError(f"infer_graph needs CUDA, got device {device}")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.inference_mode(), autocast:
+        with torch.cuda.stream(side):  # warm-up off the capture stream: autotuning, caches, allocations
+            for _ in range(3):
+                model(x)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            model(x)
+    return graph.replay
+
+
 def measure(name: str, size: int, batch: int, mode: str, args, device: torch.device) -> dict:
     """One (model, size, mode) cell: images/s, ms per step, peak memory; OOM and other errors as statuses."""
     row = dict(model=name, source="zoo" if name in zoo.list_models() else "timm", size=size, batch=batch, mode=mode)
@@ -102,6 +121,9 @@ def measure(name: str, size: int, batch: int, mode: str, args, device: torch.dev
             def step():
                 with torch.inference_mode(), autocast:
                     model(x)
+        elif mode == "infer_graph":
+            model.eval()
+            step = graphed_inference(model, x, autocast, device)
         else:
             model.train()
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -234,7 +256,8 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=ZOO_MODELS + TIMM_MODELS, help="zoo entries and timm names")
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="image sides (default 224 512 1024; --quick: 224 512)")
     p.add_argument("--batch", type=int, default=None, help=f"batch at every size (default per size: {DEFAULT_BATCH})")
-    p.add_argument("--modes", nargs="+", choices=("infer", "train"), default=["infer", "train"])
+    p.add_argument("--modes", nargs="+", choices=("infer", "infer_graph", "train"), default=["infer", "train"],
+                   help="infer_graph: inference replayed from a CUDA graph (no host launch cost; CUDA only)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5; --quick 2)")
     p.add_argument("--reps", type=int, default=None, help="timed steps, median reported (default 20; --quick 5)")
     p.add_argument("--quick", action="store_true", help="fewer steps, sizes 224 and 512 unless --sizes")

@@ -29,6 +29,14 @@ def test_cpu_quick_run_writes_json(tmp_path):
     assert result["ratios"] == []
 
 
+def test_graph_mode_on_cpu_is_a_recorded_error(tmp_path):
+    out = tmp_path / "vision.json"
+    bench.main(["--device", "cpu", "--sizes", "32", "--batch", "1", "--warmup", "0", "--reps", "1",
+                "--modes", "infer_graph", "--models", "deit_tiny_patch16_224", "--out", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["status"] == "error" and "infer_graph needs CUDA, got device cpu" in row["error"]
+
+
 def test_bad_model_name_is_an_error(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--device", "cpu", "--models", "vim_tinyy"])
