@@ -258,7 +258,7 @@ def test_causal_conv1d_matches_torch(reverse, activation):
     (torch.float32, True, True), (torch.float32, False, True), (torch.bfloat16, True, False),
 ])
 def test_fused_add_rms_norm_matches_add_norm(dtype, has_residual, residual_in_fp32):
-    from zoo.core.block import add_norm
+    from zoo.core.block import add_norm_reference
     from zoo.core.norm import RMSNorm
     from zoo.kernels.norm import add_rms_norm_triton
 
@@ -270,7 +270,7 @@ def test_fused_add_rms_norm_matches_add_norm(dtype, has_residual, residual_in_fp
     with torch.no_grad():
         norm.weight.copy_(torch.randn(37, generator=g))
     out, rout = add_rms_norm_triton(h, r, norm.weight, 1e-5, residual_in_fp32)
-    ref, rref = add_norm(h, r, norm, None, residual_in_fp32)
+    ref, rref = add_norm_reference(h, r, norm, None, residual_in_fp32)
     assert out.dtype == ref.dtype and rout.dtype == rref.dtype
     ins = [h, norm.weight] + ([r] if has_residual else [])
     w1 = torch.randn(out.shape, generator=g).to(DEV)
@@ -281,6 +281,33 @@ def test_fused_add_rms_norm_matches_add_norm(dtype, has_residual, residual_in_fp
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert rel(out, ref) < tol and rel(rout, rref) < tol
     assert all(rel(a, b) < tol for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("first_block", [True, False])
+def test_add_norm_dispatches_to_the_fused_kernel(monkeypatch, first_block):
+    """The core's add_norm takes the fused kernel where it applies (CUDA; here forced onto the
+    interpreter) with the reference's semantics: drop path on the block output, none in the first
+    block, where the residual stream starts as the embedding itself."""
+    from zoo.core import block
+    from zoo.core.norm import RMSNorm
+
+    calls = []
+    monkeypatch.setattr(block, "_fused_add_norm_applies", lambda *a: calls.append(1) or True)
+    g = torch.Generator().manual_seed(21)
+    h = torch.randn(2, 7, 24, generator=g).to(DEV).requires_grad_(True)
+    r = None if first_block else torch.randn(2, 7, 24, generator=g).to(DEV).requires_grad_(True)
+    norm = RMSNorm(24).to(DEV)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(24, generator=g))
+    halve = lambda x: x * 0.5  # noqa: E731 - a deterministic stand-in for DropPath
+    out, rout = block.add_norm(h, r, norm, halve)
+    ref, rref = block.add_norm_reference(h, r, norm, halve)
+    assert calls and rout.dtype == torch.float32
+    assert rel(out, ref) < 1e-5 and rel(rout, rref) < 1e-5
+    ins = [h, norm.weight] + ([] if first_block else [r])
+    got = torch.autograd.grad([out.sum(), rout.square().sum()], ins)
+    want = torch.autograd.grad([ref.sum(), rref.square().sum()], ins)
+    assert all(rel(a, b) < 1e-5 for a, b in zip(got, want))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the mixer dispatches to the kernels only for CUDA tensors")
@@ -305,6 +332,31 @@ def test_bimamba_mixer_cuda_matches_cpu_float64(dtype):
     grads = dict(ref.named_parameters())
     for name, p in fast.named_parameters():
         assert rel(p.grad.cpu(), grads[name].grad) < 10 * tol, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the model dispatches to the kernels only for CUDA tensors")
+def test_vim_cuda_matches_cpu_float64():
+    """A whole (small) Vim on CUDA, every Triton path dispatched (fused add + RMSNorm, conv1d, scan), in
+    float32 against the CPU path in float64: logits, and in eval mode under inference_mode (the
+    launchers' direct path, without the custom-op dispatch)."""
+    import zoo
+
+    torch.manual_seed(0)
+    kw = dict(embed_dim=48, depth=3, patch_size=8, stride=8, img_size=40, num_classes=7)
+    ref = zoo.create_model("vim_tiny", **kw).double().eval()
+    fast = zoo.create_model("vim_tiny", **kw).cuda().eval()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 40, 40, dtype=torch.float64)
+    y_ref = ref(x)
+    y_ref.square().sum().backward()
+    y = fast(x.float().cuda())
+    y.square().sum().backward()
+    assert rel(y.cpu(), y_ref) < 1e-5
+    grads = dict(ref.named_parameters())
+    for name, p in fast.named_parameters():
+        assert rel(p.grad.cpu(), grads[name].grad) < 1e-4, name
+    with torch.inference_mode():
+        assert rel(fast(x.float().cuda()).cpu(), y_ref) < 1e-5
 
 
 def test_scan_after_inference_mode_still_differentiable():

@@ -12,6 +12,8 @@ import torch
 from timm.layers import DropPath
 from torch import nn
 
+from .norm import RMSNorm
+
 
 def add_norm(
     hidden: torch.Tensor,
@@ -21,7 +23,25 @@ def add_norm(
     residual_in_fp32: bool = True,
 ):
     """residual <- hidden (first block) or residual + drop_path(hidden); returns
-    (norm(residual) in hidden's dtype, residual (float32 when residual_in_fp32))."""
+    (norm(residual) in hidden's dtype, residual (float32 when residual_in_fp32)). On CUDA an
+    RMSNorm with a float32 residual runs as one fused Triton kernel (one launch instead of six)."""
+    if _fused_add_norm_applies(hidden, norm, residual_in_fp32):
+        from zoo.kernels.norm import add_rms_norm_triton  # lazily: the CPU path needs no Triton
+
+        if residual is not None and drop_path is not None:
+            hidden = drop_path(hidden)
+        return add_rms_norm_triton(hidden, residual, norm.weight, norm.eps, residual_in_fp32=True)
+    return add_norm_reference(hidden, residual, norm, drop_path, residual_in_fp32)
+
+
+def add_norm_reference(
+    hidden: torch.Tensor,
+    residual: Optional[torch.Tensor],
+    norm: nn.Module,
+    drop_path: Optional[nn.Module] = None,
+    residual_in_fp32: bool = True,
+):
+    """``add_norm`` in plain PyTorch, on any device (the reference the fused kernel is tested against)."""
     if residual is None:
         residual = hidden
     else:
@@ -29,6 +49,10 @@ def add_norm(
     if residual_in_fp32:
         residual = residual.float()
     return norm(residual).to(hidden.dtype), residual
+
+
+def _fused_add_norm_applies(hidden: torch.Tensor, norm: nn.Module, residual_in_fp32: bool) -> bool:
+    return hidden.is_cuda and residual_in_fp32 and type(norm) is RMSNorm
 
 
 class ResidualBlock(nn.Module):

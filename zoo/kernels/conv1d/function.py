@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..launch import cdiv, op_or_body
+
 BLOCK_L, BLOCK_D = 32, 64
 
 
@@ -104,11 +106,10 @@ def _conv_bwd_kernel(
 
 def _grid(x):
     b, L, dim = x.shape
-    return (triton.cdiv(L, BLOCK_L), triton.cdiv(dim, BLOCK_D), b)
+    return (cdiv(L, BLOCK_L), cdiv(dim, BLOCK_D), b)
 
 
-@torch.library.custom_op("zoo::causal_conv1d_fwd", mutates_args=())
-def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], reverse: bool, silu: bool) -> torch.Tensor:
+def _conv_fwd_body(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], reverse: bool, silu: bool) -> torch.Tensor:
     b, L, dim = x.shape
     out = torch.empty((b, L, dim), dtype=x.dtype, device=x.device)
     _conv_fwd_kernel[_grid(x)](
@@ -116,6 +117,9 @@ def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
         KSIZE=weight.shape[1], REVERSE=reverse, HAS_BIAS=bias is not None, SILU=silu, BL=BLOCK_L, BD=BLOCK_D,
     )
     return out
+
+
+_conv_fwd = torch.library.custom_op("zoo::causal_conv1d_fwd", mutates_args=())(_conv_fwd_body)
 
 
 @_conv_fwd.register_fake
@@ -186,4 +190,4 @@ def causal_conv1d_triton(
         )
     if bias is not None and bias.shape != (x.shape[2],):
         raise ValueError(f"causal_conv1d_triton: bias must be ({x.shape[2]},), got {tuple(bias.shape)}")
-    return _conv_fwd(x, weight, bias, reverse, activation == "silu")
+    return op_or_body(_conv_fwd, _conv_fwd_body, (x, weight, bias), x, weight, bias, reverse, activation == "silu")

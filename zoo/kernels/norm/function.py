@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..launch import cdiv, next_power_of_2, op_or_body
+
 ROWS = 4  # rows per program
 
 
@@ -64,8 +66,7 @@ def _add_norm_bwd_kernel(
     tl.store(dw_ptr + pid * N + cols, tl.sum(dy * xhat, axis=0), mask=cols < N)
 
 
-@torch.library.custom_op("zoo::add_rms_norm_fwd", mutates_args=())
-def _fwd(
+def _fwd_body(
     hidden: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float, residual_in_fp32: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     N = hidden.shape[-1]
@@ -75,11 +76,14 @@ def _fwd(
     out = torch.empty_like(h)
     rout = torch.empty((M, N), dtype=torch.float32 if residual_in_fp32 else hidden.dtype, device=h.device)
     rstd = torch.empty((M,), dtype=torch.float32, device=h.device)
-    _add_norm_fwd_kernel[(triton.cdiv(M, ROWS),)](
+    _add_norm_fwd_kernel[(cdiv(M, ROWS),)](
         h, r if r is not None else h, weight, out, rout, rstd, M, N, eps,
-        HAS_RES=r is not None, RES_FP32=residual_in_fp32, BLOCK_N=triton.next_power_of_2(N), ROWS_=ROWS,
+        HAS_RES=r is not None, RES_FP32=residual_in_fp32, BLOCK_N=next_power_of_2(N), ROWS_=ROWS,
     )
     return out.view(hidden.shape), rout.view(hidden.shape), rstd
+
+
+_fwd = torch.library.custom_op("zoo::add_rms_norm_fwd", mutates_args=())(_fwd_body)
 
 
 @_fwd.register_fake
@@ -98,13 +102,13 @@ def _bwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     N = rout.shape[-1]
     M = rstd.shape[0]
-    grid = triton.cdiv(M, ROWS)
+    grid = cdiv(M, ROWS)
     dx = torch.empty((M, N), dtype=torch.float32, device=rout.device)
     dw = torch.empty((grid, N), dtype=torch.float32, device=rout.device)
     _add_norm_bwd_kernel[(grid,)](
         rout.reshape(M, N).contiguous(), weight, rstd, dy.reshape(M, N).contiguous(),
         dx if drout is None else drout.reshape(M, N).contiguous(), dx, dw, M, N,
-        HAS_DROUT=drout is not None, BLOCK_N=triton.next_power_of_2(N), ROWS_=ROWS,
+        HAS_DROUT=drout is not None, BLOCK_N=next_power_of_2(N), ROWS_=ROWS,
     )
     return dx.view(rout.shape), dw.sum(0).to(weight.dtype)
 
@@ -145,5 +149,5 @@ def add_rms_norm_triton(
         raise ValueError(
             f"add_rms_norm_triton: residual must have hidden's shape {tuple(hidden.shape)}, got {tuple(residual.shape)}"
         )
-    out, rout, _ = _fwd(hidden, residual, weight, eps, residual_in_fp32)
+    out, rout, _ = op_or_body(_fwd, _fwd_body, (hidden, residual, weight), hidden, residual, weight, eps, residual_in_fp32)
     return out, rout

@@ -14,13 +14,14 @@ import os
 from typing import Optional, Sequence
 
 import torch
-import triton
 
+from ..launch import cdiv, next_power_of_2, op_or_body
 from .kernels import _bwd_kernel, _fwd_kernel, _seg_combine_kernel
 
 REVERSE, TRANSPOSE = 1, 2  # direction flag bits (see kernels._positions)
 
 
+@functools.lru_cache(maxsize=256)
 def _config(d_state: int, dpg: int, backward: bool, block_t: Optional[int] = None, block_d: Optional[int] = None):
     """(BLOCK_T, BLOCK_D, BLOCK_N, num_warps). Lanes go to channels first, then to states, warps
     after them; each thread then holds about 32 values of each (BLOCK_T, BLOCK_N, BLOCK_D) tile
@@ -31,15 +32,15 @@ def _config(d_state: int, dpg: int, backward: bool, block_t: Optional[int] = Non
     Measured on an H200 at d_state 16 (benchmarks/results/kernels_h200_sweep.json, LM rows):
     the forward is fastest with twice the backward's channels per program (T8 x D16, one warp:
     0.71 ms against 0.84 ms at T8 x D8), the backward with T8 x D8 (wider tiles spill)."""
-    bn = triton.next_power_of_2(d_state)
-    bd = block_d or max(1, min(128 // bn if bn < 16 else 8, 64, triton.next_power_of_2(dpg)))
+    bn = next_power_of_2(d_state)
+    bd = block_d or max(1, min(128 // bn if bn < 16 else 8, 64, next_power_of_2(dpg)))
     warps = max(1, min(8, bn * bd // 128))
     bt = block_t or max(2, min(32, 1024 * warps // (bn * bd)))
     if backward and not block_d and bn > 16:
         bd = max(1, bd // 2)
         warps = max(1, min(8, bn * bd // 128))
     if not backward and not block_d and bn == 16:
-        bd = min(2 * bd, max(bd, triton.next_power_of_2(dpg)))
+        bd = min(2 * bd, max(bd, next_power_of_2(dpg)))
     return bt, bd, bn, warps
 
 
@@ -56,9 +57,9 @@ def _segments(nprog: int, L: int, block_t: int, packed: bool):
     """(NSEG, SEGLEN): one segment unless too few programs fill the GPU."""
     if packed or nprog >= _SEGMENT_BELOW:
         return 1, max(L, 1)
-    nseg = min(triton.cdiv(_TARGET_PROGRAMS, nprog), max(1, L // (8 * block_t)))
-    seglen = triton.cdiv(triton.cdiv(L, nseg), block_t) * block_t  # whole chunks: saved states align
-    return triton.cdiv(L, seglen), seglen
+    nseg = min(cdiv(_TARGET_PROGRAMS, nprog), max(1, L // (8 * block_t)))
+    seglen = cdiv(cdiv(L, nseg), block_t) * block_t  # whole chunks: saved states align
+    return cdiv(L, seglen), seglen
 
 
 def _chain(end, dtsum, A, init, nseq, backward):
@@ -66,9 +67,9 @@ def _chain(end, dtsum, A, init, nseq, backward):
     K, _, dim, n = end.shape
     start = torch.empty_like(end)
     final = torch.empty((K, nseq, dim, n), dtype=torch.float32, device=end.device)
-    bn = triton.next_power_of_2(n)
+    bn = next_power_of_2(n)
     bd = max(1, min(64, 2048 // bn))
-    _seg_combine_kernel[(triton.cdiv(dim, bd), nseq, K)](
+    _seg_combine_kernel[(cdiv(dim, bd), nseq, K)](
         end, dtsum, A, init if init is not None else end, start, final, end.shape[1] // nseq, dim, n, *A.stride(),
         BLOCK_D=bd, BLOCK_N=bn, HAS_INIT=init is not None, BACKWARD=backward,
     )
@@ -89,7 +90,7 @@ def _geometry(u, A, B, C, cu_seqlens, block_t):
     gb, gc = B.shape[3], C.shape[3]
     G = _lcm(gb, gc)  # a program's channels lie inside one group of B and one group of C
     nseq = batch if cu_seqlens is None else cu_seqlens.numel() - 1
-    nchunk = triton.cdiv(L, block_t)
+    nchunk = cdiv(L, block_t)
     # Saved chunk-start states: per packed sequence ceil(len/T) slots, at most ceil(L/T) + nseq
     # in all, so the size is known without reading cu_seqlens on the host.
     nslots = batch * nchunk if cu_seqlens is None else nchunk + nseq
@@ -118,8 +119,7 @@ def _common_args(u, delta, A, B, C, D, z, delta_bias, flags, cu_seqlens, cs, H, 
     )
 
 
-@torch.library.custom_op("zoo::selective_scan_fwd", mutates_args=())
-def _scan_fwd(
+def _scan_fwd_body(
     u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
     initial_state: Optional[torch.Tensor], flags: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
@@ -135,7 +135,7 @@ def _scan_fwd(
     out = torch.empty((K, batch, L, dim), dtype=u.dtype, device=u.device)
     hlast = torch.empty((K, nseq, dim, n), dtype=torch.float32, device=u.device)
     hsave = torch.empty((K, nslots, dim, n) if save_states else (0,), dtype=torch.float32, device=u.device)
-    nblk = triton.cdiv(dpg, bd)
+    nblk = cdiv(dpg, bd)
     nseg, seglen = _segments(G * nblk * nseq * K, L, block_t, cu_seqlens is not None)
     grid = (G * nblk, nseq * nseg, K)
 
@@ -163,6 +163,9 @@ def _scan_fwd(
         launch(starts, ends, dtsum, True, save_states)
         hlast = ends.view(K, nseq, nseg, dim, n)[:, :, -1].contiguous()
     return out, hlast, hsave
+
+
+_scan_fwd = torch.library.custom_op("zoo::selective_scan_fwd", mutates_args=())(_scan_fwd_body)
 
 
 @_scan_fwd.register_fake
@@ -193,7 +196,7 @@ def _scan_bwd(
     n = A.shape[2]
     gb, gc = B.shape[3], C.shape[3]
     _, bd, bn, warps = _config(n, dpg, True, block_t, block_d)
-    nblk = triton.cdiv(dpg, bd)
+    nblk = cdiv(dpg, bd)
     dev = u.device
     dout = dout.contiguous()
     # u and z shared by all directions: per-direction grads in float32, summed once below.
@@ -314,8 +317,11 @@ def _cached_flags(flags: tuple, device: torch.device) -> torch.Tensor:
         return torch.tensor(flags, dtype=torch.int32, device=device)
 
 
+_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"  # read once: Triton itself reads it at import
+
+
 def _check_device(u: torch.Tensor):
-    if u.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if u.device.type != "cuda" and not _INTERPRETER:
         raise ValueError(
             f"selective_scan_triton: expected CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter), "
             f"got tensors on {u.device}"
@@ -353,14 +359,16 @@ def selective_scan_triton(
     tile sizes (benchmarks). Inputs are assumed validated by the core op."""
     _check_device(u)
     flags = _flags_tensor((REVERSE if reverse else 0,), u.device)
+    one = _one_direction  # a leading K = 1 axis (unsqueeze: cheaper on the host than x[None])
     out, last = _run(
-        u[None], delta[None], A[None], _groups(B, None)[None], _groups(C, None)[None],
-        None if D is None else D[None], None if z is None else z[None],
-        None if delta_bias is None else delta_bias[None],
-        None if initial_state is None else initial_state[None], flags, cu_seqlens, 1, 1, delta_softplus,
-        block_t, block_d,
+        one(u), one(delta), one(A), one(_groups(B, None)), one(_groups(C, None)), one(D), one(z), one(delta_bias),
+        one(initial_state), flags, cu_seqlens, 1, 1, delta_softplus, block_t, block_d,
     )
-    return (out[0], last[0]) if return_last_state else out[0]
+    return (out.squeeze(0), last.squeeze(0)) if return_last_state else out.squeeze(0)
+
+
+def _one_direction(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.unsqueeze(0)
 
 
 def _run(u, delta, A, B, C, D, z, delta_bias, h0, flags, cu_seqlens, H, W, softplus, block_t, block_d):
@@ -369,9 +377,9 @@ def _run(u, delta, A, B, C, D, z, delta_bias, h0, flags, cu_seqlens, H, W, softp
     save = _needs_grad(u, delta, A, B, C, D, z, delta_bias, h0)
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(torch.int64)
-    out, last, _ = _scan_fwd(
-        u, delta, A, B, C, D, z, delta_bias, h0, flags, cu_seqlens, H, W, delta_softplus=softplus,
-        save_states=save, block_t=bt, block_d=block_d or 0,
+    out, last, _ = op_or_body(
+        _scan_fwd, _scan_fwd_body, (u, delta, A, B, C, D, z, delta_bias, h0),
+        u, delta, A, B, C, D, z, delta_bias, h0, flags, cu_seqlens, H, W, softplus, save, bt, block_d or 0,
     )
     return out, last
 
