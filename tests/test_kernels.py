@@ -337,8 +337,8 @@ def test_bimamba_mixer_cuda_matches_cpu_float64(dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the model dispatches to the kernels only for CUDA tensors")
 def test_vim_cuda_matches_cpu_float64():
     """A whole (small) Vim on CUDA, every Triton path dispatched (fused add + RMSNorm, conv1d, scan), in
-    float32 against the CPU path in float64: logits, and in eval mode under inference_mode (the
-    launchers' direct path, without the custom-op dispatch)."""
+    float32 against the CPU path in float64: logits and every parameter gradient, and the logits
+    again under inference_mode."""
     import zoo
 
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch import cdiv, op_or_body
+from ..launch import cdiv
 
 BLOCK_L, BLOCK_D = 32, 64
 
@@ -109,7 +109,8 @@ def _grid(x):
     return (cdiv(L, BLOCK_L), cdiv(dim, BLOCK_D), b)
 
 
-def _conv_fwd_body(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], reverse: bool, silu: bool) -> torch.Tensor:
+@torch.library.custom_op("zoo::causal_conv1d_fwd", mutates_args=())
+def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], reverse: bool, silu: bool) -> torch.Tensor:
     b, L, dim = x.shape
     out = torch.empty((b, L, dim), dtype=x.dtype, device=x.device)
     _conv_fwd_kernel[_grid(x)](
@@ -117,9 +118,6 @@ def _conv_fwd_body(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
         KSIZE=weight.shape[1], REVERSE=reverse, HAS_BIAS=bias is not None, SILU=silu, BL=BLOCK_L, BD=BLOCK_D,
     )
     return out
-
-
-_conv_fwd = torch.library.custom_op("zoo::causal_conv1d_fwd", mutates_args=())(_conv_fwd_body)
 
 
 @_conv_fwd.register_fake
@@ -190,4 +188,4 @@ def causal_conv1d_triton(
         )
     if bias is not None and bias.shape != (x.shape[2],):
         raise ValueError(f"causal_conv1d_triton: bias must be ({x.shape[2]},), got {tuple(bias.shape)}")
-    return op_or_body(_conv_fwd, _conv_fwd_body, (x, weight, bias), x, weight, bias, reverse, activation == "silu")
+    return _conv_fwd(x, weight, bias, reverse, activation == "silu")

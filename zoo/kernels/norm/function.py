@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch import cdiv, next_power_of_2, op_or_body
+from ..launch import cdiv, next_power_of_2
 
 ROWS = 4  # rows per program
 
@@ -66,7 +66,8 @@ def _add_norm_bwd_kernel(
     tl.store(dw_ptr + pid * N + cols, tl.sum(dy * xhat, axis=0), mask=cols < N)
 
 
-def _fwd_body(
+@torch.library.custom_op("zoo::add_rms_norm_fwd", mutates_args=())
+def _fwd(
     hidden: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float, residual_in_fp32: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     N = hidden.shape[-1]
@@ -81,9 +82,6 @@ def _fwd_body(
         HAS_RES=r is not None, RES_FP32=residual_in_fp32, BLOCK_N=next_power_of_2(N), ROWS_=ROWS,
     )
     return out.view(hidden.shape), rout.view(hidden.shape), rstd
-
-
-_fwd = torch.library.custom_op("zoo::add_rms_norm_fwd", mutates_args=())(_fwd_body)
 
 
 @_fwd.register_fake
@@ -149,5 +147,5 @@ def add_rms_norm_triton(
         raise ValueError(
             f"add_rms_norm_triton: residual must have hidden's shape {tuple(hidden.shape)}, got {tuple(residual.shape)}"
         )
-    out, rout, _ = op_or_body(_fwd, _fwd_body, (hidden, residual, weight), hidden, residual, weight, eps, residual_in_fp32)
+    out, rout, _ = _fwd(hidden, residual, weight, eps, residual_in_fp32)
     return out, rout

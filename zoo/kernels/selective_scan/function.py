@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..launch import cdiv, next_power_of_2, op_or_body
+from ..launch import cdiv, next_power_of_2
 from .kernels import _bwd_kernel, _fwd_kernel, _seg_combine_kernel
 
 REVERSE, TRANSPOSE = 1, 2  # direction flag bits (see kernels._positions)
@@ -119,7 +119,8 @@ def _common_args(u, delta, A, B, C, D, z, delta_bias, flags, cu_seqlens, cs, H, 
     )
 
 
-def _scan_fwd_body(
+@torch.library.custom_op("zoo::selective_scan_fwd", mutates_args=())
+def _scan_fwd(
     u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
     initial_state: Optional[torch.Tensor], flags: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
@@ -163,9 +164,6 @@ def _scan_fwd_body(
         launch(starts, ends, dtsum, True, save_states)
         hlast = ends.view(K, nseq, nseg, dim, n)[:, :, -1].contiguous()
     return out, hlast, hsave
-
-
-_scan_fwd = torch.library.custom_op("zoo::selective_scan_fwd", mutates_args=())(_scan_fwd_body)
 
 
 @_scan_fwd.register_fake
@@ -377,9 +375,9 @@ def _run(u, delta, A, B, C, D, z, delta_bias, h0, flags, cu_seqlens, H, W, softp
     save = _needs_grad(u, delta, A, B, C, D, z, delta_bias, h0)
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(torch.int64)
-    out, last, _ = op_or_body(
-        _scan_fwd, _scan_fwd_body, (u, delta, A, B, C, D, z, delta_bias, h0),
-        u, delta, A, B, C, D, z, delta_bias, h0, flags, cu_seqlens, H, W, softplus, save, bt, block_d or 0,
+    out, last, _ = _scan_fwd(
+        u, delta, A, B, C, D, z, delta_bias, h0, flags, cu_seqlens, H, W, delta_softplus=softplus,
+        save_states=save, block_t=bt, block_d=block_d or 0,
     )
     return out, last
 
