@@ -77,3 +77,26 @@ def test_w8a8_error_is_small_and_mambaquant_calibrates():
         assert (q(x) - ref).abs().max() < 0.05 * ref.abs().max()
     with pytest.raises(ValueError, match="method must be one of"):
         quantize_model(model, calib, method="gptq")
+
+
+def test_benchmark_quantizes_a_shipped_tag(tmp_path, monkeypatch):
+    """benchmarks/mambaquant.py on a shipped tag (as published, no training): the float row is the tag's
+    recorded test metric, every setting is measured, the JSON records the command."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench_dir))  # the script imports its sibling token_dynamics
+    spec = importlib.util.spec_from_file_location("bench_mambaquant", bench_dir / "mambaquant.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "mq.json"
+    assert bench.main(["--entries", "smamba_classifier.basicmotions", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = [r for r in result["results"] if "setting" in r]
+    assert [r["setting"] for r in rows][0] == "float" and len(rows) == len(bench.SETTINGS)
+    recorded = json.loads((bench_dir / "results" / "pretrained_smamba_classifier.basicmotions.json").read_text())
+    assert rows[0]["accuracy"] == recorded["accuracy"]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    assert "smamba_classifier.basicmotions" in result["command"]
