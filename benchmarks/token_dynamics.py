@@ -59,10 +59,17 @@ def accuracy(model, loader) -> float:
     return correct / total
 
 
-def train_digits_vim(refinements: dict, epochs: int, seed: int, lr: float = 2e-3, batch_size: int = 64):
-    """A tiny Vim (``MODEL_KWARGS``) with the given refinements, AdamW + cosine schedule; returns the model."""
+def train_digits_vim(refinements: dict, epochs: int, seed: int, lr: float = 2e-3, batch_size: int = 64,
+                     share_layers: bool = False):
+    """A tiny Vim (``MODEL_KWARGS``) with the given refinements, AdamW + cosine schedule; returns the model.
+    ``share_layers``: one block applied ``depth`` times, the paper's setting (its token dynamics are an ODE
+    over depth with the same parameters at every layer; the residual stream is the Euler step)."""
     torch.manual_seed(seed)
-    model = enable_refinements(zoo.create_model("vim_tiny", **MODEL_KWARGS), **refinements)
+    model = zoo.create_model("vim_tiny", **MODEL_KWARGS)
+    if share_layers:
+        for i in range(1, len(model.layers)):
+            model.layers[i] = model.layers[0]
+    model = enable_refinements(model, **refinements)
     train_loader, _ = digits_loaders(batch_size, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(train_loader), pct_start=0.1)
@@ -84,6 +91,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--depth", type=int, default=MODEL_KWARGS["depth"], help="Vim depth (the paper's dynamics are over depth)")
+    p.add_argument("--share-layers", action="store_true", help="one block applied depth times (the paper's setting)")
     p.add_argument("--out", default=None, help="JSON file to write")
     args = p.parse_args(argv)
     MODEL_KWARGS["depth"] = args.depth
@@ -92,7 +100,7 @@ def main(argv=None) -> int:
     for variant in args.variants:
         for seed in args.seeds:
             start = time.perf_counter()
-            model = train_digits_vim(VARIANTS[variant], args.epochs, seed)
+            model = train_digits_vim(VARIANTS[variant], args.epochs, seed, share_layers=args.share_layers)
             scenarios = [r.scenario for r in token_dynamics_report(model)]
             run = dict(variant=variant, seed=seed, accuracy=accuracy(model, test_loader),
                        divergent=scenarios.count("divergent"), convergent=scenarios.count("convergent"),
@@ -112,7 +120,8 @@ def main(argv=None) -> int:
     print(table)
     if args.out:
         result = dict(command="PYTHONPATH=. python benchmarks/token_dynamics.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
-                      model="vim_tiny", model_kwargs=MODEL_KWARGS, epochs=args.epochs, seeds=args.seeds,
+                      model="vim_tiny", model_kwargs=MODEL_KWARGS, share_layers=args.share_layers, epochs=args.epochs,
+                      seeds=args.seeds,
                       threads=torch.get_num_threads(), torch=torch.__version__, runs=runs, table=table)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     return 0
