@@ -357,16 +357,14 @@ def selective_scan_triton(
     tile sizes (benchmarks). Inputs are assumed validated by the core op."""
     _check_device(u)
     flags = _flags_tensor((REVERSE if reverse else 0,), u.device)
-    one = _one_direction  # a leading K = 1 axis (unsqueeze: cheaper on the host than x[None])
     out, last = _run(
-        one(u), one(delta), one(A), one(_groups(B, None)), one(_groups(C, None)), one(D), one(z), one(delta_bias),
-        one(initial_state), flags, cu_seqlens, 1, 1, delta_softplus, block_t, block_d,
+        u[None], delta[None], A[None], _groups(B, None)[None], _groups(C, None)[None],
+        None if D is None else D[None], None if z is None else z[None],
+        None if delta_bias is None else delta_bias[None],
+        None if initial_state is None else initial_state[None], flags, cu_seqlens, 1, 1, delta_softplus,
+        block_t, block_d,
     )
-    return (out.squeeze(0), last.squeeze(0)) if return_last_state else out.squeeze(0)
-
-
-def _one_direction(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if t is None else t.unsqueeze(0)
+    return (out[0], last[0]) if return_last_state else out[0]
 
 
 def _run(u, delta, A, B, C, D, z, delta_bias, h0, flags, cu_seqlens, H, W, softplus, block_t, block_d):
