@@ -2,7 +2,7 @@
 
 Run on a CUDA machine from the repository root::
 
-    python benchmarks/kernels.py [--out DIR] [--quick]
+    python benchmarks/kernels.py [--out DIR] [--quick] [--repeat N] [--cases NAME ...] [--sweep]
 
 1. Checks every variant (dtypes, d_state, groups, reverse, strides, initial/last state, packed
    sequences, multi-direction, deterministic backward) on fresh random inputs at odd sizes:
@@ -298,7 +298,6 @@ def bench_mamba(t, bwd):
     return r
 
 
-
 def median_of(runs):
     """One case's runs as one row: time fields are the median, every run kept in *_runs."""
     r = dict(runs[0])
@@ -327,7 +326,7 @@ class tiles:
     def __enter__(self):
         from zoo.kernels.selective_scan import function as F
 
-        self.F, self.orig, self.orig_min = F, F._config, F._TARGET_PROGRAMS
+        self.F, self.orig, self.orig_target = F, F._config, F._TARGET_PROGRAMS
 
         def config(d_state, dpg, backward, block_t=None, block_d=None):
             bt, bd, bn, w = self.orig(d_state, dpg, backward, block_t, block_d)
@@ -342,7 +341,7 @@ class tiles:
         return self
 
     def __exit__(self, *exc):
-        self.F._config, self.F._TARGET_PROGRAMS = self.orig, self.orig_min
+        self.F._config, self.F._TARGET_PROGRAMS = self.orig, self.orig_target
 
 
 def sweep(partial_path):
@@ -422,7 +421,6 @@ def main():
         cases = [c for c in cases if any(c[0].startswith(p) for p in args.cases)]
     if args.sweep:
         cases = []
-    report["timings"] = []
     os.makedirs(args.out, exist_ok=True)
     if args.sweep:
         report["sweep"] = sweep(os.path.join(args.out, "kernels_sweep.partial.json"))
@@ -439,7 +437,6 @@ def main():
         ok = [r for r in runs[name] if "error" not in r]
         report["timings"].append(median_of(ok) if ok else runs[name][0])
     report["seconds"] = time.time() - t0
-    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "kernels.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=1)
