@@ -86,15 +86,17 @@ def test_defaults_unchanged():
                      "dt_proj_b.weight", "dt_proj_b.bias", "A_b_log", "D_b"}
 
 
-@pytest.mark.parametrize("sign", ["positive", "negative"])
+@pytest.mark.parametrize("sign", ["positive", "negative", "mixed"])
 def test_bc_sign_fixes_the_scenario_and_equals_tied_rows(sign):
     torch.manual_seed(1)
     m = BiMamba(8, d_state=4, bc_sign=sign)
     with torch.no_grad():
         m.C_gain.normal_()
         m.C_b_gain.normal_()
-    expected = "divergent" if sign == "positive" else "convergent"
-    assert {r.scenario for r in token_dynamics_report(m)} == {expected}
+    expected = {"positive": (4, 0), "negative": (0, 4), "mixed": (2, 2)}[sign]  # eigenvalues > 0, < 0
+    for r in token_dynamics_report(m):
+        assert (r.positive, r.negative) == expected
+        assert r.scenario == ("convergent" if sign == "negative" else "divergent")
     # The option equals a plain mixer whose C rows are +-G times its B rows.
     plain = BiMamba(8, d_state=4)
     plain.load_state_dict(m.state_dict(), strict=False)
@@ -152,3 +154,34 @@ def test_enable_refinements_on_a_zoo_model_and_cli(capsys):
     assert '"scenario"' in capsys.readouterr().out
     assert main(["dynamics", "abmil", "--params-only"]) == 2  # no Mamba mixer: an error, not a traceback
     assert "has no Mamba mixer" in capsys.readouterr().err
+
+
+def test_bc_sign_rejects_unknown_values():
+    with pytest.raises(ValueError, match="bc_sign must be one of .* got 'sometimes'"):
+        Mamba(8, bc_sign="sometimes")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_refinements_on_cuda_match_cpu_float64():
+    """Both refinements through the Triton scan: outputs and gradients equal the CPU float64 path."""
+    import zoo
+
+    torch.manual_seed(5)
+    model = zoo.create_model("vim_tiny", img_size=16, patch_size=4, stride=4, depth=2, embed_dim=48, num_classes=10)
+    enable_refinements(model, bc_sign="positive", reorder_tokens=True)
+    for name, p in model.named_parameters():
+        if name.endswith("importance.weight") or name.endswith("importance_b.weight"):
+            with torch.no_grad():
+                p.normal_()  # distinct scores: no ties for the two sorts to break differently
+    images = torch.randn(3, 3, 16, 16)
+    ref = model.double()
+    ref(images.double()).square().sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
+    ref_out = ref(images.double()).detach()
+    gpu = ref.float().cuda()
+    gpu.zero_grad()
+    out = gpu(images.cuda())
+    out.square().sum().backward()
+    torch.testing.assert_close(out.double().cpu(), ref_out, atol=1e-4, rtol=1e-4)
+    for n, p in gpu.named_parameters():
+        torch.testing.assert_close(p.grad.double().cpu(), ref_grads[n], atol=1e-3, rtol=1e-3, msg=n)

@@ -15,6 +15,8 @@ from torch import nn
 
 from .selective_scan import selective_scan
 
+BC_SIGNS = (None, "positive", "negative", "mixed")  # Mamba.enable_refinements
+
 
 def causal_conv1d(
     x: torch.Tensor,
@@ -180,8 +182,10 @@ class Mamba(nn.Module):
         ``bc_sign="positive"``: C_t = g * B_t with g = softplus(C_gain) + 1e-3 > 0, i.e. S_C = G S_B
         with G diagonal positive, so the input/output matrix S_C^T S_B = S_B^T G S_B is positive
         semi-definite and the layer cannot be in the paper's convergent scenario (all tokens decay to
-        zero). ``"negative"`` (C_t = -g * B_t) forces the convergent scenario, for ablations. The
-        C rows of x_proj are then unused; they stay so that checkpoints keep their layout.
+        zero). For ablations: ``"negative"`` (C_t = -g * B_t) forces the convergent scenario;
+        ``"mixed"`` negates g on the second half of the states, so S_C^T S_B has as many negative
+        as positive eigenvalues (the authors' "real eigenvalues" WikiText-103 run). The C rows of
+        x_proj are then unused; they stay so that checkpoints keep their layout.
 
         ``reorder_tokens``: tokens are scanned in decreasing order of the importance score
         s_l = K^T (S_Delta x_l + b_Delta) (the pre-softplus step, K = ``importance.weight`` learned);
@@ -189,8 +193,8 @@ class Mamba(nn.Module):
         and outputs return to the original token order before the gate. Costs O(length^2) per
         sequence for the permutation matrix.
         """
-        if bc_sign not in (None, "positive", "negative"):
-            raise ValueError(f"{type(self).__name__}: bc_sign must be None, 'positive' or 'negative', got {bc_sign!r}")
+        if bc_sign not in BC_SIGNS:
+            raise ValueError(f"{type(self).__name__}: bc_sign must be one of {BC_SIGNS}, got {bc_sign!r}")
         device = self.A_log.device
         for suffix in self._suffixes():
             if bc_sign is not None and not hasattr(self, "C" + suffix + "_gain"):
@@ -202,6 +206,17 @@ class Mamba(nn.Module):
                 setattr(self, "importance" + suffix, importance)
         self.bc_sign = bc_sign
         self.reorder_tokens = reorder_tokens
+
+    def signed_c_gain(self, suffix: str = "") -> torch.Tensor:
+        """The diagonal of S_C = G S_B under ``bc_sign`` (d_state,): +-(softplus(C_gain) + 1e-3)."""
+        gain = F.softplus(getattr(self, "C" + suffix + "_gain")) + 1e-3
+        if self.bc_sign == "negative":
+            return -gain
+        if self.bc_sign == "mixed":
+            sign = torch.ones_like(gain)
+            sign[self.d_state // 2 :] = -1
+            return sign * gain
+        return gain
 
     def _add_direction(self, suffix: str, conv_bias: bool, factory: dict) -> None:
         """Create conv1d, x_proj, dt_proj, A_log, D (names + suffix) for one scan direction."""
@@ -239,8 +254,7 @@ class Mamba(nn.Module):
             x = perm @ x
         dt, B, C = torch.split(x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         if self.bc_sign is not None:
-            gain = F.softplus(getattr(self, "C" + suffix + "_gain")) + 1e-3
-            C = B * (gain if self.bc_sign == "positive" else -gain)
+            C = B * self.signed_c_gain(suffix)
         # dt_proj's bias enters the scan as delta_bias (inside the softplus), as in mamba-ssm.
         dt = F.linear(dt, dt_proj.weight)
         out = selective_scan(

@@ -17,7 +17,7 @@ in training. In higher dimension the paper's experiments (its Figure 6 and the W
 eigenvalues negative -> convergent; at least one positive -> divergent.
 
 Here, per mixer and scan direction: S_B, S_C are the B and C rows of ``x_proj`` (with the
-``bc_sign`` refinement, S_C = +-G S_B), S_Delta = dt_proj.weight @ x_proj's dt rows, b_Delta =
+``bc_sign`` refinement, S_C = G S_B with G diagonal), S_Delta = dt_proj.weight @ x_proj's dt rows, b_Delta =
 dt_proj.bias. The non-zero eigenvalues of the (d_inner x d_inner) matrix S_C^T S_B are those of the
 (d_state x d_state) matrix S_B S_C^T, which is what is decomposed.
 
@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from zoo.core.mamba import Mamba, causal_conv1d
@@ -52,8 +51,7 @@ def direction_matrices(mixer: Mamba, suffix: str = "") -> Dict[str, torch.Tensor
     r, n = mixer.dt_rank, mixer.d_state
     s_b, s_c = w[r : r + n], w[r + n : r + 2 * n]
     if mixer.bc_sign is not None:
-        gain = F.softplus(getattr(mixer, "C" + suffix + "_gain").detach().float()) + 1e-3
-        s_c = (gain if mixer.bc_sign == "positive" else -gain)[:, None] * s_b
+        s_c = mixer.signed_c_gain(suffix).detach().float()[:, None] * s_b
     dt_proj = getattr(mixer, "dt_proj" + suffix)
     return dict(S_B=s_b, S_C=s_c, S_Delta=dt_proj.weight.detach().float() @ w[:r], b_Delta=dt_proj.bias.detach().float())
 
