@@ -61,7 +61,7 @@ VARIANTS = {
 }
 MODEL_KWARGS = dict(img_size=16, patch_size=4, stride=4, depth=2, embed_dim=48, num_classes=10, drop_path_rate=0.0)
 RECALL = dict(n_pairs=16, n_keys=64, n_values=64, d_model=64, depth=4, d_state=16, steps=2000, batch_size=128,
-              lr=1e-3, test_size=4096)
+              lr=1e-3, test_size=4096, D_init=1.0)
 RECALL_TEST_SEED = 10_000  # the test sequences do not depend on the run's seed
 
 
@@ -130,13 +130,21 @@ def recall_accuracy(model, tokens, labels, batch_size: int = 1024) -> float:
     return correct / labels.numel()
 
 
+def build_recall_model(refinements: dict, cfg: dict = RECALL, device="cpu") -> MemMambaModel:
+    """The causal Mamba stack of ``cfg`` with the given refinements, its skips D set to ``cfg["D_init"]``."""
+    model = MemMambaModel(cfg["n_keys"] + cfg["n_values"], cfg["n_values"], memory=False, d_model=cfg["d_model"],
+                          depth=cfg["depth"], d_state=cfg["d_state"])
+    with torch.no_grad():  # the skip D x_t, to which the self-term (C_t . B_t) Delta_t x_t of y_t adds or cancels
+        for layer in model.layers:
+            layer.D.fill_(cfg["D_init"])
+    return enable_refinements(model.to(device), **refinements)
+
+
 def train_recall_mamba(refinements: dict, seed: int, cfg: dict = RECALL, device="cpu"):
     """A causal Mamba stack (``cfg``) with the given refinements trained on fresh recall batches (AdamW,
     one-cycle schedule); returns (model, loss of the last 50 steps)."""
     torch.manual_seed(seed)
-    model = MemMambaModel(cfg["n_keys"] + cfg["n_values"], cfg["n_values"], memory=False, d_model=cfg["d_model"],
-                          depth=cfg["depth"], d_state=cfg["d_state"])
-    model = enable_refinements(model.to(device), **refinements)
+    model = build_recall_model(refinements, cfg, device)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.1)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["lr"], total_steps=cfg["steps"], pct_start=0.1)

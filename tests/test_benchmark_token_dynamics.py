@@ -36,6 +36,13 @@ def test_summary_table_pairs_runs_by_seed():
     assert "| baseline | 60.00 ± 10.00 | 50.0, 60.0, 70.0 | - |" in table
 
 
+def test_recall_model_sets_the_skip_and_the_refinement():
+    cfg = dict(td.RECALL, d_model=16, depth=2, D_init=-1.0)
+    model = td.build_recall_model(td.VARIANTS["mixed"], cfg)
+    assert all(torch.equal(layer.D, torch.full_like(layer.D, -1.0)) for layer in model.layers)
+    assert all(layer.bc_sign == "mixed" for layer in model.layers)
+
+
 def test_recall_run_end_to_end(tmp_path):
     out = tmp_path / "recall.json"
     assert td.main(["--task", "recall", "--variants", "baseline", "mixed", "--seeds", "0", "--recall", "steps=3",

@@ -125,7 +125,7 @@ def test_reorder_tokens_scans_in_importance_order():
     # Reference: permute the scan input by the score, scan, un-permute, gate.
     x, z = m.in_proj(h).chunk(2, dim=-1)
     x = F.silu(F.conv1d(x.transpose(1, 2), m.conv1d.weight, m.conv1d.bias, padding=3, groups=m.d_inner)[..., :7]).transpose(1, 2)
-    order = m.importance(m.dt_proj(m.x_proj(x)[..., : m.dt_rank])).squeeze(-1).argsort(-1, descending=True)
+    order = m.importance(m.dt_proj(m.x_proj(x)[..., : m.dt_rank])).squeeze(-1).argsort(-1)  # most important last
     xs = torch.gather(x, 1, order[..., None].expand_as(x))
     dt, B, C = torch.split(m.x_proj(xs), [m.dt_rank, 4, 4], dim=-1)
     y = selective_scan(xs, F.linear(dt, m.dt_proj.weight), -torch.exp(m.A_log), B, C, D=m.D, delta_bias=m.dt_proj.bias,

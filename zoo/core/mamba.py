@@ -117,8 +117,8 @@ def make_D(d_inner, device):
 def sort_matrix(score: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
     """(b, l) scores -> (b, l, l) matrix P with (P x)_i = the token of i-th largest score.
 
-    Forward: the exact permutation matrix. Backward: the gradient of SoftSort (Prabhumoye et al.,
-    2020), P_soft[i, j] = softmax_j(-|sort(s)_i - s_j| / tau), the relaxation used by the
+    Forward: the exact permutation matrix. Backward: the gradient of SoftSort (Prillo & Eisenschlos,
+    ICML 2020), P_soft[i, j] = softmax_j(-|sort(s)_i - s_j| / tau), the relaxation used by the
     token-reordering refinement of Vo et al. (ICLR 2025).
     """
     ordered = score.sort(dim=-1, descending=True).values
@@ -187,11 +187,14 @@ class Mamba(nn.Module):
         as positive eigenvalues (the authors' "real eigenvalues" WikiText-103 run). The C rows of
         x_proj are then unused; they stay so that checkpoints keep their layout.
 
-        ``reorder_tokens``: tokens are scanned in decreasing order of the importance score
-        s_l = K^T (S_Delta x_l + b_Delta) (the pre-softplus step, K = ``importance.weight`` learned);
-        the permutation is hard in the forward and takes SoftSort's gradient (tau ``reorder_tau``),
-        and outputs return to the original token order before the gate. Costs O(length^2) per
-        sequence for the permutation matrix.
+        ``reorder_tokens``: tokens are scanned in increasing order of the importance score
+        s_l = K^T (S_Delta x_l + b_Delta) (the pre-softplus step, K = ``importance.weight`` learned),
+        the most important last, as in the authors' released code (SoftSort of -s). The permutation
+        is exact in the forward and takes SoftSort's gradient (tau ``reorder_tau``); the authors'
+        code uses the soft matrix in the forward too and leaves the outputs in sorted order (its
+        MambaVision head pools over tokens). Here outputs return to the original token order before
+        the gate, which models with a class token need. Costs O(length^2) per sequence for the
+        permutation matrix.
         """
         if bc_sign not in BC_SIGNS:
             raise ValueError(f"{type(self).__name__}: bc_sign must be one of {BC_SIGNS}, got {bc_sign!r}")
@@ -250,7 +253,7 @@ class Mamba(nn.Module):
             if cu_seqlens is not None or state is not None:
                 raise ValueError(f"{type(self).__name__}: reorder_tokens works on whole padded-free batches, not packed or streamed input")
             score = getattr(self, "importance" + suffix)(dt_proj(x_proj(x)[..., : self.dt_rank])).squeeze(-1)
-            perm = sort_matrix(score, self.reorder_tau)
+            perm = sort_matrix(-score, self.reorder_tau)  # increasing score
             x = perm @ x
         dt, B, C = torch.split(x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         if self.bc_sign is not None:
