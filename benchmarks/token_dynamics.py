@@ -6,6 +6,7 @@ embedded task in several variants, same seeds and data order per seed:
   mixed            bc_sign='mixed': half of the eigenvalues negative (the authors' "real" WikiText-103 run)
   positive         bc_sign='positive': refinement 1, the convergent scenario excluded
   reorder          reorder_tokens: refinement 2, tokens scanned by importance score
+  reorder-soft     the same with SoftSort's soft permutation in the forward, as the authors' released code
   positive+reorder both refinements
 
 Tasks (``--task``):
@@ -57,6 +58,7 @@ VARIANTS = {
     "mixed": dict(bc_sign="mixed"),
     "positive": dict(bc_sign="positive"),
     "reorder": dict(reorder_tokens=True),
+    "reorder-soft": dict(reorder_tokens="soft"),
     "positive+reorder": dict(bc_sign="positive", reorder_tokens=True),
 }
 MODEL_KWARGS = dict(img_size=16, patch_size=4, stride=4, depth=2, embed_dim=48, num_classes=10, drop_path_rate=0.0)

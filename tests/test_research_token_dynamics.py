@@ -138,6 +138,30 @@ def test_reorder_tokens_scans_in_importance_order():
         m(h[:1], cu_seqlens=torch.tensor([0, 3, 7]))
 
 
+def test_soft_reordering_scans_the_softsort_mixture():
+    """reorder_tokens='soft' (the authors' released code): the scan input is P_soft x, the output P_soft^T y."""
+    torch.manual_seed(4)
+    m = Mamba(8, d_state=4, reorder_tokens="soft", reorder_tau=0.7)
+    with torch.no_grad():
+        m.importance.weight.normal_()
+    h = torch.randn(2, 6, 8)
+    x, z = m.in_proj(h).chunk(2, dim=-1)
+    x = F.silu(F.conv1d(x.transpose(1, 2), m.conv1d.weight, m.conv1d.bias, padding=3, groups=m.d_inner)[..., :6]).transpose(1, 2)
+    score = m.importance(m.dt_proj(m.x_proj(x)[..., : m.dt_rank])).squeeze(-1)
+    ascending = score.sort(-1).values
+    p = torch.softmax(-(ascending[..., :, None] - score[..., None, :]).abs() / 0.7, dim=-1)  # written out, not sort_matrix
+    xs = p @ x
+    dt, B, C = torch.split(m.x_proj(xs), [m.dt_rank, 4, 4], dim=-1)
+    y = selective_scan(xs, F.linear(dt, m.dt_proj.weight), -torch.exp(m.A_log), B, C, D=m.D, delta_bias=m.dt_proj.bias,
+                       delta_softplus=True)
+    soft_out = m(h)
+    torch.testing.assert_close(soft_out, m.out_proj((p.transpose(1, 2) @ y) * F.silu(z)), atol=1e-5, rtol=1e-5)
+    m.enable_refinements(reorder_tokens=True)
+    assert (m(h) - soft_out).abs().max() > 1e-3  # the hard permutation gives another output
+    with pytest.raises(ValueError, match="reorder_tokens must be False, True or 'soft'"):
+        Mamba(8, reorder_tokens="sometimes")
+
+
 def test_enable_refinements_on_a_zoo_model_and_cli(capsys):
     import zoo
     from zoo.cli import main

@@ -7,7 +7,7 @@ checkpoints load by name. Everything runs channels-last (batch, length, dim).
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -114,15 +114,17 @@ def make_D(d_inner, device):
     return D
 
 
-def sort_matrix(score: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+def sort_matrix(score: torch.Tensor, tau: float = 1.0, hard: bool = True) -> torch.Tensor:
     """(b, l) scores -> (b, l, l) matrix P with (P x)_i = the token of i-th largest score.
 
-    Forward: the exact permutation matrix. Backward: the gradient of SoftSort (Prillo & Eisenschlos,
-    ICML 2020), P_soft[i, j] = softmax_j(-|sort(s)_i - s_j| / tau), the relaxation used by the
-    token-reordering refinement of Vo et al. (ICLR 2025).
+    SoftSort (Prillo & Eisenschlos, ICML 2020), P_soft[i, j] = softmax_j(-|sort(s)_i - s_j| / tau), is
+    the relaxation used by the token-reordering refinement of Vo et al. (ICLR 2025). ``hard``: the
+    exact permutation matrix in the forward, SoftSort's gradient in the backward; otherwise P_soft.
     """
     ordered = score.sort(dim=-1, descending=True).values
     soft = torch.softmax(-(ordered.unsqueeze(-1) - score.unsqueeze(-2)).abs() / tau, dim=-1)
+    if not hard:
+        return soft
     hard = F.one_hot(score.argsort(dim=-1, descending=True), score.shape[-1]).to(soft.dtype)
     return hard + (soft - soft.detach())  # exactly the permutation in the forward
 
@@ -147,7 +149,7 @@ class Mamba(nn.Module):
         bias: bool = False,
         layer_idx: Optional[int] = None,
         bc_sign: Optional[str] = None,
-        reorder_tokens: bool = False,
+        reorder_tokens: Union[bool, str] = False,
         reorder_tau: float = 1.0,
         device=None,
         dtype=None,
@@ -176,7 +178,7 @@ class Mamba(nn.Module):
     def _suffixes(self):
         return ("", "_b") if hasattr(self, "x_proj_b") else ("",)
 
-    def enable_refinements(self, bc_sign: Optional[str] = None, reorder_tokens: bool = False) -> None:
+    def enable_refinements(self, bc_sign: Optional[str] = None, reorder_tokens: Union[bool, str] = False) -> None:
         """Switch on the token-dynamics refinements (also on a built or pretrained mixer).
 
         ``bc_sign="positive"``: C_t = g * B_t with g = softplus(C_gain) + 1e-3 > 0, i.e. S_C = G S_B
@@ -189,13 +191,16 @@ class Mamba(nn.Module):
 
         ``reorder_tokens``: tokens are scanned in increasing order of the importance score
         s_l = K^T (S_Delta x_l + b_Delta) (the pre-softplus step, K = ``importance.weight`` learned),
-        the most important last, as in the authors' released code (SoftSort of -s). The permutation
-        is exact in the forward and takes SoftSort's gradient (tau ``reorder_tau``); the authors'
-        code uses the soft matrix in the forward too and leaves the outputs in sorted order (its
-        MambaVision head pools over tokens). Here outputs return to the original token order before
-        the gate, which models with a class token need. Costs O(length^2) per sequence for the
-        permutation matrix.
+        the most important last, as in the authors' released code (SoftSort of -s). ``True``: the
+        permutation is exact in the forward and takes SoftSort's gradient (tau ``reorder_tau``).
+        ``"soft"``: the SoftSort matrix P in the forward too, as the authors' code (a soft
+        permutation mixes tokens whose scores are close). Outputs go back through P^T before the
+        gate (the exact inverse for ``True``), which models with a class token need; the authors'
+        code leaves them in sorted order (its MambaVision head pools over tokens). Costs O(length^2)
+        per sequence for the matrix.
         """
+        if reorder_tokens not in (False, True, "soft"):
+            raise ValueError(f"{type(self).__name__}: reorder_tokens must be False, True or 'soft', got {reorder_tokens!r}")
         if bc_sign not in BC_SIGNS:
             raise ValueError(f"{type(self).__name__}: bc_sign must be one of {BC_SIGNS}, got {bc_sign!r}")
         device = self.A_log.device
@@ -208,7 +213,7 @@ class Mamba(nn.Module):
                 nn.init.constant_(importance.weight, 1.0 / self.d_inner)  # starts as the mean step logit
                 setattr(self, "importance" + suffix, importance)
         self.bc_sign = bc_sign
-        self.reorder_tokens = reorder_tokens
+        self.reorder_tokens = "soft" if reorder_tokens == "soft" else bool(reorder_tokens)
 
     def signed_c_gain(self, suffix: str = "") -> torch.Tensor:
         """The diagonal of S_C = G S_B under ``bc_sign`` (d_state,): +-(softplus(C_gain) + 1e-3)."""
@@ -253,7 +258,7 @@ class Mamba(nn.Module):
             if cu_seqlens is not None or state is not None:
                 raise ValueError(f"{type(self).__name__}: reorder_tokens works on whole padded-free batches, not packed or streamed input")
             score = getattr(self, "importance" + suffix)(dt_proj(x_proj(x)[..., : self.dt_rank])).squeeze(-1)
-            perm = sort_matrix(-score, self.reorder_tau)  # increasing score
+            perm = sort_matrix(-score, self.reorder_tau, hard=self.reorder_tokens is True)  # increasing score
             x = perm @ x
         dt, B, C = torch.split(x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         if self.bc_sign is not None:
@@ -265,7 +270,7 @@ class Mamba(nn.Module):
             reverse=reverse, cu_seqlens=cu_seqlens, initial_state=ssm_state, return_last_state=state is not None,
         )
         if perm is not None:
-            # Back to the original order before gating: the permutation is exact in the forward.
+            # Back to the original order before gating (exact for the hard permutation).
             return (perm.transpose(1, 2) @ out) * F.silu(z)
         if state is None:
             return out

@@ -29,7 +29,7 @@ input (after in_proj, the depthwise conv and SiLU).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -166,7 +166,7 @@ def format_report(reports: Sequence[DirectionReport]) -> str:
     return "\n".join(lines)
 
 
-def enable_refinements(model: nn.Module, bc_sign: Optional[str] = None, reorder_tokens: bool = False) -> nn.Module:
+def enable_refinements(model: nn.Module, bc_sign: Optional[str] = None, reorder_tokens: Union[bool, str] = False) -> nn.Module:
     """Switch the refinements on in every mixer of ``model`` (in place; new parameters are created
     on the mixers' device). Returns the model."""
     for _, m in find_mixers(model):
