@@ -85,12 +85,12 @@ def accuracy(model, loader, device="cpu") -> float:
 
 
 def train_digits_vim(refinements: dict, epochs: int, seed: int, lr: float = 2e-3, batch_size: int = 64,
-                     share_layers: bool = False, device="cpu"):
-    """A tiny Vim (``MODEL_KWARGS``) with the given refinements, AdamW + one-cycle schedule; returns the model.
+                     share_layers: bool = False, device="cpu", model_kwargs: dict = MODEL_KWARGS):
+    """A tiny Vim (``model_kwargs``) with the given refinements, AdamW + one-cycle schedule; returns the model.
     ``share_layers``: one block applied ``depth`` times, the paper's setting (its token dynamics are an ODE
     over depth with the same parameters at every layer; the residual stream is the Euler step)."""
     torch.manual_seed(seed)
-    model = zoo.create_model("vim_tiny", **MODEL_KWARGS)
+    model = zoo.create_model("vim_tiny", **model_kwargs)
     if share_layers:
         for i in range(1, len(model.layers)):
             model.layers[i] = model.layers[0]
@@ -170,7 +170,8 @@ def run_one(task: str, variant: str, seed: int, cfg: dict, device: str) -> dict:
     refinements = VARIANTS[variant]
     run = dict(variant=variant, seed=seed)
     if task == "digits":
-        model = train_digits_vim(refinements, cfg["epochs"], seed, share_layers=cfg["share_layers"], device=device)
+        model = train_digits_vim(refinements, cfg["epochs"], seed, share_layers=cfg["share_layers"], device=device,
+                                 model_kwargs=cfg["model_kwargs"])
         run["accuracy"] = accuracy(model, digits_loaders(64, 0)[1], device)
     else:
         model, run["final_train_loss"] = train_recall_mamba(refinements, seed, cfg, device)
@@ -179,7 +180,7 @@ def run_one(task: str, variant: str, seed: int, cfg: dict, device: str) -> dict:
         run["accuracy"] = recall_accuracy(model, tokens.to(device), labels.to(device))
     scenarios = [r.scenario for r in token_dynamics_report(model)]
     run.update(divergent=scenarios.count("divergent"), convergent=scenarios.count("convergent"),
-               seconds=round(time.perf_counter() - start, 1))
+               params=sum(q.numel() for q in model.parameters()), seconds=round(time.perf_counter() - start, 1))
     return run
 
 
@@ -230,10 +231,10 @@ def main(argv=None) -> int:
     if args.task == "recall" and any(VARIANTS[v].get("reorder_tokens") for v in variants):
         p.error("--task recall: reordering variants would let the query see later tokens of a causal model")
     if args.task == "digits":
-        if args.depth is not None:
-            MODEL_KWARGS["depth"] = args.depth
-        cfg = dict(epochs=args.epochs, share_layers=args.share_layers)
-        setup = dict(model="vim_tiny", model_kwargs=MODEL_KWARGS, share_layers=args.share_layers, epochs=args.epochs)
+        # Settings travel in cfg: worker processes (spawn) re-import this module and see only its defaults.
+        model_kwargs = dict(MODEL_KWARGS, depth=args.depth or MODEL_KWARGS["depth"])
+        cfg = dict(epochs=args.epochs, share_layers=args.share_layers, model_kwargs=model_kwargs)
+        setup = dict(model="vim_tiny", model_kwargs=model_kwargs, share_layers=args.share_layers, epochs=args.epochs)
     else:
         cfg = dict(RECALL)
         for item in args.recall:

@@ -53,3 +53,22 @@ def test_recall_run_end_to_end(tmp_path):
     assert [(r["variant"], r["divergent"], r["convergent"]) for r in result["runs"]] == [("baseline", 1, 0), ("mixed", 1, 0)]
     with pytest.raises(SystemExit):
         td.main(["--task", "recall", "--variants", "reorder"])  # not causal
+
+
+def test_digits_settings_reach_worker_processes(tmp_path):
+    """--depth must reach the runs in spawned workers (which re-import the script with its defaults)."""
+    import zoo
+
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "digits.json"
+    root = _PATH.parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    subprocess.run([sys.executable, str(_PATH), "--variants", "baseline", "--seeds", "0", "1", "--epochs", "1", "--depth", "3",
+                    "--jobs", "2", "--out", str(out)], check=True, env=env, cwd=root, capture_output=True)
+    expected = sum(q.numel() for q in zoo.create_model("vim_tiny", **dict(td.MODEL_KWARGS, depth=3)).parameters())
+    result = json.loads(out.read_text())
+    assert result["model_kwargs"]["depth"] == 3 and td.MODEL_KWARGS["depth"] == 2  # the module default is untouched
+    assert [r["params"] for r in result["runs"]] == [expected, expected]

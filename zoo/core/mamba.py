@@ -125,8 +125,8 @@ def sort_matrix(score: torch.Tensor, tau: float = 1.0, hard: bool = True) -> tor
     soft = torch.softmax(-(ordered.unsqueeze(-1) - score.unsqueeze(-2)).abs() / tau, dim=-1)
     if not hard:
         return soft
-    hard = F.one_hot(score.argsort(dim=-1, descending=True), score.shape[-1]).to(soft.dtype)
-    return hard + (soft - soft.detach())  # exactly the permutation in the forward
+    exact = F.one_hot(score.argsort(dim=-1, descending=True), score.shape[-1]).to(soft.dtype)
+    return exact + (soft - soft.detach())  # exactly the permutation in the forward
 
 
 class Mamba(nn.Module):
