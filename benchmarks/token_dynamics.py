@@ -29,6 +29,7 @@ the mean and spread over seeds and, per variant, the seed-paired difference to t
         --out benchmarks/results/token_dynamics_digits.json
     PYTHONPATH=. python benchmarks/token_dynamics.py --task recall --device cuda --jobs 8 --seeds 0 1 2 3 \\
         --variants baseline convergent mixed positive --out $OUT/token_dynamics_recall.json
+    python benchmarks/token_dynamics.py --tabulate A.json B.json   # one table of runs saved apart
 """
 from __future__ import annotations
 
@@ -226,7 +227,13 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once, in worker processes")
     p.add_argument("--threads-per-job", type=int, default=1)
     p.add_argument("--out", default=None, help="JSON file to write")
+    p.add_argument("--tabulate", nargs="+", default=None, metavar="JSON",
+                   help="train nothing: print the table of the runs saved in these files together (same task and seeds)")
     args = p.parse_args(argv)
+    if args.tabulate:
+        runs = [r for f in args.tabulate for r in json.loads(Path(f).read_text())["runs"]]
+        print(summary_table(runs, list(dict.fromkeys(r["variant"] for r in runs))))
+        return 0
     variants = args.variants or [v for v in VARIANTS if args.task == "digits" or "reorder" not in v]
     if args.task == "recall" and any(VARIANTS[v].get("reorder_tokens") for v in variants):
         p.error("--task recall: reordering variants would let the query see later tokens of a causal model")

@@ -43,6 +43,16 @@ def test_recall_model_sets_the_skip_and_the_refinement():
     assert all(layer.bc_sign == "mixed" for layer in model.layers)
 
 
+def test_tabulate_joins_saved_runs(tmp_path, capsys):
+    files = []
+    for name, variant, accs in (("a", "baseline", (0.5, 0.6)), ("b", "positive", (0.7, 0.6))):
+        files.append(tmp_path / f"{name}.json")
+        files[-1].write_text(json.dumps(dict(runs=[dict(variant=variant, seed=s, accuracy=a, divergent=1, convergent=0)
+                                                   for s, a in enumerate(accs)])))
+    assert td.main(["--tabulate", *map(str, files)]) == 0
+    assert "| positive | 65.00 ± 7.07 | 70.0, 60.0 | +10.00 ± 14.14, t = 1.00, 1 of 2 |" in capsys.readouterr().out
+
+
 def test_recall_run_end_to_end(tmp_path):
     out = tmp_path / "recall.json"
     assert td.main(["--task", "recall", "--variants", "baseline", "mixed", "--seeds", "0", "--recall", "steps=3",
