@@ -1,6 +1,9 @@
 """benchmarks/token_dynamics.py: the associative-recall generator, the paired summary, one tiny run."""
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,10 +71,6 @@ def test_recall_run_end_to_end(tmp_path):
 def test_digits_settings_reach_worker_processes(tmp_path):
     """--depth must reach the runs in spawned workers (which re-import the script with its defaults)."""
     import zoo
-
-    import os
-    import subprocess
-    import sys
 
     out = tmp_path / "digits.json"
     root = _PATH.parents[1]
