@@ -157,8 +157,8 @@ def test_url_is_downloaded_once_into_the_torch_hub_cache(sd, tmp_path, offline, 
     save_file(sd, str(src))
     url = src.as_uri()
     assert_same(load_checkpoint(url, sha256=file_sha256(src)), sd)
-    cached = tmp_path / "torch" / "hub" / "checkpoints" / "w.safetensors"
-    assert cached.is_file()
+    cached = hub.url_cache_path(url)
+    assert cached.is_file() and cached.parent.parent == tmp_path / "torch" / "hub" / "checkpoints"
 
     def no_network(*args, **kwargs):
         raise AssertionError("cached file downloaded again")
@@ -175,7 +175,7 @@ def test_url_with_wrong_sha256_is_not_kept_in_the_cache(sd, tmp_path, offline, m
     torch.save(sd, src)
     with pytest.raises(CheckpointError, match="sha256 mismatch"):
         load_checkpoint(src.as_uri(), sha256="0" * 64, cache_dir=tmp_path / "cache")
-    assert not (tmp_path / "cache" / "w.pth").exists()
+    assert not hub.url_cache_path(src.as_uri(), tmp_path / "cache").exists()
 
 
 def test_resolve_pretrained_prefers_file_then_hf_hub_then_url(sd, tmp_path, offline):
@@ -222,3 +222,53 @@ def test_foreign_objects_next_to_the_weights_are_ignored(sd, tmp_path, monkeypat
     with pytest.warns(UserWarning, match=r"ignored non-tensor objects of types .*RunConfig"):
         loaded = load_checkpoint(path)
     assert loaded.keys() == sd.keys() and all(torch.equal(loaded[k], sd[k]) for k in sd)
+
+
+def test_two_urls_with_the_same_file_name_do_not_share_a_cache_entry(sd, tmp_path, offline, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    other = {k: v + 1 for k, v in sd.items()}
+    first, second = tmp_path / "a" / "pretrain.pth", tmp_path / "b" / "pretrain.pth"
+    for path, weights in ((first, sd), (second, other)):
+        path.parent.mkdir()
+        torch.save(weights, path)
+    assert_same(load_checkpoint(first.as_uri()), sd)
+    assert_same(load_checkpoint(second.as_uri()), other)  # not the first file, cached under the same name
+    assert hub.url_cache_path(first.as_uri()) != hub.url_cache_path(second.as_uri())
+
+
+def test_zoo_offline_makes_no_hub_request(sd, tmp_path, monkeypatch):
+    """ZOO_OFFLINE alone (huggingface_hub's own offline flag off) answers from the cache or fails at once."""
+    import socket
+
+    cache = tmp_path / "hf" / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("ZOO_OFFLINE", "1")
+    attempts = []
+
+    def no_connect(self, address):
+        attempts.append(address)
+        raise OSError("network is off in this test")
+    monkeypatch.setattr(socket.socket, "connect", no_connect)
+    put_in_hf_cache(cache, "org/cached", "w.safetensors", sd)
+    assert_same(load_checkpoint("hf-hub:org/cached/w.safetensors"), sd)
+    with pytest.raises(FileNotFoundError, match="offline mode is on .*checkpoint_path="):
+        load_checkpoint("hf-hub:org/absent/w.safetensors")
+    assert attempts == []
+
+
+def test_every_load_is_torch_weights_only(sd, tmp_path, monkeypatch):
+    """The file with foreign objects is read by torch's weights_only unpickler too (stand-ins allow-listed
+    through torch.serialization.safe_globals), never with weights_only=False."""
+    path = tmp_path / "released.pth"
+    torch.save({"model": sd, "config": RunConfig(lr=1e-3), "epoch": 299}, path)
+    calls = []
+    real_load = torch.load
+
+    def recording_load(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+    monkeypatch.setattr(torch, "load", recording_load)
+    with pytest.warns(UserWarning, match="ignored non-tensor objects"):
+        assert_same(load_checkpoint(path), sd)
+    assert calls and all(c is True for c in calls)

@@ -194,6 +194,20 @@ def test_bad_input_errors(cls):
 
 # ---------------------------------------------------------------- survival
 
+def test_attention_pool_with_float32_scores_and_half_features():
+    # Under CUDA autocast exp() runs in float32 while the features stay in half precision; pooling must
+    # accept the mix (index_add refuses a source of another dtype than its target).
+    from zoo.models.mil.bags import attention_pool
+
+    scores, h = torch.randn(7), torch.randn(7, 4)
+    cu = torch.tensor([0, 3, 7])
+    pooled, w = attention_pool(scores, h.bfloat16(), cu)
+    ref, _ = attention_pool(scores, h.bfloat16().float(), cu)
+    assert pooled.dtype == torch.float32
+    torch.testing.assert_close(pooled, ref, rtol=0, atol=0)
+    torch.testing.assert_close(w[:3].sum(), torch.tensor(1.0))
+
+
 def test_nll_survival_loss_by_hand():
     hazards = torch.tensor([[0.1, 0.2, 0.5], [0.3, 0.4, 0.6]])
     surv = torch.cumprod(1 - hazards, dim=1)

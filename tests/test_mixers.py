@@ -105,6 +105,29 @@ def test_rmsnorm_and_block():
     assert res.dtype == torch.float32 and normed.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("norm_cls", [torch.nn.LayerNorm, RMSNorm])
+def test_fp32_residual_with_a_half_precision_norm(norm_cls):
+    # A model cast to bfloat16 keeps its residual in float32; the norm reads it in its weight's dtype, as
+    # mamba-ssm's Block does, instead of refusing a float32 input.
+    torch.manual_seed(0)
+    block = ResidualBlock(8, torch.nn.Identity(), norm_cls(8)).to(torch.bfloat16)
+    hidden, residual = torch.randn(2, 5, 8).bfloat16(), torch.randn(2, 5, 8)
+    out, res = block(hidden, residual)
+    assert res.dtype == torch.float32 and out.dtype == torch.bfloat16
+    torch.testing.assert_close(res, residual + hidden.float())
+    torch.testing.assert_close(out, block.norm(res.bfloat16()), rtol=0, atol=0)
+
+
+def test_float64_residual_is_not_rounded_to_float32():
+    norm = RMSNorm(8).double()
+    hidden, residual = torch.randn(3, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
+    out, res = add_norm(hidden, residual, norm, residual_in_fp32=True)
+    assert res.dtype == out.dtype == torch.float64
+    assert torch.equal(res, residual + hidden)
+    x = residual + hidden
+    torch.testing.assert_close(out, x / x.pow(2).mean(-1, keepdim=True).add(1e-5).sqrt(), rtol=1e-14, atol=1e-14)
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 def test_packed_conv_equals_separate(reverse):
     lens = [1, 5, 2, 9]

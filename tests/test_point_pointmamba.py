@@ -183,3 +183,14 @@ def test_feature_propagation_interpolates_inverse_distance():
     d = torch.tensor([0.25, 0.25, 0.25 + 4.0])  # squared distances to the three nearest sources
     w = (1 / (d + 1e-8)) / (1 / (d + 1e-8)).sum()
     torch.testing.assert_close(out[0, :, 0], torch.stack([torch.tensor(0.0), (w * torch.tensor([1.0, 2.0, 3.0])).sum()]))
+
+
+def test_bfloat16_forward_keeps_the_official_residual_dtype(model):
+    # The official block is x + mixer(norm(x)) in the input dtype (residual_in_fp32 False): in bfloat16 the
+    # residual stream is rounded to bfloat16 after every block, exactly as the restated official forward does.
+    low = PointMamba(**SMALL).eval()
+    low.load_state_dict(model.state_dict())
+    low.to(torch.bfloat16)
+    pts = (torch.rand(2, 96, 3) * 0.6).to(torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(low(pts), _official_forward(low, pts), rtol=0, atol=0)

@@ -8,6 +8,7 @@ from torch import nn
 
 import zoo
 from zoo.core.mamba import Mamba
+from zoo.core.precision import upcast
 from zoo.core.selective_scan import selective_scan_naive
 from zoo.models.timeseries import SMamba, SMambaClassifier, checkpoint_filter_fn
 
@@ -49,8 +50,8 @@ def mamba_ref(m: Mamba, x):
     u = F.silu(u).transpose(1, 2)
     dt, B, C = torch.split(u @ m.x_proj.weight.T, [m.dt_rank, m.d_state, m.d_state], dim=-1)
     dt = dt @ m.dt_proj.weight.T
-    A = -torch.exp(m.A_log.float())
-    y = selective_scan_naive(u, dt, A, B, C, D=m.D.float(), z=z, delta_bias=m.dt_proj.bias.float(), delta_softplus=True)
+    A = -torch.exp(upcast(m.A_log))
+    y = selective_scan_naive(u, dt, A, B, C, D=upcast(m.D), z=z, delta_bias=upcast(m.dt_proj.bias), delta_softplus=True)
     return y @ m.out_proj.weight.T
 
 

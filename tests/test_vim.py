@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import zoo
+from zoo.core.precision import upcast
 from zoo.core.selective_scan import selective_scan_naive
 from zoo.models.vision import vim
 from zoo.models.vision.vim import VisionMamba, checkpoint_filter_fn, resample_pos_embed
@@ -58,8 +59,9 @@ def official_state_dict(D, depth, d_state=16, expand=2, d_conv=4, patch=8, grid=
 
 
 def _rms_norm_prenorm(x, weight, residual, eps):
-    """mamba-ssm's fused rms_norm_fn(prenorm=True, residual_in_fp32=True): (normed in x's dtype, fp32 residual)."""
-    r = x.float() if residual is None else residual + x.float()
+    """mamba-ssm's fused rms_norm_fn(prenorm=True, residual_in_fp32=True): (normed in x's dtype, fp32 residual);
+    its float32 casts leave float64 alone (upcast), so that the restatement also runs in float64."""
+    r = upcast(x) if residual is None else residual + upcast(x)
     return (r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps) * weight).to(x.dtype), r
 
 
@@ -73,7 +75,7 @@ def _inner_no_out_proj(xz, sd, p, s, d_state):
     dt_w = sd[p + f"dt_proj{s}.weight"]
     r = dt_w.shape[1]
     delta = x_dbl[..., :r] @ dt_w.t()
-    A = -torch.exp(sd[p + f"A{s}_log"].float())
+    A = -torch.exp(upcast(sd[p + f"A{s}_log"]))
     out = selective_scan_naive(
         x.transpose(1, 2), delta, A, x_dbl[..., r : r + d_state], x_dbl[..., r + d_state :], sd[p + f"D{s}"],
         z.transpose(1, 2), sd[p + f"dt_proj{s}.bias"], delta_softplus=True,

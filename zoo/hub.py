@@ -3,12 +3,13 @@
 A weight source is one of
   - a local path (``str`` or ``os.PathLike``),
   - an ``http://``, ``https://`` or ``file://`` URL, downloaded once into the torch hub cache
-    (``$TORCH_HOME/hub/checkpoints``),
+    (``$TORCH_HOME/hub/checkpoints/<hash of the URL>/<file name>``: two URLs that end in the same file
+    name never share a cache entry; :func:`url_cache_path`),
   - an hf-hub spec ``hf-hub:<org>/<name>[@<revision>]/<filename>``, fetched through
     ``huggingface_hub.hf_hub_download`` and so through the normal Hugging Face cache.
 
-Offline: ``HF_HUB_OFFLINE=1`` (read by huggingface_hub) or ``ZOO_OFFLINE=1`` make a source that is not
-cached yet an error instead of a download.
+Offline: ``HF_HUB_OFFLINE=1`` or ``ZOO_OFFLINE=1`` make a source that is not cached yet an error instead of
+a download (hf-hub sources are then looked up with ``local_files_only=True``: no request is made).
 
 Formats: ``.safetensors`` files, or files written by ``torch.save`` that ``torch.load(weights_only=True)``
 accepts (tensors and plain containers). Arbitrary pickled objects are never loaded.
@@ -21,6 +22,7 @@ import importlib.resources
 import os
 import pickle
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Mapping
 from urllib.parse import unquote, urlparse
@@ -30,13 +32,13 @@ from torch import nn
 
 __all__ = [
     "CheckpointError", "load_checkpoint", "load_state_dict", "resolve_pretrained", "resolve_pretrained_file",
-    "resolve_source",
+    "resolve_source", "url_cache_path",
     "file_sha256", "verify_sha256", "save_state_dict",
 ]
 
-# Keys under which training scripts nest the weights (timm, DeiT/Vim, DeepSpeed, EMA copies), in order of
-# preference: the raw model before its EMA copy.
-_CONTAINER_KEYS = ("state_dict", "model", "module", "model_ema", "state_dict_ema")
+# Keys under which training scripts nest the weights (timm, DeiT/Vim, VMamba, DeepSpeed; Point-BERT, Point-MAE
+# and PointMamba: "base_model"; EMA copies), in order of preference: the raw model before its EMA copy.
+_CONTAINER_KEYS = ("state_dict", "model", "module", "base_model", "model_ema", "state_dict_ema")
 # Prefixes that wrappers add to every key: DataParallel / DDP, torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _EXPECTED_FORMAT = (
@@ -88,24 +90,36 @@ def _hf_download(repo_id: str, filename: str, revision: str | None = None, cache
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    offline = _is_offline()
     try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir))
+        return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir, local_files_only=offline))
     except (LocalEntryNotFoundError, HfHubHTTPError) as e:
         where = f"{repo_id}@{revision}" if revision else repo_id
-        hint = " (offline: HF_HUB_OFFLINE is set and the file is not in the cache)" if _is_offline() else ""
+        hint = (" (offline mode is on (ZOO_OFFLINE / HF_HUB_OFFLINE) and the file is not in the Hugging Face cache; "
+                "give a local file with checkpoint_path=...)") if offline else ""
         raise FileNotFoundError(f"could not get '{filename}' from hf-hub repo '{where}'{hint}: {e}") from e
 
 
-def _url_download(url: str, cache_dir=None) -> Path:
+def url_cache_path(url: str, cache_dir=None) -> Path:
+    """Where a URL's file is cached: ``<cache_dir>/<first 16 hex digits of sha256(url)>/<file name>``, with
+    ``cache_dir`` defaulting to ``$TORCH_HOME/hub/checkpoints``. Keyed by the whole URL, so two releases
+    that both call their file ``pretrain.pth`` are kept apart; the file name is kept for its suffix."""
     filename = os.path.basename(unquote(urlparse(url).path))
     if not filename:
         raise ValueError(f"URL has no file name to cache it under: {url!r}")
     folder = Path(cache_dir) if cache_dir is not None else Path(torch.hub.get_dir()) / "checkpoints"
-    dst = folder / filename
+    return folder / hashlib.sha256(url.encode()).hexdigest()[:16] / filename
+
+
+def _url_download(url: str, cache_dir=None) -> Path:
+    dst = url_cache_path(url, cache_dir)
     if not dst.is_file():
         if _is_offline():
-            raise FileNotFoundError(f"{url} is not cached at {dst} and offline mode is on (ZOO_OFFLINE / HF_HUB_OFFLINE)")
-        folder.mkdir(parents=True, exist_ok=True)
+            raise FileNotFoundError(
+                f"{url} is not cached at {dst} and offline mode is on (ZOO_OFFLINE / HF_HUB_OFFLINE); give a local "
+                "file with checkpoint_path=..., or put the file at that path"
+            )
+        dst.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(url, str(dst), progress=True)
     return dst
 
@@ -195,53 +209,31 @@ def _load_error_reason(e: Exception) -> str:
     return reason.split(" Please use `torch.serialization")[0] or type(e).__name__
 
 
-class _Ignored(dict):
-    """Stands in for an object of a class the checkpoint names beside its weights (a training run's
-    yacs CfgNode, ...). Pickle builds such objects with ``cls.__new__`` and then fills in their state,
-    neither of which runs code of the file. Calling the global, as a pickle does for functions like
-    ``os.system``, raises instead: a file that needs a call to an unknown global is refused."""
+class _StandInType(type):
+    def __call__(cls, *args, **kwargs):
+        # A pickle calls a global (REDUCE) to run a function such as os.system: refused. Building an object
+        # (NEWOBJ) calls __new__ directly and never comes here.
+        raise pickle.UnpicklingError(f"refusing to call {cls.global_name}, which is not a tensor type")
+
+
+class _StandIn(metaclass=_StandInType):
+    """Stands in for a class that a checkpoint names beside its weights (a training run's yacs CfgNode,
+    ...). The object is built as a plain OrderedDict, which torch's weights_only unpickler can fill with the
+    object's items and attributes; nothing of the file's classes is imported or run."""
 
     global_name = "?"
 
-    def __init__(self, *args, **kwargs):
-        raise pickle.UnpicklingError(f"refusing to call {self.global_name}, which is not a tensor type")
-
-    def __setstate__(self, state):
-        pass
+    def __new__(cls, *args):
+        return OrderedDict()
 
 
-class _InertUnpickling:
-    """A ``pickle_module`` for torch.load: the globals ``weights_only`` allows resolve as usual, every other
-    one becomes an ``_Ignored`` placeholder class. Used only after the weights_only load refused a global,
-    to read the tensors that sit next to such objects."""
-
-    __name__ = "zoo.hub.inert_pickle"  # torch.load reads the pickle module's name
-
-    def __init__(self):
-        from torch._weights_only_unpickler import _get_allowed_globals
-
-        self.allowed = {**_get_allowed_globals(), "argparse.Namespace": argparse.Namespace}
-        self.ignored: set[str] = set()
-        outer = self
-
-        class Unpickler(pickle.Unpickler):
-            def find_class(self, module, name):
-                full = f"{module}.{name}"
-                if full in outer.allowed:
-                    return outer.allowed[full]
-                outer.ignored.add(full)
-                return type(name, (_Ignored,), {"global_name": full})
-
-        self.Unpickler = Unpickler
-
-    def load(self, file, **kwargs):
-        return self.Unpickler(file, **kwargs).load()
-
-
-def _load_ignoring_objects(path: Path, map_location) -> tuple[object, set[str]]:
-    inert = _InertUnpickling()
-    obj = torch.load(path, map_location=map_location, weights_only=False, pickle_module=inert)
-    return obj, inert.ignored
+def _load_with_stand_ins(path: Path, map_location) -> tuple[object, list[str]]:
+    """torch.load(weights_only=True) with each global it refused allow-listed as an inert ``_StandIn`` (torch's
+    ``safe_globals`` with (class, name) pairs): the loading itself stays torch's weights_only unpickler."""
+    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    stand_ins = [(_StandInType(name.rpartition(".")[2], (_StandIn,), {"global_name": name}), name) for name in unsafe]
+    with torch.serialization.safe_globals([argparse.Namespace, *stand_ins]):
+        return torch.load(path, map_location=map_location, weights_only=True), unsafe
 
 
 def load_checkpoint(
@@ -271,7 +263,7 @@ def load_checkpoint(
             # Released checkpoints also carry objects of their training code (VMamba: a yacs CfgNode). Read
             # the file again with those objects replaced by inert placeholders; the tensors are unaffected.
             try:
-                obj, ignored = _load_ignoring_objects(path, map_location)
+                obj, ignored = _load_with_stand_ins(path, map_location)
             except Exception:
                 raise CheckpointError(f"{path} is not a checkpoint ({_EXPECTED_FORMAT}); torch.load: {_load_error_reason(e)}") from e
             warnings.warn(f"{path}: ignored non-tensor objects of types {', '.join(sorted(ignored))}", stacklevel=2)

@@ -13,6 +13,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from .norm import RMSNorm
+from .precision import upcast
 
 
 def add_norm(
@@ -23,8 +24,10 @@ def add_norm(
     residual_in_fp32: bool = True,
 ):
     """residual <- hidden (first block) or residual + drop_path(hidden); returns
-    (norm(residual) in hidden's dtype, residual (float32 when residual_in_fp32)). On CUDA an
-    RMSNorm with a float32 residual runs as one fused Triton kernel (one launch instead of six)."""
+    (norm(residual) in hidden's dtype, residual). ``residual_in_fp32`` keeps the residual stream in at
+    least float32: float16/bfloat16 residuals are upcast, float64 ones stay float64 (mamba-ssm's
+    ``.to(float32)`` would round them). On CUDA an RMSNorm with a float32 residual runs as one fused
+    Triton kernel (one launch instead of six)."""
     if _fused_add_norm_applies(hidden, norm, residual_in_fp32):
         from zoo.kernels.norm import add_rms_norm_triton  # lazily: the CPU path needs no Triton
 
@@ -47,12 +50,17 @@ def add_norm_reference(
     else:
         residual = residual + (drop_path(hidden) if drop_path is not None else hidden)
     if residual_in_fp32:
-        residual = residual.float()
-    return norm(residual).to(hidden.dtype), residual
+        residual = upcast(residual)
+    # As mamba-ssm's Block: the norm reads the residual in its weight's dtype (a model cast to half keeps a
+    # float32 residual that a half LayerNorm would refuse).
+    weight = getattr(norm, "weight", None)
+    normed = norm(residual if weight is None else residual.to(weight.dtype))
+    return normed.to(hidden.dtype), residual
 
 
 def _fused_add_norm_applies(hidden: torch.Tensor, norm: nn.Module, residual_in_fp32: bool) -> bool:
-    return hidden.is_cuda and residual_in_fp32 and type(norm) is RMSNorm
+    # The kernel keeps a float32 residual: float64 inputs take the reference path and stay float64.
+    return hidden.is_cuda and residual_in_fp32 and type(norm) is RMSNorm and hidden.dtype != torch.float64
 
 
 class ResidualBlock(nn.Module):

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .precision import upcast
 from .selective_scan import selective_scan
 
 BC_SIGNS = (None, "positive", "negative", "mixed")  # Mamba.enable_refinements
@@ -247,7 +248,7 @@ class Mamba(nn.Module):
         conv = getattr(self, "conv1d" + suffix)
         x_proj = getattr(self, "x_proj" + suffix)
         dt_proj = getattr(self, "dt_proj" + suffix)
-        A = -torch.exp(getattr(self, "A" + suffix + "_log").float())
+        A = -torch.exp(upcast(getattr(self, "A" + suffix + "_log")))
         D = getattr(self, "D" + suffix)
         conv_state, ssm_state = state if state is not None else (None, None)
         x_in = x
@@ -266,7 +267,7 @@ class Mamba(nn.Module):
         # dt_proj's bias enters the scan as delta_bias (inside the softplus), as in mamba-ssm.
         dt = F.linear(dt, dt_proj.weight)
         out = selective_scan(
-            x, dt, A, B, C, D=D.float(), z=z if perm is None else None, delta_bias=dt_proj.bias.float(), delta_softplus=True,
+            x, dt, A, B, C, D=upcast(D), z=z if perm is None else None, delta_bias=upcast(dt_proj.bias), delta_softplus=True,
             reverse=reverse, cu_seqlens=cu_seqlens, initial_state=ssm_state, return_last_state=state is not None,
         )
         if perm is not None:

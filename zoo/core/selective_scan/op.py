@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 
+from ..precision import upcast
 from ._checks import check_scan_args
 from .chunked import selective_scan_chunked
 from .naive import selective_scan_naive
@@ -109,7 +110,7 @@ def _packed_torch_scan(fn, u, delta, A, B, C, D, z, delta_bias, delta_softplus, 
         out[seq_id, pos] = t[0]
         return out
 
-    dt = delta.float() if delta.dtype != torch.float64 else delta
+    dt = upcast(delta)
     if delta_bias is not None:
         dt = dt + delta_bias.to(dt.dtype)
     if delta_softplus:

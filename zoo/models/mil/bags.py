@@ -77,13 +77,14 @@ def segment_softmax(scores: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Ten
     num = cu_seqlens.numel() - 1
     # Subtracting the per-bag max keeps exp() finite; it cancels in the ratio.
     peak = scores.new_full((num,), float("-inf")).scatter_reduce(0, ids, scores.detach(), "amax")
-    e = torch.exp(scores - peak[ids])
-    return e / scores.new_zeros(num).index_add(0, ids, e)[ids]
+    e = torch.exp(scores - peak[ids])  # float32 under CUDA autocast, whatever the scores' dtype
+    return e / e.new_zeros(num).index_add(0, ids, e)[ids]
 
 
 def attention_pool(scores: torch.Tensor, h: torch.Tensor, cu_seqlens: torch.Tensor):
     """Per-bag sum_i softmax(scores)_i * h_i: (total,), (total, d) -> ((num_bags, d), weights (total,))."""
     w = segment_softmax(scores, cu_seqlens)
     ids = bag_ids(cu_seqlens, h.shape[0])
-    pooled = h.new_zeros(cu_seqlens.numel() - 1, h.shape[-1]).index_add(0, ids, w[:, None] * h)
+    weighted = w[:, None] * h
+    pooled = weighted.new_zeros(cu_seqlens.numel() - 1, h.shape[-1]).index_add(0, ids, weighted)
     return pooled, w

@@ -20,6 +20,11 @@ Parameter names equal the official ones, so a state dict saved by the official t
 Bags of any size: a batch of bags is packed into one sequence with ``cu_seqlens`` and runs through
 the core in one call per layer; the conv and the scan restart at each bag boundary, and reordering
 is done per bag, so the result equals running each bag alone.
+
+Precision, as the official code: the residual stream in the input dtype (x + mixer(LayerNorm(x)), no
+residual_in_fp32), the mixers' A, D and dt bias in float32. One difference: under CUDA autocast the attention
+softmax and the pooling run in float32 (exp autocasts to float32); the official softmax + bmm pools in the
+autocast dtype. The official code trains without autocast, in float32, where the two agree.
 """
 from __future__ import annotations
 

@@ -12,6 +12,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from zoo.core.precision import upcast
+
 from .serialization import _valid_mask, check_points
 
 DEFAULT_MAX_ELEMENTS = 1 << 24  # float32 distance entries per chunk (64 MiB)
@@ -30,9 +32,10 @@ def farthest_point_sample(
         raise ValueError(f"farthest_point_sample: num_samples must be >= 1, got {num_samples}")
     b, n, _ = xyz.shape
     valid = _valid_mask(xyz, lengths)
-    pts = xyz.detach().float()
+    # Distances in float32 as pointnet2_ops' CUDA kernel (float64 clouds in float64).
+    pts = upcast(xyz.detach())
     # Padded points start at -1 so they never win the argmax.
-    min_d = torch.where(valid, torch.full((b, n), float("inf"), device=xyz.device), torch.full((b, n), -1.0, device=xyz.device))
+    min_d = torch.where(valid, pts.new_full((b, n), float("inf")), pts.new_full((b, n), -1.0))
     idx = torch.empty(b, num_samples, dtype=torch.long, device=xyz.device)
     cur = torch.zeros(b, dtype=torch.long, device=xyz.device) if start is None else start.to(xyz.device).long()
     rows = torch.arange(b, device=xyz.device)

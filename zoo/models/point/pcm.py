@@ -32,6 +32,12 @@ Deliberate deviations (documented, because they change orders, not weights):
   them by iterating a Python ``set`` of strings, whose order depends on the training process's hash
   seed, so an official checkpoint's prompt-to-order assignment cannot be recovered from the file.
 
+Precision, as the released configs (cfgs/*/PCM*.yaml: rms_norm, fused_add_norm and residual_in_fp32 all
+True): RMSNorm in float32, the residual stream in float32, the mixers' A, D and dt bias in float32, FPS
+distances in float32 (float64 clouds stay float64). One difference under float16/bfloat16 autocast, none in
+float32: where a stage widens the stream through ``residual_proj``, the official fused norm keeps the
+projection's (half) dtype for the residual of the later stages; here the residual stays float32 throughout.
+
 Fixed-size batches only: (B, N, 3) with the same N for every cloud.
 """
 from __future__ import annotations

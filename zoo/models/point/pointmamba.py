@@ -24,6 +24,11 @@ FPS/kNN run in torch (no pointnet2_ops / KNN_CUDA; pointnet2's CUDA FPS never pi
 rather than over the batch (equal whenever the clouds of a batch span the same power of two of
 grid cells, and batch-independent); the official block (x + mixer(norm(x))) runs in mamba-ssm's
 Add -> Norm -> Mixer form, which computes the same thing.
+
+Precision, as the official configuration (mamba-ssm's residual_in_fp32 and fused_add_norm left False,
+LayerNorm): the residual stream stays in the input dtype, each norm reads it in its weight's dtype, the
+mixers take A, D and the dt bias in float32, FPS measures distances in float32 as pointnet2_ops' kernel
+(float64 clouds in float64). No known difference; the official code trains without autocast.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
 from zoo.core import Mamba, ResidualBlock, RMSNorm, init_mamba_weights
+from zoo.core.precision import upcast
 from zoo.registry import build_model, register_model, register_pretrained_cfgs
 
 from .ops import group_points, knn
@@ -69,14 +75,16 @@ class PatchEncoder(nn.Module):
 class MambaEncoder(nn.Module):
     """The official ``MixerModel``: positions added once, ``depth`` pre-norm Mamba blocks, final
     norm. Drop-path rates follow the official ones: block i's rate applies to block i's mixer
-    output, which the Add -> Norm -> Mixer form adds at the start of block i + 1 (or at the end)."""
+    output, which the Add -> Norm -> Mixer form adds at the start of block i + 1 (or at the end).
+    The residual stream stays in the input dtype (the official block is x + mixer(norm(x)), with
+    mamba-ssm's residual_in_fp32 left False), and the final norm's input is cast to its weight dtype."""
 
     def __init__(self, dim: int, depth: int, drop_path: Sequence[float], rms_norm: bool = False, ssm_cfg: Optional[dict] = None):
         super().__init__()
         norm = partial(RMSNorm, eps=1e-5) if rms_norm else partial(nn.LayerNorm, eps=1e-5)
         rates = [0.0] + list(drop_path[:-1])
         self.layers = nn.ModuleList([
-            ResidualBlock(dim, Mamba(dim, layer_idx=i, **(ssm_cfg or {})), norm(dim), drop_path=rates[i])
+            ResidualBlock(dim, Mamba(dim, layer_idx=i, **(ssm_cfg or {})), norm(dim), drop_path=rates[i], residual_in_fp32=False)
             for i in range(depth)
         ])
         self.drop_path_f = DropPath(drop_path[-1]) if depth and drop_path[-1] > 0 else nn.Identity()
@@ -323,7 +331,7 @@ class PointMambaPartSeg(PointMamba):
 def chamfer_l2(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Point-MAE's ChamferDistanceL2: mean squared distance from each predicted point to its nearest
     target point plus the reverse, averaged over the batch of point sets (B, P, 3) / (B, T, 3)."""
-    d = torch.cdist(pred.float(), target.float()).square()
+    d = torch.cdist(upcast(pred), upcast(target)).square()
     return d.amin(dim=2).mean() + d.amin(dim=1).mean()
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.core import BiMamba, Mamba, ResidualBlock, RMSNorm, add_norm
+from zoo.core.precision import upcast
 from zoo.registry import build_model, register_model, register_pretrained_cfgs
 
 _MAMBA_ASR = "https://github.com/xi-j/Mamba-ASR"
@@ -93,10 +94,10 @@ class SpeechFrontend(nn.Module):
 
             feats = wave.new_zeros(wave.shape[0], T, self.n_mels)
             for i, (w, n) in enumerate(zip(wave, num_samples.tolist())):
-                f = kaldi.fbank(w[None, :n].float() * 32768, num_mel_bins=self.n_mels, sample_frequency=self.sample_rate, dither=0.0)
+                f = kaldi.fbank(upcast(w[None, :n]) * 32768, num_mel_bins=self.n_mels, sample_frequency=self.sample_rate, dither=0.0)
                 feats[i, : f.shape[0]] = f
         else:
-            feats = torch.log(self.mel(wave.float()).transpose(1, 2)[:, :T] + 1e-6)
+            feats = torch.log(self.mel(upcast(wave)).transpose(1, 2)[:, :T] + 1e-6)
         mask = lengths_to_mask(frames, T)[..., None]
         feats = feats * mask
         if self.normalize == "utterance":

@@ -20,6 +20,12 @@ Differences from the official code (forward and checkpoints are unaffected):
   11.274 M parameters); the repository's small config says 96.
 - The atrous step is fixed at 2, the value of every released model (the official code takes a step size but
   its four subgrids cover the map only for step 2).
+- Precision (checked against the official v2 ``cross_selective_scan``): A, D, the dt bias and the scan inputs
+  in float32, norms as plain LayerNorm, no separate residual stream, as there. Two rounding-level differences
+  under float16/bfloat16 autocast, none in float32: the scan output keeps the input dtype until out_norm (the
+  official one stays float32), and the gate y * SiLU(z) multiplies out_norm's float32 output (the official
+  code casts it back to the input dtype first). The released accuracies come from the official trainer's
+  float32 evaluation (lib/models/tools/train.py validates without autocast). float64 runs unrounded.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from zoo.core.mamba import make_A_log, make_D, make_dt_proj
+from zoo.core.precision import upcast
 from zoo.core.selective_scan import selective_scan_multi
 from zoo.registry import build_model, register_model, register_pretrained_cfgs
 
@@ -146,8 +153,8 @@ class ES2D(nn.Module):
         dts, Bs, Cs = x_dbl.split([R, N, N], dim=-1)
         dts = torch.einsum("kblr,kdr->kbld", dts, self.dt_projs_weight)
         ys = selective_scan_multi(
-            us, dts, -self.A_logs.float().exp().view(K, d, N), Bs, Cs, D=self.Ds.float().view(K, d),
-            delta_bias=self.dt_projs_bias.float(), delta_softplus=True, directions=DIRECTIONS,
+            us, dts, -upcast(self.A_logs).exp().view(K, d, N), Bs, Cs, D=upcast(self.Ds).view(K, d),
+            delta_bias=upcast(self.dt_projs_bias), delta_softplus=True, directions=DIRECTIONS,
             hw=(math.ceil(h / 2), math.ceil(w / 2)),
         )
         y = self.out_norm(atrous_merge(ys, (h, w)))

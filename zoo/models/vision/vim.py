@@ -18,6 +18,11 @@ Differences from the official code (forward and checkpoints are unaffected):
 - Checkpoint position embeddings are resampled with the class token taken from the middle slot;
   the official fine-tuning script (main.py --finetune) takes slot 0 as the class token even for
   middle-class-token models.
+
+Precision, as the official configuration: the residual stream in float32 (residual_in_fp32), RMSNorm
+computed in float32 and returned in the input dtype (the fused add + norm kernel on CUDA), the mixers' A, D
+and dt bias in float32. float64 runs unrounded: the official ``.float()`` casts are ``upcast`` here, which
+leaves float64 alone.
 """
 from __future__ import annotations
 
@@ -25,8 +30,9 @@ from functools import partial
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, lecun_normal_, resample_abs_pos_embed, resample_patch_embed, to_2tuple, trunc_normal_
+from timm.layers import DropPath, lecun_normal_, resample_patch_embed, to_2tuple, trunc_normal_
 from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -116,16 +122,18 @@ def resample_pos_embed(
     """(1, 1 + old_h * old_w, d) with the class token's slot in the middle (index old_h * old_w // 2)
     -> (1, 1 + new_h * new_w, d) with it at new_h * new_w // 2; patch positions are resampled in 2-D.
 
-    No antialiasing, as the official fine-tuning script's F.interpolate.
+    No antialiasing, as the official fine-tuning script's F.interpolate; in the embedding's own dtype (timm's
+    resample_abs_pos_embed would round float64 to float32).
     """
     if tuple(new_grid) == tuple(old_grid):
         return pos_embed
     mid = old_grid[0] * old_grid[1] // 2
     cls_pos = pos_embed[:, mid : mid + 1]
     patches = torch.cat([pos_embed[:, :mid], pos_embed[:, mid + 1 :]], dim=1)
-    patches = resample_abs_pos_embed(
-        patches, list(new_grid), list(old_grid), num_prefix_tokens=0, interpolation=interpolation, antialias=False
-    )
+    d = patches.shape[-1]
+    grid = patches.reshape(1, old_grid[0], old_grid[1], d).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=tuple(new_grid), mode=interpolation, align_corners=False)
+    patches = grid.permute(0, 2, 3, 1).reshape(1, -1, d)
     mid = new_grid[0] * new_grid[1] // 2
     return torch.cat([patches[:, :mid], cls_pos, patches[:, mid:]], dim=1)
 

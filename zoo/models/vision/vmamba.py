@@ -17,8 +17,13 @@ Differences from the official code (forward and checkpoints are unaffected):
   flipped); these are per-token projections, so here they run once on the row-major map for all four
   directions, and each direction's scan visits the tokens in its own order (``cross_scan``, the core's
   multi-direction scan): the outputs land at their image positions and cross-merge is a sum.
-- The scan output keeps the input dtype before out_norm (the official CUDA kernel returns float32);
-  identical in float32, a rounding-level difference under bf16/fp16 autocast.
+- Precision: as the official v05 forward (force_fp32 off), A, D and the dt bias are taken in float32 and the
+  scan inputs in the autocast dtype; norms run as plain LayerNorm (float32 under autocast), there is no
+  separate residual stream. One difference: the scan output keeps the input dtype before out_norm (the
+  official CUDA kernel returns float32), and out_norm's output is not cast back to the input dtype before
+  out_proj (which autocasts it anyway); identical in float32, a rounding-level difference under
+  float16/bfloat16 autocast. The official trainer uses float16 autocast (AMP_ENABLE), zoo's engine bfloat16.
+  float64 runs unrounded (the official ``.to(torch.float)`` casts are ``upcast`` here).
 - Stages are laid out as timm's hierarchical models: the downsample that the official code keeps at the
   end of stage i is the start of stage i + 1 here, so ``stages.i`` outputs the stage-i feature map.
   ``checkpoint_filter_fn`` renames the official keys accordingly.
@@ -38,6 +43,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from zoo.core.mamba import make_A_log, make_D, make_dt_proj
+from zoo.core.precision import upcast
 from zoo.core.selective_scan import selective_scan_multi
 from zoo.registry import build_model, register_model, register_pretrained_cfgs
 
@@ -157,8 +163,8 @@ class SS2D(nn.Module):
         x_dbl = F.linear(u, self.x_proj_weight.reshape(-1, d)).unflatten(-1, (K, -1)).movedim(2, 0)
         dts, Bs, Cs = x_dbl.split([R, N, N], dim=-1)
         dts = torch.einsum("kblr,kdr->kbld", dts, self.dt_projs_weight)
-        A = -self.A_logs.float().exp().view(K, d, N)
-        ys = cross_scan(u, dts, A, Bs, Cs, self.Ds.float().view(K, d), self.dt_projs_bias.float(), (h, w))
+        A = -upcast(self.A_logs).exp().view(K, d, N)
+        ys = cross_scan(u, dts, A, Bs, Cs, upcast(self.Ds).view(K, d), upcast(self.dt_projs_bias), (h, w))
         y = cross_merge(ys).view(b, h, w, d)
         return self.out_proj(self.out_norm(y))
 
