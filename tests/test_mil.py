@@ -350,3 +350,17 @@ def test_registered_entries():
     assert zoo.create_model("abmil", in_dim=IN, num_classes=3).gated
     with pytest.raises(ValueError, match="no pretrained weights"):
         zoo.create_model("mambamil", pretrained=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: autocast runs exp() in float32 only there")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mambamil_under_cuda_autocast_matches_float64(dtype):
+    model = _tiny(MambaMIL)
+    _perturb(model)
+    bags = _bags([9, 20])
+    with torch.no_grad():
+        ref = model.double()(*[[b.double() for b in bags]])
+        model.float().cuda()
+        with torch.autocast("cuda", dtype=dtype):
+            out = model([b.cuda() for b in bags])
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=0.05, atol=0.05)

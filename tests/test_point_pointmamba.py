@@ -194,3 +194,16 @@ def test_bfloat16_forward_keeps_the_official_residual_dtype(model):
     pts = (torch.rand(2, 96, 3) * 0.6).to(torch.bfloat16)
     with torch.no_grad():
         torch.testing.assert_close(low(pts), _official_forward(low, pts), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the half-precision kernels")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_model_on_cuda_matches_float64(model, dtype):
+    pts = torch.rand(2, 96, 3) * 0.6
+    low = PointMamba(**SMALL).eval()
+    low.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        ref = low.double()(pts.double())
+        out = low.to("cuda", dtype)(pts.to("cuda", dtype))
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=0.05, atol=0.05)
