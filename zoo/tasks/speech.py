@@ -10,20 +10,10 @@ from typing import Optional
 
 import torch
 from torch.utils.data import DataLoader
+from torchaudio.functional import edit_distance  # the Levenshtein distance behind the CER
 from tqdm import tqdm
 
 from zoo.data.speech import SynthSpeech, build_corpus, collate_waves, digits_to_targets
-
-
-def edit_distance(a, b) -> int:
-    """Levenshtein distance between two sequences."""
-    prev = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        cur = [i]
-        for j, y in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
-        prev = cur
-    return prev[-1]
 
 
 def _loaders(task, corpus, batch_size, seed):
