@@ -54,7 +54,7 @@ def selective_scan_naive(
         dt = dts[t][..., None]  # (b, d, 1)
         h = torch.exp(dt * A) * h + dt * Bs[t] * us[t][..., None]
         ys[t] = (h * Cs[t]).sum(-1)
-    y = torch.stack(ys, dim=1)
+    y = torch.stack(ys, dim=1) if length else u.new_zeros(batch, 0, dim)  # stack refuses an empty list
     if D is not None:
         y = y + u * D.to(acc)
     if z is not None:
