@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 
+from ..packing import Packing
 from ..precision import upcast
 from ._checks import check_scan_args
 from .chunked import selective_scan_chunked
@@ -98,18 +99,8 @@ def _packed_torch_scan(fn, u, delta, A, B, C, D, z, delta_bias, delta_softplus, 
     """PyTorch paths for packed sequences: one batched scan over the sequences padded to the
     longest. Padded steps get dt = 0 (decay exp(0) = 1, input 0), so they leave the state as it
     was in either direction, and the final state is the state after each sequence's own last step."""
-    bounds = cu_seqlens.to(device=u.device, dtype=torch.long)
-    lens = bounds[1:] - bounds[:-1]
-    n, total = lens.numel(), u.shape[1]
-    seq_id = torch.repeat_interleave(torch.arange(n, device=u.device), lens, output_size=total)
-    pos = torch.arange(total, device=u.device) - bounds[:-1][seq_id]
-    max_len = int(lens.max()) if n else 0
-
-    def pad(t, fill=0.0):
-        out = t.new_full((n, max_len, *t.shape[2:]), fill)
-        out[seq_id, pos] = t[0]
-        return out
-
+    packing = Packing(cu_seqlens, u.shape[1], u.device)
+    pad = packing.pad
     dt = upcast(delta)
     if delta_bias is not None:
         dt = dt + delta_bias.to(dt.dtype)
@@ -117,7 +108,7 @@ def _packed_torch_scan(fn, u, delta, A, B, C, D, z, delta_bias, delta_softplus, 
         dt = torch.nn.functional.softplus(dt)
     out = fn(pad(u), pad(dt), A, pad(B), pad(C), D=D, z=None if z is None else pad(z), delta_bias=None,
              delta_softplus=False, reverse=reverse, return_last_state=True, initial_state=initial_state)
-    y = out[0][seq_id, pos].unsqueeze(0)
+    y = packing.unpad(out[0])
     return (y, out[1]) if return_last_state else y
 
 

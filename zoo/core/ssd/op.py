@@ -1,0 +1,147 @@
+"""The SSD scan op (Mamba-2's scan): argument checks, dt transform, packed sequences, dispatch; and the
+one-step update used for decoding.
+
+``impl`` picks the path: "auto" (the chunked PyTorch form on CPU; on CUDA the Triton selective-scan kernels
+through the reduction below, until SSD has kernels of its own), "chunked", "naive" (the sequential oracle),
+or "selective": the SSD scan is the Mamba-1 selective scan with A, dt and D shared by the headdim channels of
+a head, so it runs through ``zoo.core.selective_scan`` (mamba-ssm's ``ssd_selective_scan`` makes the same
+reduction).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..packing import Packing
+from ..precision import compute_dtype
+from ..selective_scan import selective_scan
+from ._checks import check_ssd_args, heads_of_groups, prepare_dt, skip_term
+from .chunked import ssd_scan_chunked
+from .naive import ssd_scan_naive
+
+IMPLS = ("auto", "chunked", "naive", "selective")
+NO_LIMIT = (0.0, float("inf"))
+
+
+def ssd_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    dt_bias: Optional[torch.Tensor] = None,
+    dt_softplus: bool = False,
+    dt_limit: Sequence[float] = NO_LIMIT,
+    initial_state: Optional[torch.Tensor] = None,
+    return_final_state: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    reverse: bool = False,
+    chunk_size: int = 64,
+    impl: str = "auto",
+):
+    """SSD scan (mamba-ssm's ``mamba_chunk_scan_combined`` semantics) in its (batch, length, heads, headdim) layout.
+
+    Per batch b, head h (``reverse`` runs t from the end to the start)::
+
+        dt_t  = clamp(softplus(dt_t + dt_bias[h]), *dt_limit)   (softplus only when dt_softplus)
+        S_t   = exp(dt_t * A[h]) * S_{t-1} + dt_t * x_t B_t^T     (S: headdim x d_state)
+        y_t   = S_t C_t + D * x_t
+        out_t = y_t * silu(z_t)                                  (when z is given)
+
+    Args:
+        x, z: (batch, length, nheads, headdim).
+        dt: (batch, length, nheads).
+        A: (nheads,), one scalar decay per head (negative for a stable scan).
+        B, C: (batch, length, ngroups, d_state); head h reads group h // (nheads // ngroups).
+        D: (nheads,) or (nheads, headdim). dt_bias: (nheads,).
+        initial_state: (batch, nheads, headdim, d_state), or (num_seqs, ...) with ``cu_seqlens``.
+        cu_seqlens: [0, l1, l1+l2, ..., length] for packed sequences (batch 1); the state restarts at
+            every boundary and final states are per sequence.
+        chunk_size: steps per chunk of the chunked form (a speed setting; results do not depend on it).
+
+    Returns ``out`` in x's dtype, or ``(out, final_state)`` with the state in float32 (float64 for float64
+    inputs), (batch or num_seqs, nheads, headdim, d_state).
+    """
+    check_ssd_args(x, dt, A, B, C, D, z, dt_bias, dt_limit, initial_state, cu_seqlens, chunk_size)
+    if impl not in IMPLS:
+        raise ValueError(f"ssd_scan: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = "selective" if x.is_cuda else "chunked"
+    step = prepare_dt(dt, dt_bias, dt_softplus, dt_limit)
+    if impl == "selective":
+        out, final = _via_selective_scan(x, step, A, B, C, D, z, initial_state, cu_seqlens, reverse)
+    else:
+        fn = ssd_scan_naive if impl == "naive" else lambda *a, **k: ssd_scan_chunked(*a, chunk_size=chunk_size, **k)
+        if cu_seqlens is None:
+            out, final = fn(x, step, A, B, C, D, z, initial_state=initial_state, reverse=reverse)
+        else:  # padded steps have dt = 0: decay 1 and no input, in either direction
+            packing = Packing(cu_seqlens, x.shape[1], x.device)
+            pad = packing.pad
+            out, final = fn(pad(x), pad(step), A, pad(B), pad(C), D, None if z is None else pad(z),
+                            initial_state=initial_state, reverse=reverse)
+            out = packing.unpad(out)
+    return (out, final) if return_final_state else out
+
+
+def _via_selective_scan(x, step, A, B, C, D, z, initial_state, cu_seqlens, reverse):
+    """The SSD scan as a selective scan over nheads * headdim channels (A, dt and D repeated per head)."""
+    b, length, nheads, headdim = x.shape
+    d_state = B.shape[-1]
+    channels = nheads * headdim
+    acc = compute_dtype(x.dtype)
+    per_channel = lambda t: t.to(acc)[:, None].expand(nheads, headdim).reshape(channels)  # noqa: E731
+    A1 = A.to(acc)[:, None, None].expand(nheads, headdim, d_state).reshape(channels, d_state)
+    D1 = None if D is None else (per_channel(D) if D.dim() == 1 else D.to(acc).reshape(channels))
+    out, final = selective_scan(
+        x.reshape(b, length, channels), step[..., None].expand(b, length, nheads, headdim).reshape(b, length, channels),
+        A1, B, C, D=D1, z=None if z is None else z.reshape(b, length, channels), return_last_state=True,
+        reverse=reverse, cu_seqlens=cu_seqlens,
+        initial_state=None if initial_state is None else initial_state.reshape(-1, channels, d_state),
+    )
+    return out.reshape(b, length, nheads, headdim), final.reshape(-1, nheads, headdim, d_state)
+
+
+def ssd_step(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    dt_bias: Optional[torch.Tensor] = None,
+    dt_softplus: bool = False,
+    dt_limit: Sequence[float] = NO_LIMIT,
+):
+    """One decoding step of :func:`ssd_scan` (mamba-ssm's ``selective_state_update`` for Mamba-2).
+
+    Shapes: state (batch, nheads, headdim, d_state); x, z (batch, nheads, headdim); dt (batch, nheads);
+    B, C (batch, ngroups, d_state). Returns ``(out, new_state)``: out in x's dtype, the state in the
+    state's dtype (float32 or float64 keep the precision of ``ssd_scan``'s final state).
+    """
+    if x.dim() != 3 or state.dim() != 4 or state.shape[:3] != x.shape or B.dim() != 3:
+        raise ValueError(
+            "ssd_step: expected state (batch, nheads, headdim, d_state), x (batch, nheads, headdim), "
+            f"B and C (batch, ngroups, d_state); got state {tuple(state.shape)}, x {tuple(x.shape)}, B {tuple(B.shape)}"
+        )
+    check_ssd_args(x[:, None], dt[:, None], A, B[:, None], C[:, None], D, None if z is None else z[:, None],
+                   dt_bias, dt_limit, state, None, 1, op="ssd_step")
+    acc = compute_dtype(torch.promote_types(x.dtype, state.dtype))
+    step = prepare_dt(dt, dt_bias, dt_softplus, dt_limit).to(acc)  # (b, h)
+    nheads = x.shape[1]
+    Bh = heads_of_groups(B[:, None].to(acc), nheads)[:, 0]  # (b, h, n)
+    Ch = heads_of_groups(C[:, None].to(acc), nheads)[:, 0]
+    xa = x.to(acc)
+    new = torch.exp(step * A.to(acc))[..., None, None] * state.to(acc) + (step[..., None] * xa)[..., None] * Bh[:, :, None, :]
+    y = (new * Ch[:, :, None, :]).sum(-1)
+    skip = skip_term(D, xa)
+    if skip is not None:
+        y = y + skip
+    if z is not None:
+        y = y * F.silu(z.to(acc))
+    return y.to(x.dtype), new.to(state.dtype)
