@@ -16,7 +16,9 @@ from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import zoo  # noqa: E402
-from zoo.core.selective_scan import selective_scan, selective_scan_chunked, selective_scan_naive  # noqa: E402
+from zoo.core.selective_scan import (  # noqa: E402
+    selective_scan, selective_scan_chunked, selective_scan_fn, selective_scan_multi, selective_scan_naive,
+)
 
 
 def props(n):
@@ -287,6 +289,60 @@ def test_float64_gradients_match_oracle(case, seed):
         gb = torch.zeros_like(leaves[k]) if gb is None else gb
         torch.testing.assert_close(ga, gb, rtol=1e-8, atol=1e-9 * (1 + amax(gb)),
                                    msg=lambda m, k=k: f"grad of {k}: {m}")
+
+
+@st.composite
+def multi_cases(draw):
+    case = draw(scan_cases(max_len=1, max_d=6, max_n=6))
+    H, W = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    dirs = draw(st.lists(st.sampled_from(["forward", "reverse", "forward_t", "reverse_t"]), min_size=1, max_size=4))
+    return dict(case, l=H * W, H=H, W=W, dirs=dirs, shared_u=draw(st.booleans()),
+                impl=draw(st.sampled_from(["auto", "chunked", "naive"])))
+
+
+@props(60)
+@given(multi_cases())
+def test_multi_direction_scan_equals_one_scan_per_direction(case):
+    """selective_scan_multi against the oracle run on the tokens in each direction's visiting order
+    (row-major, or column-major for the "_t" directions), outputs put back in token order."""
+    c = case
+    K, b, l, d, n = len(c["dirs"]), c["b"], c["l"], c["d"], c["n"]
+    g = torch.Generator().manual_seed(c["seed"])
+    per = [make_inputs(g, b, l, d, n, c["groups"], c["dtype"], c["softplus"], c["with_D"], c["with_z"],
+                       c["with_bias"], c["with_h0"]) for _ in range(K)]
+    if c["shared_u"]:  # u and z shared by the directions: (b, l, d) rather than (K, b, l, d)
+        for p in per:
+            p["u"], p["z"] = per[0]["u"], per[0]["z"]
+    stack = lambda k: None if per[0][k] is None else torch.stack([p[k] for p in per])  # noqa: E731
+    u, z = (per[0]["u"], per[0]["z"]) if c["shared_u"] else (stack("u"), stack("z"))
+    out, last = selective_scan_multi(u, stack("delta"), stack("A"), stack("B"), stack("C"), stack("D"), z,
+                                     stack("delta_bias"), c["softplus"], True, directions=c["dirs"], hw=(c["H"], c["W"]),
+                                     initial_state=stack("initial_state"), impl=c["impl"])
+    assert out.shape == (K, b, l, d) and last.shape == (K, b, d, n)
+    rows = [h * c["W"] + w for h in range(c["H"]) for w in range(c["W"])]
+    cols = [h * c["W"] + w for w in range(c["W"]) for h in range(c["H"])]
+    for k, name in enumerate(c["dirs"]):
+        order = torch.tensor(cols if name.endswith("_t") else rows)
+        seq = {key: v.index_select(1, order) if key in ("u", "delta", "B", "C", "z") and v is not None else v
+               for key, v in per[k].items()}
+        ref, ref_last = oracle(seq, c["softplus"], name.startswith("reverse"))
+        assert_close_to(out[k][:, order], ref, c["dtype"])
+        assert_close_to(last[k], ref_last, c["dtype"])
+
+
+@props(40)
+@given(scan_cases(max_len=20, max_d=6, max_n=6))
+def test_mamba_ssm_layout_wrapper(case):
+    """selective_scan_fn takes mamba-ssm's (batch, dim, length) layout: the same scan, transposed."""
+    c = dict(case, with_h0=False, reverse=False)
+    t = build(c)
+    to_ssm = lambda x: None if x is None else (x.transpose(1, 2) if x.dim() == 3 else x.permute(0, 2, 3, 1))  # noqa: E731
+    out, last = selective_scan_fn(to_ssm(t["u"]), to_ssm(t["delta"]), t["A"], to_ssm(t["B"]), to_ssm(t["C"]), t["D"],
+                                  to_ssm(t["z"]), t["delta_bias"], c["softplus"], True)
+    ref, ref_last = oracle(t, c["softplus"], False)
+    assert out.shape == (c["b"], c["d"], c["l"])
+    assert_close_to(out.transpose(1, 2), ref, c["dtype"])
+    assert_close_to(last, ref_last, c["dtype"])
 
 
 def test_length_zero_regression():
