@@ -181,3 +181,41 @@ def test_bad_cu_seqlens():
         selective_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], cu_seqlens=torch.tensor([0, 4, 9]))
     with pytest.raises(ValueError, match="unknown|impl must be one of"):
         selective_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], impl="cuda-magic")
+
+
+@pytest.mark.parametrize("num_chunks", [1, 3, 7])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_negative_eigenvalues_chunked_matches_naive_with_gradients(num_chunks, reverse):
+    g = torch.Generator().manual_seed(0)
+    b, l, d, n = 2, 21, 6, 4
+    inputs = dict(u=torch.randn(b, l, d, generator=g, dtype=torch.float64),
+                  delta=torch.rand(b, l, d, generator=g, dtype=torch.float64) * 2,
+                  A=-torch.rand(d, n, generator=g, dtype=torch.float64) * 4,
+                  B=torch.randn(b, l, n, generator=g, dtype=torch.float64),
+                  C=torch.randn(b, l, n, generator=g, dtype=torch.float64),
+                  h0=torch.randn(b, d, n, generator=g, dtype=torch.float64))
+    assert (2 * torch.exp(inputs["delta"][..., None] * inputs["A"]) - 1 < 0).any()
+    grads = []
+    for fn in (lambda **k: selective_scan_chunked(**k, num_chunks=num_chunks), selective_scan_naive):
+        leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+        out, last = fn(u=leaves["u"], delta=leaves["delta"], A=leaves["A"], B=leaves["B"], C=leaves["C"],
+                       initial_state=leaves["h0"], reverse=reverse, return_last_state=True, negative_eigenvalues=True)
+        (out.square().sum() + last.sum()).backward()
+        grads.append((out.detach(), last.detach(), {k: v.grad for k, v in leaves.items()}))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-11, atol=1e-11)
+    for k in inputs:
+        torch.testing.assert_close(grads[0][2][k], grads[1][2][k], rtol=1e-10, atol=1e-10, msg=k)
+
+
+def test_negative_eigenvalues_oracle_is_the_signed_recurrence():
+    g = torch.Generator().manual_seed(1)
+    u, delta = torch.randn(1, 5, 2, generator=g, dtype=torch.float64), torch.rand(1, 5, 2, generator=g, dtype=torch.float64)
+    A, B, C = -torch.rand(2, 3, generator=g, dtype=torch.float64) * 3, torch.randn(1, 5, 3, generator=g, dtype=torch.float64), torch.randn(1, 5, 3, generator=g, dtype=torch.float64)
+    out = selective_scan(u, delta, A, B, C, negative_eigenvalues=True)
+    h = torch.zeros(1, 2, 3, dtype=torch.float64)
+    for t in range(5):
+        h = (2 * torch.exp(delta[:, t, :, None] * A) - 1) * h + delta[:, t, :, None] * B[:, t, None, :] * u[:, t, :, None]
+        torch.testing.assert_close(out[:, t], (h * C[:, t, None, :]).sum(-1), rtol=1e-12, atol=1e-12)
+    with pytest.raises(NotImplementedError, match="Triton kernels do not support negative_eigenvalues"):
+        selective_scan(u, delta, A, B, C, negative_eigenvalues=True, impl="triton")

@@ -219,3 +219,78 @@ def test_bad_input_errors():
         ssd_scan(**a, impl="fast")
     with pytest.raises(TypeError, match="x must be a floating tensor, got torch.int64"):
         ssd_scan(**{**a, "x": a["x"].long()})
+
+
+# ---------------------------------------------------------------- negative eigenvalues
+
+
+def signed_closed_form(x, dt, A, B, C, h0=None):
+    """The scan with transitions a_t = 2 exp(dt_t A) - 1 written as explicit products (no recurrence)."""
+    b, l, h, p = x.shape
+    rep = h // B.shape[2]
+    Bh, Ch = B.repeat_interleave(rep, dim=2), C.repeat_interleave(rep, dim=2)
+    a = 2 * torch.exp(dt * A) - 1  # (b, l, h)
+    y = torch.zeros(b, l, h, p, dtype=F64)
+    for t in range(l):
+        S = torch.zeros(b, h, p, B.shape[-1], dtype=F64)
+        for s in range(t + 1):
+            prod = torch.prod(a[:, s + 1:t + 1], dim=1) if s < t else torch.ones(b, h, dtype=F64)
+            S = S + (prod * dt[:, s])[..., None, None] * x[:, s, :, :, None] * Bh[:, s, :, None, :]
+        if h0 is not None:
+            S = S + torch.prod(a[:, : t + 1], dim=1)[..., None, None] * h0
+        y[:, t] = (S * Ch[:, t, :, None, :]).sum(-1)
+    return y
+
+
+def _signed_inputs(l=23):
+    a = make(b=2, l=l, h=4, p=3, g=2, n=5)
+    a["A"] = -torch.tensor([0.3, 1.0, 3.0, 8.0], dtype=F64)  # transitions of both signs
+    a["dt"] = a["dt"].abs() + 0.05
+    del a["dt_bias"]
+    return a
+
+
+def test_negative_eigenvalues_oracle_matches_explicit_products():
+    a = _signed_inputs(l=9)
+    h0 = torch.randn(2, 4, 3, 5, dtype=F64)
+    out = ssd_scan(a["x"], a["dt"], a["A"], a["B"], a["C"], initial_state=h0, impl="naive", negative_eigenvalues=True)
+    ref = signed_closed_form(a["x"], a["dt"], a["A"], a["B"], a["C"], h0)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    trans = 2 * torch.exp(a["dt"] * a["A"]) - 1
+    assert (trans < 0).any() and (trans > 0).any()
+
+
+@pytest.mark.parametrize("impl", ["chunked", "selective"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_negative_eigenvalues_paths_match_the_oracle_with_gradients(impl, reverse):
+    a = _signed_inputs()
+    h0 = torch.randn(2, 4, 3, 5, dtype=F64)
+    results = {}
+    for path in (impl, "naive"):
+        leaves = {k: v.clone().requires_grad_() for k, v in {**a, "h0": h0}.items()}
+        args = {k: v for k, v in leaves.items() if k != "h0"}
+        out, last = ssd_scan(**args, initial_state=leaves["h0"], reverse=reverse, return_final_state=True, impl=path,
+                             chunk_size=5, negative_eigenvalues=True)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
+        torch.autograd.backward((out, last), (g, torch.ones_like(last)))
+        results[path] = (out.detach(), last.detach(), {k: v.grad for k, v in leaves.items()})
+    torch.testing.assert_close(results[impl][0], results["naive"][0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(results[impl][1], results["naive"][1], rtol=1e-10, atol=1e-10)
+    for k, ref in results["naive"][2].items():
+        torch.testing.assert_close(results[impl][2][k], ref, rtol=1e-9, atol=1e-9, msg=k)
+
+
+def test_negative_eigenvalues_let_one_state_track_parity():
+    # Bit 1 -> dt large (transition ~ -1), bit 0 -> dt ~ 0 (transition ~ +1): the state's sign after the
+    # prefix is (-1)^(number of ones), which no transition in (0, 1) can produce.
+    bits = torch.randint(0, 2, (8, 300), generator=torch.Generator().manual_seed(0))
+    dt = (bits * 40.0 + 1e-6).to(F64)[..., None]  # (b, l, 1)
+    x, B = torch.zeros(8, 300, 1, 1, dtype=F64), torch.zeros(8, 300, 1, 1, dtype=F64)
+    C = torch.ones(8, 300, 1, 1, dtype=F64)
+    h0 = torch.ones(8, 1, 1, 1, dtype=F64)
+    parity = 1 - 2 * (bits.cumsum(1) % 2)
+    for impl in ("naive", "chunked", "selective"):
+        y = ssd_scan(x, dt, -torch.ones(1, dtype=F64), B, C, initial_state=h0, impl=impl, negative_eigenvalues=True)
+        assert torch.equal(torch.sign(y[..., 0, 0]).long(), parity), impl
+        plain = ssd_scan(x, dt, -torch.ones(1, dtype=F64), B, C, initial_state=h0, impl=impl)
+        assert (plain >= 0).all()

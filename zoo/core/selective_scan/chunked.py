@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .transition import decay, decay_grad
+
 # Elements per Python-level step: large enough to amortise the ~10 us dispatch cost of a torch
 # op, small enough that the running state stays in a core's L2 cache.
 TARGET_SLAB = 1 << 16
@@ -51,6 +53,7 @@ def selective_scan_chunked(
     reverse: bool = False,
     initial_state: Optional[torch.Tensor] = None,
     num_chunks: Optional[int] = None,
+    negative_eigenvalues: bool = False,
 ):
     """Same contract as :func:`selective_scan_naive`; inputs are assumed validated.
 
@@ -90,7 +93,7 @@ def selective_scan_chunked(
     h0 = u32.new_zeros(b, g, dg, n) if initial_state is None else initial_state.to(acc).view(b, g, dg, n)
     y, last = _ChunkedScan.apply(
         steps(delta.view(b, l, g, dg, 1)), steps(dtu.view(b, l, g, dg, 1)), A.view(g, dg, n),
-        steps(Bg.unsqueeze(3)), steps(Cg.unsqueeze(3)), h0,
+        steps(Bg.unsqueeze(3)), steps(Cg.unsqueeze(3)), h0, negative_eigenvalues,
     )
     y = y.movedim(0, 2).reshape(b, nc * T, dim)[:, :l]
     last = last.reshape(b, dim, n)
@@ -114,18 +117,18 @@ class _ChunkedScan(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, dt, dtu, A, B, C, h0):
+    def forward(ctx, dt, dtu, A, B, C, h0, negative_eigenvalues):
         T, nc = dt.shape[0], dt.shape[2]
         if nc == 1:
             starts = h0.unsqueeze(1)
         else:
             # Pass 1: every chunk from a zero state; its end state and total decay.
             h = torch.zeros_like(h0).unsqueeze(1).expand(-1, nc, -1, -1, -1).contiguous()
-            log_decay = torch.zeros_like(h)
+            total_decay = _TotalDecay(h, negative_eigenvalues)
             for t in range(T):
-                h = torch.exp(dt[t] * A) * h + dtu[t] * B[t]
-                log_decay += dt[t] * A
-            total_decay = torch.exp(log_decay)
+                h = decay(dt[t] * A, negative_eigenvalues) * h + dtu[t] * B[t]
+                total_decay.step(dt[t] * A)
+            total_decay = total_decay.value()
             carry, starts = h0, []
             for c in range(nc):  # carry the true state across chunk boundaries
                 starts.append(carry)
@@ -135,16 +138,18 @@ class _ChunkedScan(torch.autograd.Function):
         h = starts
         y = dt.new_empty(dt.shape[:-1])
         for t in range(T):
-            h = torch.exp(dt[t] * A) * h + dtu[t] * B[t]
+            h = decay(dt[t] * A, negative_eigenvalues) * h + dtu[t] * B[t]
             y[t] = (h * C[t]).sum(-1)
         ctx.save_for_backward(dt, dtu, A, B, C, starts)
+        ctx.negative_eigenvalues = negative_eigenvalues
         return y, h[:, -1].contiguous()
 
     @staticmethod
     def backward(ctx, g_y, g_last):
         dt, dtu, A, B, C, starts = ctx.saved_tensors
+        signed = ctx.negative_eigenvalues
         T, nc = dt.shape[0], dt.shape[2]
-        a = torch.exp(dt * A)  # (T, b, nc, g, dg, n)
+        a = decay(dt * A, signed)  # (T, b, nc, g, dg, n)
         H = torch.empty_like(a)  # recomputed states
         h = starts
         for t in range(T):
@@ -158,11 +163,11 @@ class _ChunkedScan(torch.autograd.Function):
             incoming[:, -1] = g_last
         if nc > 1:
             acc = torch.zeros_like(starts)
-            log_decay = torch.zeros_like(starts)
+            total_decay = _TotalDecay(starts, signed)
             for t in range(T - 1, -1, -1):
                 acc = a[t] * (out_grad[t] + acc)
-                log_decay += dt[t] * A
-            total_decay = torch.exp(log_decay)
+                total_decay.step(dt[t] * A)
+            total_decay = total_decay.value()
             for c in range(nc - 1, 0, -1):
                 incoming[:, c - 1] = acc[:, c] + total_decay[:, c] * incoming[:, c]
         dH = torch.empty_like(a)
@@ -172,10 +177,28 @@ class _ChunkedScan(torch.autograd.Function):
             acc = a[t] * dH[t]
         g_h0 = acc[:, 0]
         H_prev = torch.cat([starts.unsqueeze(0), H[:-1]], dim=0)
-        g_dtA = dH * H_prev * a  # d loss / d (dt A) through the decay
+        g_dtA = dH * H_prev * decay_grad(dt * A, a, signed)  # d loss / d (dt A) through the decay
         g_dt = (g_dtA * A).sum(-1, keepdim=True)
         g_A = (g_dtA * dt).sum(dim=(0, 1, 2))
         g_dtu = (dH * B).sum(-1, keepdim=True)
         g_B = (dH * dtu).sum(-2, keepdim=True)
         g_C = (H * g_y).sum(-2, keepdim=True)
-        return g_dt, g_dtu, g_A, g_B, g_C, g_h0
+        return g_dt, g_dtu, g_A, g_B, g_C, g_h0, None
+
+
+class _TotalDecay:
+    """The product of a chunk's transitions: exp of the summed exponents in (0, 1), a running product of
+    the signed transitions with negative eigenvalues (no logarithm of a negative number)."""
+
+    def __init__(self, like: torch.Tensor, negative_eigenvalues: bool):
+        self.signed = negative_eigenvalues
+        self.acc = torch.ones_like(like) if negative_eigenvalues else torch.zeros_like(like)
+
+    def step(self, dtA: torch.Tensor) -> None:
+        if self.signed:
+            self.acc = self.acc * decay(dtA, True)
+        else:
+            self.acc += dtA
+
+    def value(self) -> torch.Tensor:
+        return self.acc if self.signed else torch.exp(self.acc)

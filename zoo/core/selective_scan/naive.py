@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import expand_groups
+from .transition import decay
 
 
 def selective_scan_naive(
@@ -26,11 +27,13 @@ def selective_scan_naive(
     return_last_state: bool = False,
     reverse: bool = False,
     initial_state: Optional[torch.Tensor] = None,
+    negative_eigenvalues: bool = False,
 ):
     """h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t;  y_t = C_t . h_t + D u_t;  out_t = y_t silu(z_t).
 
     Shapes: u, delta, z (b, l, d); A (d, n); B, C (b, l, n) or (b, l, g, n); D, delta_bias (d,);
-    initial_state (b, d, n). With ``reverse`` the recurrence runs from the last step to the first.
+    initial_state (b, d, n). With ``reverse`` the recurrence runs from the last step to the first;
+    ``negative_eigenvalues`` uses the transition 2 exp(dt A) - 1 (see ``transition``).
     Inputs are assumed validated (see ``selective_scan``).
     """
     dtype_in = u.dtype
@@ -52,7 +55,7 @@ def selective_scan_naive(
     steps = range(length - 1, -1, -1) if reverse else range(length)
     for t in steps:
         dt = dts[t][..., None]  # (b, d, 1)
-        h = torch.exp(dt * A) * h + dt * Bs[t] * us[t][..., None]
+        h = decay(dt * A, negative_eigenvalues) * h + dt * Bs[t] * us[t][..., None]
         ys[t] = (h * Cs[t]).sum(-1)
     y = torch.stack(ys, dim=1) if length else u.new_zeros(batch, 0, dim)  # stack refuses an empty list
     if D is not None:

@@ -25,9 +25,15 @@ def _triton_scan():
     return selective_scan_triton
 
 
-def _resolve(impl: str, device: torch.device):
+def _resolve(impl: str, device: torch.device, negative_eigenvalues: bool = False):
     if impl not in IMPLS:
         raise ValueError(f"selective_scan: impl must be one of {IMPLS}, got {impl!r}")
+    if negative_eigenvalues:
+        # The Triton kernels take the transition exp(dt A) only; the PyTorch paths run on any device.
+        if impl == "triton":
+            raise NotImplementedError("selective_scan: the Triton kernels do not support negative_eigenvalues yet; "
+                                      "use impl='auto' or 'chunked' (the PyTorch path, also on CUDA)")
+        return selective_scan_naive if impl == "naive" else selective_scan_chunked
     if impl == "auto":
         if device.type == "cuda":
             try:
@@ -55,6 +61,7 @@ def selective_scan(
     initial_state: Optional[torch.Tensor] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
     impl: str = "auto",
+    negative_eigenvalues: bool = False,
 ):
     """Selective scan in channels-last layout.
 
@@ -78,24 +85,28 @@ def selective_scan(
             the state restarts at every boundary.
         return_last_state: also return the float32 state after the final step, (batch or
             num_seqs, dim, d_state).
+        negative_eigenvalues: the transition 2 * exp(dt_t * A) - 1 in (-1, 1) instead of exp(dt_t * A)
+            (Grazzi et al., ICLR 2025); runs on the PyTorch paths (the Triton kernels do not take it yet).
 
     Returns ``out`` in u's dtype (state and accumulation are float32, float64 for float64
     inputs), or ``(out, last_state)``.
     """
     check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens)
-    fn = _resolve(impl, u.device)
+    fn = _resolve(impl, u.device, negative_eigenvalues)
     kwargs = dict(D=D, delta_bias=delta_bias, delta_softplus=delta_softplus, reverse=reverse)
+    if negative_eigenvalues:
+        kwargs["negative_eigenvalues"] = True
     torch_path = fn in (selective_scan_chunked, selective_scan_naive)
     if cu_seqlens is None or not torch_path:
         if cu_seqlens is not None:
             kwargs["cu_seqlens"] = cu_seqlens  # the kernels handle packed sequences natively
         return fn(u, delta, A, B, C, z=z, return_last_state=return_last_state, initial_state=initial_state, **kwargs)
     return _packed_torch_scan(fn, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse,
-                              initial_state, cu_seqlens)
+                              initial_state, cu_seqlens, negative_eigenvalues)
 
 
 def _packed_torch_scan(fn, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse,
-                       initial_state, cu_seqlens):
+                       initial_state, cu_seqlens, negative_eigenvalues=False):
     """PyTorch paths for packed sequences: one batched scan over the sequences padded to the
     longest. Padded steps get dt = 0 (decay exp(0) = 1, input 0), so they leave the state as it
     was in either direction, and the final state is the state after each sequence's own last step."""
@@ -107,7 +118,8 @@ def _packed_torch_scan(fn, u, delta, A, B, C, D, z, delta_bias, delta_softplus, 
     if delta_softplus:
         dt = torch.nn.functional.softplus(dt)
     out = fn(pad(u), pad(dt), A, pad(B), pad(C), D=D, z=None if z is None else pad(z), delta_bias=None,
-             delta_softplus=False, reverse=reverse, return_last_state=True, initial_state=initial_state)
+             delta_softplus=False, reverse=reverse, return_last_state=True, initial_state=initial_state,
+             **({"negative_eigenvalues": True} if negative_eigenvalues else {}))
     y = packing.unpad(out[0])
     return (y, out[1]) if return_last_state else y
 
@@ -168,6 +180,7 @@ def selective_scan_multi(
     initial_state: Optional[torch.Tensor] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
     impl: str = "auto",
+    negative_eigenvalues: bool = False,
 ):
     """K = len(directions) scans over the same sequences, in one kernel launch on the GPU.
 
@@ -211,7 +224,7 @@ def selective_scan_multi(
                         None if z is None else (z[k] if z.dim() == 4 else z),
                         None if delta_bias is None else delta_bias[k],
                         None if initial_state is None else initial_state[k], cu_seqlens)
-    fn = _resolve(impl, u.device)
+    fn = _resolve(impl, u.device, negative_eigenvalues)
     if fn not in (selective_scan_chunked, selective_scan_naive):
         from zoo.kernels.selective_scan import selective_scan_multi_triton
 
@@ -232,6 +245,7 @@ def selective_scan_multi(
             z=gather(zk), delta_bias=None if delta_bias is None else delta_bias[k], delta_softplus=delta_softplus,
             return_last_state=True, reverse=name.startswith("reverse"),
             initial_state=None if initial_state is None else initial_state[k], cu_seqlens=cu_seqlens, impl=impl,
+            negative_eigenvalues=negative_eigenvalues,
         )
         outs.append(torch.empty_like(out).index_copy(1, order, out))
         lasts.append(last)

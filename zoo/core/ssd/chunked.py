@@ -10,6 +10,10 @@ batched matmuls; across chunks only the (headdim, d_state) states are carried, o
 
 Padding to a whole number of chunks uses dt = 0 (decay 1, no input), which changes neither the outputs
 nor the final state. Gradients come from autograd.
+
+With negative eigenvalues the transition a = 2 exp(dt A) - 1 can be negative, so the products of
+transitions are taken as exp(cumsum log|a|) times the sign (-1)^(number of negative factors), |a| kept at
+least the dtype's smallest normal number so that logarithms stay finite.
 """
 from __future__ import annotations
 
@@ -19,7 +23,14 @@ import torch
 import torch.nn.functional as F
 
 from ..precision import compute_dtype
+from ..selective_scan.transition import decay
 from ._checks import heads_of_groups, skip_term
+
+
+def _signed_exp(log_magnitude: torch.Tensor, negatives: Optional[torch.Tensor]) -> torch.Tensor:
+    """exp(log_magnitude), negated where the count of negative factors is odd (None: all positive)."""
+    value = torch.exp(log_magnitude)
+    return value if negatives is None else value * (1 - 2 * (negatives % 2)).to(value.dtype)
 
 
 def ssd_scan_chunked(
@@ -33,11 +44,13 @@ def ssd_scan_chunked(
     initial_state: Optional[torch.Tensor] = None,
     reverse: bool = False,
     chunk_size: int = 64,
+    negative_eigenvalues: bool = False,
 ):
     """Same contract as :func:`ssd_scan_naive`."""
     if reverse:  # the reverse scan is the forward scan of the time-flipped sequence
         flip = lambda t: None if t is None else t.flip(1)  # noqa: E731
-        y, last = ssd_scan_chunked(flip(x), flip(dt), A, flip(B), flip(C), D, flip(z), initial_state, False, chunk_size)
+        y, last = ssd_scan_chunked(flip(x), flip(dt), A, flip(B), flip(C), D, flip(z), initial_state, False, chunk_size,
+                                   negative_eigenvalues)
         return y.flip(1), last
     acc = compute_dtype(x.dtype)
     b, length, nheads, headdim = x.shape
@@ -54,19 +67,27 @@ def ssd_scan_chunked(
     Bc = Bh.reshape(b, nc, Q, nheads, d_state).transpose(2, 3)
     Cc = Ch.reshape(b, nc, Q, nheads, d_state).transpose(2, 3)
     dtc = dta.reshape(b, nc, Q, nheads).transpose(2, 3)  # (b, nc, h, Q)
-    cs = torch.cumsum(dtc * A.to(acc)[:, None], dim=-1)  # (b, nc, h, Q)
+    dtA = dtc * A.to(acc)[:, None]  # (b, nc, h, Q)
+    if negative_eigenvalues:
+        a = decay(dtA, True)
+        cs = torch.cumsum(torch.log(a.abs().clamp(min=torch.finfo(acc).tiny)), dim=-1)
+        odd = torch.cumsum((a < 0).to(torch.int64), dim=-1)  # negative factors up to each step
+    else:
+        cs, odd = torch.cumsum(dtA, dim=-1), None
+
     dx = dtc[..., None] * xc  # (b, nc, h, Q, p)
 
     # 1. intra-chunk: masked decay matrix times (C B^T).
     causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
-    seg = (cs[..., :, None] - cs[..., None, :]).masked_fill(~causal, float("-inf"))
-    scores = (Cc @ Bc.transpose(-1, -2)) * torch.exp(seg)  # (b, nc, h, Q, Q)
+    seg = (cs[..., :, None] - cs[..., None, :]).masked_fill(~causal, float("-inf"))  # masked before exp: no inf
+    seg = _signed_exp(seg, None if odd is None else odd[..., :, None] - odd[..., None, :])
+    scores = (Cc @ Bc.transpose(-1, -2)) * seg  # (b, nc, h, Q, Q)
     y = scores @ dx  # (b, nc, h, Q, p)
 
     # 2. each chunk's state from zero, and the carried states.
-    to_end = torch.exp(cs[..., -1:] - cs)  # (b, nc, h, Q)
+    to_end = _signed_exp(cs[..., -1:] - cs, None if odd is None else odd[..., -1:] - odd)  # (b, nc, h, Q)
     chunk_states = (dx * to_end[..., None]).transpose(-1, -2) @ Bc  # (b, nc, h, p, n)
-    chunk_decay = torch.exp(cs[..., -1])  # (b, nc, h)
+    chunk_decay = _signed_exp(cs[..., -1], None if odd is None else odd[..., -1])  # (b, nc, h)
     state = xa.new_zeros(b, nheads, headdim, d_state) if initial_state is None else initial_state.to(acc)
     entering = []
     for c in range(nc):
@@ -75,7 +96,7 @@ def ssd_scan_chunked(
     if nc:
         H = torch.stack(entering, dim=1)  # (b, nc, h, p, n)
         # 3. the carried state read out at every step of the chunk.
-        y = y + torch.exp(cs)[..., None] * (Cc @ H.transpose(-1, -2))
+        y = y + _signed_exp(cs, odd)[..., None] * (Cc @ H.transpose(-1, -2))
     y = y.transpose(2, 3).reshape(b, nc * Q, nheads, headdim)[:, :length]
     skip = skip_term(D, xa[:, :length])
     if skip is not None:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ..packing import Packing
 from ..precision import compute_dtype
 from ..selective_scan import selective_scan
+from ..selective_scan.transition import decay
 from ._checks import check_ssd_args, heads_of_groups, prepare_dt, skip_term
 from .chunked import ssd_scan_chunked
 from .naive import ssd_scan_naive
@@ -42,6 +43,7 @@ def ssd_scan(
     reverse: bool = False,
     chunk_size: int = 64,
     impl: str = "auto",
+    negative_eigenvalues: bool = False,
 ):
     """SSD scan (mamba-ssm's ``mamba_chunk_scan_combined`` semantics) in its (batch, length, heads, headdim) layout.
 
@@ -62,6 +64,8 @@ def ssd_scan(
         cu_seqlens: [0, l1, l1+l2, ..., length] for packed sequences (batch 1); the state restarts at
             every boundary and final states are per sequence.
         chunk_size: steps per chunk of the chunked form (a speed setting; results do not depend on it).
+        negative_eigenvalues: the transition 2 * exp(dt_t * A) - 1 in (-1, 1) instead of exp(dt_t * A)
+            (Grazzi et al., ICLR 2025), which lets a head flip the sign of its state (parity, modular counting).
 
     Returns ``out`` in x's dtype, or ``(out, final_state)`` with the state in float32 (float64 for float64
     inputs), (batch or num_seqs, nheads, headdim, d_state).
@@ -73,21 +77,22 @@ def ssd_scan(
         impl = "selective" if x.is_cuda else "chunked"
     step = prepare_dt(dt, dt_bias, dt_softplus, dt_limit)
     if impl == "selective":
-        out, final = _via_selective_scan(x, step, A, B, C, D, z, initial_state, cu_seqlens, reverse)
+        out, final = _via_selective_scan(x, step, A, B, C, D, z, initial_state, cu_seqlens, reverse, negative_eigenvalues)
     else:
         fn = ssd_scan_naive if impl == "naive" else lambda *a, **k: ssd_scan_chunked(*a, chunk_size=chunk_size, **k)
+        kw = dict(reverse=reverse, negative_eigenvalues=negative_eigenvalues)
         if cu_seqlens is None:
-            out, final = fn(x, step, A, B, C, D, z, initial_state=initial_state, reverse=reverse)
-        else:  # padded steps have dt = 0: decay 1 and no input, in either direction
+            out, final = fn(x, step, A, B, C, D, z, initial_state=initial_state, **kw)
+        else:  # padded steps have dt = 0: transition 1 (either kind) and no input, in either direction
             packing = Packing(cu_seqlens, x.shape[1], x.device)
             pad = packing.pad
             out, final = fn(pad(x), pad(step), A, pad(B), pad(C), D, None if z is None else pad(z),
-                            initial_state=initial_state, reverse=reverse)
+                            initial_state=initial_state, **kw)
             out = packing.unpad(out)
     return (out, final) if return_final_state else out
 
 
-def _via_selective_scan(x, step, A, B, C, D, z, initial_state, cu_seqlens, reverse):
+def _via_selective_scan(x, step, A, B, C, D, z, initial_state, cu_seqlens, reverse, negative_eigenvalues=False):
     """The SSD scan as a selective scan over nheads * headdim channels (A, dt and D repeated per head)."""
     b, length, nheads, headdim = x.shape
     d_state = B.shape[-1]
@@ -99,7 +104,7 @@ def _via_selective_scan(x, step, A, B, C, D, z, initial_state, cu_seqlens, rever
     out, final = selective_scan(
         x.reshape(b, length, channels), step[..., None].expand(b, length, nheads, headdim).reshape(b, length, channels),
         A1, B, C, D=D1, z=None if z is None else z.reshape(b, length, channels), return_last_state=True,
-        reverse=reverse, cu_seqlens=cu_seqlens,
+        reverse=reverse, cu_seqlens=cu_seqlens, negative_eigenvalues=negative_eigenvalues,
         initial_state=None if initial_state is None else initial_state.reshape(-1, channels, d_state),
     )
     return out.reshape(b, length, nheads, headdim), final.reshape(-1, nheads, headdim, d_state)
@@ -117,6 +122,7 @@ def ssd_step(
     dt_bias: Optional[torch.Tensor] = None,
     dt_softplus: bool = False,
     dt_limit: Sequence[float] = NO_LIMIT,
+    negative_eigenvalues: bool = False,
 ):
     """One decoding step of :func:`ssd_scan` (mamba-ssm's ``selective_state_update`` for Mamba-2).
 
@@ -137,7 +143,7 @@ def ssd_step(
     Bh = heads_of_groups(B[:, None].to(acc), nheads)[:, 0]  # (b, h, n)
     Ch = heads_of_groups(C[:, None].to(acc), nheads)[:, 0]
     xa = x.to(acc)
-    new = torch.exp(step * A.to(acc))[..., None, None] * state.to(acc) + (step[..., None] * xa)[..., None] * Bh[:, :, None, :]
+    new = decay(step * A.to(acc), negative_eigenvalues)[..., None, None] * state.to(acc) + (step[..., None] * xa)[..., None] * Bh[:, :, None, :]
     y = (new * Ch[:, :, None, :]).sum(-1)
     skip = skip_term(D, xa)
     if skip is not None:
