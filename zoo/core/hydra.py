@@ -28,7 +28,8 @@ from .ssd import ssd_scan
 
 
 class Hydra(nn.Module):
-    """The Hydra mixer: (batch, length, d_model) -> same, every token sees the whole sequence."""
+    """The Hydra mixer: (batch, length, d_model) -> same, every token sees the whole sequence.
+    ``negative_eigenvalues``: transitions 2 exp(dt A) - 1 in (-1, 1) in both scans (Grazzi et al.)."""
 
     def __init__(
         self,
@@ -48,6 +49,7 @@ class Hydra(nn.Module):
         conv_bias: bool = True,
         chunk_size: int = 256,
         layer_idx: Optional[int] = None,
+        negative_eigenvalues: bool = False,
         device=None,
         dtype=None,
     ):
@@ -69,6 +71,7 @@ class Hydra(nn.Module):
             raise ValueError(f"{name}: ngroups={ngroups} must divide the number of heads {self.nheads}")
         self.ngroups, self.dt_limit, self.chunk_size = ngroups, tuple(dt_limit), chunk_size
         self.learnable_init_states, self.layer_idx = learnable_init_states, layer_idx
+        self.negative_eigenvalues = negative_eigenvalues
 
         gn = ngroups * d_state
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 4 * gn + 2 * self.nheads, bias=bias, **factory)
@@ -119,7 +122,8 @@ class Hydra(nn.Module):
         init = None
         if self.learnable_init_states:
             init = self.init_states.unsqueeze(0).expand(b, -1, -1, -1)
-        kw = dict(dt_limit=self.dt_limit, initial_state=init, chunk_size=self.chunk_size)
+        kw = dict(dt_limit=self.dt_limit, initial_state=init, chunk_size=self.chunk_size,
+                  negative_eigenvalues=self.negative_eigenvalues)
         grouped = lambda t: t.reshape(b, length, self.ngroups, self.d_state)  # noqa: E731
         y_fw = ssd_scan(xh, step[..., :h], A, grouped(B_fw), grouped(C_fw), **kw)
         y_bw = ssd_scan(xh, step[..., h:], A, grouped(B_bw), grouped(C_bw), reverse=True, **kw)

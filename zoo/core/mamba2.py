@@ -42,6 +42,7 @@ class Mamba2(nn.Module):
     gated RMSNorm with z (or the gate inside the scan when ``rmsnorm=False``) -> out_proj.
 
     ``d_ssm`` < d_inner leaves d_inner - d_ssm channels to a gated MLP branch (silu(z0) * x0), as mamba-ssm.
+    ``negative_eigenvalues``: per-head transitions 2 exp(dt A) - 1 in (-1, 1) (Grazzi et al., ICLR 2025).
     """
 
     def __init__(
@@ -66,6 +67,7 @@ class Mamba2(nn.Module):
         conv_bias: bool = True,
         chunk_size: int = 256,
         layer_idx: Optional[int] = None,
+        negative_eigenvalues: bool = False,
         device=None,
         dtype=None,
     ):
@@ -87,6 +89,7 @@ class Mamba2(nn.Module):
         self.ngroups, self.D_has_hdim, self.rmsnorm = ngroups, D_has_hdim, rmsnorm
         self.dt_limit, self.chunk_size, self.layer_idx = tuple(dt_limit), chunk_size, layer_idx
         self.d_mlp = self.d_inner - self.d_ssm
+        self.negative_eigenvalues = negative_eigenvalues
 
         d_in_proj = 2 * self.d_inner + 2 * ngroups * d_state + self.nheads  # [z0, x0, z, x, B, C, dt]
         self.in_proj = nn.Linear(d_model, d_in_proj, bias=bias, **factory)
@@ -141,7 +144,7 @@ class Mamba2(nn.Module):
             z=None if self.rmsnorm else z.reshape(b, length, self.nheads, self.headdim),
             dt_bias=getattr(self, "dt_bias" + suffix), dt_softplus=True, dt_limit=self.dt_limit,
             initial_state=ssm_state, return_final_state=state is not None, cu_seqlens=cu_seqlens, reverse=reverse,
-            chunk_size=self.chunk_size,
+            chunk_size=self.chunk_size, negative_eigenvalues=self.negative_eigenvalues,
         )
         if state is None:
             return out.reshape(b, length, self.d_ssm)
