@@ -21,10 +21,11 @@ import hashlib
 import importlib.resources
 import os
 import pickle
+import uuid
 import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 from urllib.parse import unquote, urlparse
 
 import torch
@@ -120,7 +121,14 @@ def _url_download(url: str, cache_dir=None) -> Path:
                 "file with checkpoint_path=..., or put the file at that path"
             )
         dst.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(url, str(dst), progress=True)
+        try:
+            torch.hub.download_url_to_file(url, str(dst), progress=True)
+        except (OSError, ValueError) as e:  # URLError / HTTPError (OSError subclasses), a malformed URL
+            reason = getattr(e, "reason", None) or e
+            raise FileNotFoundError(
+                f"could not download {url}: {type(e).__name__}: {reason}; check the URL and the network, or give a "
+                f"local file with checkpoint_path=... (or put the file at {dst})"
+            ) from e
     return dst
 
 
@@ -304,6 +312,27 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], st
     model.load_state_dict(state_dict, strict=False)
 
 
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """``write(tmp)`` into a temporary file beside ``path``, then rename it onto ``path``: readers see the old
+    file or the complete new one, never a partial one. Returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A unique name the writer creates itself (so the file gets the usual permissions, not mkstemp's 0600).
+    tmp = str(path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"))
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """:func:`atomic_write` of a text file (UTF-8)."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 def save_state_dict(
     state_dict: Mapping[str, torch.Tensor] | nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = None,
     metadata: Mapping[str, str] | None = None,
@@ -323,7 +352,4 @@ def save_state_dict(
         if dtype is not None and v.is_floating_point():
             v = v.to(dtype)
         tensors[k] = v.contiguous()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=dict(metadata) if metadata else None)
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=dict(metadata) if metadata else None))

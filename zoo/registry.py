@@ -335,7 +335,37 @@ def create_model(
         kwargs["pretrained_cfg"] = tag
     if checkpoint_path is not None:
         kwargs["checkpoint_path"] = checkpoint_path
-    return _entrypoints[arch](pretrained=pretrained, **kwargs)
+    try:
+        return _entrypoints[arch](pretrained=pretrained, **kwargs)
+    except TypeError as e:  # a keyword the model does not take, or a value of the wrong type
+        raise ValueError(_kwargs_error(model_name, arch, kwargs, e)) from e
+
+
+def _kwargs_error(model_name: str, arch: str, kwargs: dict, error: TypeError) -> str:
+    """The message for a TypeError out of a model's constructor: the call, and for an unknown keyword the
+    keywords the model takes that are closest to it."""
+    import inspect
+    import re
+
+    shown = {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "checkpoint_path")}
+    call = ", ".join([repr(model_name)] + [f"{k}={v!r}" for k, v in shown.items()])
+    text = f"create_model({call}) failed: {error}"
+    unknown = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+    if unknown:
+        try:
+            with torch.device("meta"):
+                model = _entrypoints[arch](pretrained=False)
+            takes = sorted(n for n, p in inspect.signature(type(model)).parameters.items()
+                           if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+        except Exception:  # the hint is optional
+            takes = []
+        close = difflib.get_close_matches(unknown.group(1), takes, n=3, cutoff=0.5)
+        if takes:
+            text += (f"; {type(model).__name__} takes {', '.join(takes)}"
+                     + (f" (closest: {', '.join(close)})" if close else ""))
+    else:
+        text += "; check the types of the keyword arguments"
+    return text
 
 
 def create_skeleton(model_name: str, **kwargs) -> nn.Module:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import check_float, check_int
 from .precision import upcast
 from .selective_scan import selective_scan
 
@@ -38,6 +39,8 @@ def causal_conv1d(
     """
     if activation not in (None, "silu"):
         raise ValueError(f"causal_conv1d: activation must be None or 'silu', got {activation!r}")
+    if x.shape[1] == 0:  # no step (F.conv1d refuses an empty length): the empty output
+        return x.new_zeros(x.shape)
     if x.is_cuda and cu_seqlens is None and conv_state is None:
         from zoo.kernels.conv1d import causal_conv1d_triton  # lazily: the CPU path needs no Triton
 
@@ -159,6 +162,15 @@ class Mamba(nn.Module):
         "Demystifying the Token Dynamics of Deep Selective State Space Models" (ICLR 2025); see
         :meth:`enable_refinements`."""
         super().__init__()
+        name = type(self).__name__
+        check_int(f"{name}: d_model", d_model, 1)
+        check_int(f"{name}: d_state", d_state, 1)
+        check_int(f"{name}: d_conv", d_conv, 1)
+        check_float(f"{name}: expand", expand, 0, low_open=True)
+        if dt_rank != "auto":
+            check_int(f"{name}: dt_rank", dt_rank, 1)
+        if int(expand * d_model) < 1:
+            raise ValueError(f"{name}: expand * d_model must be >= 1 (the inner width), got {expand} * {d_model}")
         factory = {"device": device, "dtype": dtype}
         self.d_model = d_model
         self.d_state = d_state

@@ -135,6 +135,10 @@ def token_dynamics_report(model: nn.Module, *inputs, **kwargs) -> List[Direction
             model.train(was_training)
             for h in handles:
                 h.remove()
+    empty = [n for n, x in seen.items() if x.numel() == 0]
+    if empty:
+        raise ValueError(f"token_dynamics_report: expected inputs with at least one sample and one token, but mixer "
+                         f"{empty[0]} saw input of shape {tuple(seen[empty[0]].shape)} (no token to score)")
     reports = []
     for name, m in mixers:
         for suffix in m._suffixes():

@@ -56,6 +56,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from zoo.tasks.engine import number_arg, prepare_output_dir, resolve_device, write_text_atomic
+
 BUDGETS = ("tiny", "quick", "full")
 
 # --- which task an entry belongs to ------------------------------------------------------------------------
@@ -549,7 +551,9 @@ def run_bench(patterns: Sequence[str] = ("*",), budget: str = "quick", device: s
     names = select_entries(patterns)
     if not names:
         raise ValueError(f"zoo bench: no registered entry matches {list(patterns)}")
-    dev = torch.device(device)
+    dev = resolve_device(device)
+    if output:  # before the first entry: a run is not thrown away because its table cannot be written
+        prepare_output_dir(output, option="--output")
     rows: List[Dict[str, Any]] = []
     result = {
         "command": command, "budget": budget, "device": device, "seed": seed,
@@ -575,9 +579,8 @@ def run_bench(patterns: Sequence[str] = ("*",), budget: str = "quick", device: s
     def save():
         if output:
             out = Path(output)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "bench.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-            (out / "bench.md").write_text(format_markdown(result))
+            write_text_atomic(out / "bench.json", json.dumps(result, indent=1, default=str) + "\n")
+            write_text_atomic(out / "bench.md", format_markdown(result))
 
     bar = tqdm(names, desc="zoo bench", unit="entry", disable=not progress)
     for name in bar:
@@ -604,8 +607,8 @@ def add_cli(subparsers) -> None:
                    help="tiny: smoke test; quick: fewer layers, a few training steps; full: each task's default recipe")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--output", default="runs/bench", help="folder for bench.json and bench.md")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seed", type=number_arg(int, 0), default=0)
+    p.add_argument("--threads", type=number_arg(int, 1), default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cli_bench)
 

@@ -16,6 +16,7 @@ import ast
 import inspect
 import json
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -28,9 +29,10 @@ from tqdm.auto import tqdm
 
 from zoo.registry import create_skeleton
 from zoo.tasks.engine import (
-    STRATEGIES, DistContext, ShardSampler, all_reduce_max, all_reduce_sum, autocast, backward_and_step, cleanup_distributed,
-    cosine_with_warmup, create_ema, create_grad_scaler, create_optimizer, full_model_state_dict, init_distributed,
-    is_main_process, load_training_state, read_training_state, save_training_state, unwrap_model, wrap_model,
+    STRATEGIES, DistContext, ShardSampler, all_reduce_max, all_reduce_sum, atomic_write, autocast, backward_and_step,
+    check_fields, cleanup_distributed, cosine_with_warmup, create_ema, create_grad_scaler, create_optimizer,
+    full_model_state_dict, init_distributed, is_main_process, load_training_state, number_arg, prepare_output_dir,
+    read_training_state, save_training_state, unwrap_model, wrap_model, write_text_atomic,
 )
 from zoo.tasks.engine import param_groups_weight_decay  # noqa: F401  (re-exported: moved to the engine)
 
@@ -69,6 +71,22 @@ class FinetuneConfig:
     ema_decay: Optional[float] = None  # EMA of weights with this decay, evaluated instead of the raw weights (None: off)
     save_every: int = 0  # write <output>/checkpoint-epochN.pt every this many epochs (0: none)
     resume: Optional[str] = None  # continue from a checkpoint-epochN.pt
+    overwrite: bool = False  # replace the result of an earlier run in ``output``
+
+
+# What each numeric field allows (number_arg / check_fields keywords): checked by finetune() and by the CLI's parser.
+LIMITS: Dict[str, Dict[str, Any]] = dict(
+    epochs=dict(kind=int, low=1), batch_size=dict(kind=int, low=1), lr=dict(kind=float, low=0, low_open=True),
+    min_lr=dict(kind=float, low=0), warmup_epochs=dict(kind=float, low=0), weight_decay=dict(kind=float, low=0),
+    label_smoothing=dict(kind=float, low=0, high=1, high_open=True), clip_grad=dict(kind=float, low=0, optional=True),
+    img_size=dict(kind=int, low=1), patch_size=dict(kind=int, low=1, optional=True), depth=dict(kind=int, low=1, optional=True),
+    drop_path=dict(kind=float, low=0, high=1, high_open=True), seed=dict(kind=int, low=0),
+    limit_train_batches=dict(kind=int, low=1, optional=True), layer_decay=dict(kind=float, low=0, high=1, low_open=True, optional=True),
+    ema_decay=dict(kind=float, low=0, high=1, high_open=True, optional=True), save_every=dict(kind=int, low=0),
+)
+# An earlier run's files in --output: refused without --overwrite (checkpoints are expected when resuming).
+RESULT_FILES = ("result.json", "model.safetensors")
+CHECKPOINT_FILES = ("checkpoint-epoch*.pt",)
 
 
 def model_kwargs_for(cfg: FinetuneConfig, num_classes: int) -> Dict[str, Any]:
@@ -146,11 +164,24 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, cfg: FinetuneCo
 
 
 def save_checkpoint(state_dict: Dict[str, torch.Tensor], path: Path, metadata: Dict[str, Any]) -> None:
-    """safetensors state dict; ``metadata`` (JSON-encoded values) says how to rebuild the model."""
+    """safetensors state dict (written atomically); ``metadata`` (JSON-encoded values) says how to rebuild the model."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    save_file(tensors, str(path), metadata={k: json.dumps(v) for k, v in metadata.items()})
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in metadata.items()}))
+
+
+def write_result_set(out: Path, result: Dict[str, Any], weights: Dict[str, torch.Tensor], metadata: Dict[str, Any]) -> None:
+    """``model.safetensors`` and ``result.json`` as one set: the old result goes first (a stale result never sits
+    beside a new model), the model is renamed into place, the result last, which marks the set complete. Both
+    carry the run's ``run_id``, and the result the model's sha256."""
+    import hashlib
+
+    (out / "result.json").unlink(missing_ok=True)
+    save_checkpoint(weights, out / "model.safetensors", dict(metadata, run_id=result["run_id"]))
+    result["checkpoint"] = str(out / "model.safetensors")
+    result["checkpoint_sha256"] = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    write_text_atomic(out / "result.json", json.dumps(result, indent=1) + "\n")
 
 
 def finetune(cfg: FinetuneConfig, command: Optional[str] = None) -> Dict[str, Any]:
@@ -158,14 +189,17 @@ def finetune(cfg: FinetuneConfig, command: Optional[str] = None) -> Dict[str, An
     (also written to ``<output>/result.json`` with the checkpoint ``<output>/model.safetensors``).
     Under torchrun every process runs this; the result (global metrics) is returned on every rank and
     only rank 0 writes files."""
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise ValueError(f"finetune: epochs and batch size must be >= 1, got {cfg.epochs} and {cfg.batch_size}")
+    check_fields("finetune", cfg, LIMITS)
+    if cfg.min_lr > cfg.lr:
+        raise ValueError(f"finetune: min_lr must be <= lr (the cosine ends there), got min_lr {cfg.min_lr:g} and lr {cfg.lr:g}")
     if cfg.strategy not in STRATEGIES:
         raise ValueError(f"finetune: strategy must be one of {STRATEGIES}, got {cfg.strategy!r}")
     if cfg.save_every and not cfg.output:
         raise ValueError("finetune: --save-every writes checkpoints into --output, which is not set")
     ctx = init_distributed(cfg.device)
     try:
+        if cfg.output:  # before any work: a run is not thrown away because its results cannot be written
+            prepare_output_dir(cfg.output, cfg.overwrite, RESULT_FILES + (() if cfg.resume else CHECKPOINT_FILES))
         return _finetune(cfg, ctx, command)
     finally:
         cleanup_distributed(ctx)
@@ -277,13 +311,10 @@ def _finetune(cfg: FinetuneConfig, ctx: DistContext, command: Optional[str]) -> 
     if ema is not None:
         result["evaluated_weights"] = f"EMA (decay {cfg.ema_decay})"
     weights = full_model_state_dict(eval_model, ctx) if out is not None else None  # collective under FSDP
-    if out is not None and ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(weights, out / "model.safetensors", {"model": cfg.model, "model_kwargs": kwargs})
-        result["checkpoint"] = str(out / "model.safetensors")
     result["wall_seconds"] = time.perf_counter() - wall_start
     if out is not None and ctx.is_main:
-        (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+        result["run_id"] = uuid.uuid4().hex
+        write_result_set(out, result, weights, {"model": cfg.model, "model_kwargs": kwargs})
     return result
 
 
@@ -335,6 +366,9 @@ def parse_model_kwargs(items) -> Dict[str, Any]:
 
 def add_cli(subparsers) -> None:
     d = FinetuneConfig()
+
+    def limit(name: str):
+        return number_arg(**LIMITS[name])
     p = subparsers.add_parser(
         "finetune", help="fine-tune and evaluate an image model on an embedded dataset (the README's main job)",
         description=f"Fine-tune a zoo entry on an embedded dataset and print its top-1 accuracy and images/s. "
@@ -345,18 +379,18 @@ def add_cli(subparsers) -> None:
     )
     p.add_argument("--model", default=d.model, help="zoo entry (see `zoo list`)")
     p.add_argument("--data", default=d.data, help="embedded dataset: digits")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training split")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
-    p.add_argument("--min-lr", type=float, default=d.min_lr, help="learning rate at the end of the cosine")
-    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear warmup length (may be fractional)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay on weights of 2+ dims")
-    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="cross-entropy label smoothing")
-    p.add_argument("--clip-grad", type=float, default=d.clip_grad, help="max gradient norm (0: no clipping)")
-    p.add_argument("--img-size", type=int, default=d.img_size, help="image side after upsampling")
-    p.add_argument("--patch-size", type=int, default=d.patch_size, help="patch size and stride (entries built for one patch size: Vim)")
-    p.add_argument("--depth", type=int, default=d.depth, help="number of blocks (overrides the entry's; entries with one stack: Vim)")
-    p.add_argument("--drop-path", type=float, default=d.drop_path, help="stochastic depth rate")
+    p.add_argument("--epochs", type=limit("epochs"), default=d.epochs, help="passes over the training split")
+    p.add_argument("--batch-size", type=limit("batch_size"), default=d.batch_size, help="images per step")
+    p.add_argument("--lr", type=limit("lr"), default=d.lr, help="peak learning rate (AdamW)")
+    p.add_argument("--min-lr", type=limit("min_lr"), default=d.min_lr, help="learning rate at the end of the cosine")
+    p.add_argument("--warmup-epochs", type=limit("warmup_epochs"), default=d.warmup_epochs, help="linear warmup length (may be fractional)")
+    p.add_argument("--weight-decay", type=limit("weight_decay"), default=d.weight_decay, help="AdamW weight decay on weights of 2+ dims")
+    p.add_argument("--label-smoothing", type=limit("label_smoothing"), default=d.label_smoothing, help="cross-entropy label smoothing")
+    p.add_argument("--clip-grad", type=limit("clip_grad"), default=d.clip_grad, help="max gradient norm (0: no clipping)")
+    p.add_argument("--img-size", type=limit("img_size"), default=d.img_size, help="image side after upsampling")
+    p.add_argument("--patch-size", type=limit("patch_size"), default=d.patch_size, help="patch size and stride (entries built for one patch size: Vim)")
+    p.add_argument("--depth", type=limit("depth"), default=d.depth, help="number of blocks (overrides the entry's; entries with one stack: Vim)")
+    p.add_argument("--drop-path", type=limit("drop_path"), default=d.drop_path, help="stochastic depth rate")
     p.add_argument("--model-kwargs", nargs="+", default=[], metavar="KEY=VALUE",
                    help="more keyword arguments for create_model, e.g. embed_dim=96 d_state=8")
     p.add_argument("--pretrained", action="store_true", help="start from the entry's pretrained weights (needs them cached or a network)")
@@ -364,22 +398,25 @@ def add_cli(subparsers) -> None:
     p.add_argument("--device", default=d.device, help="torch device, e.g. cpu or cuda")
     p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16"],
                    help="autocast: bf16 (also `--amp` alone) or fp16 (with a GradScaler on CUDA); default float32")
-    p.add_argument("--seed", type=int, default=d.seed, help="seeds the initialisation, the split and the batch order")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's choice)")
-    p.add_argument("--limit-train-batches", type=int, default=None, help="train on at most this many batches per epoch")
-    p.add_argument("--output", default=None, help="write result.json and model.safetensors into this folder")
+    p.add_argument("--seed", type=limit("seed"), default=d.seed, help="seeds the initialisation, the split and the batch order")
+    p.add_argument("--threads", type=number_arg(int, 1), default=None, help="torch CPU threads (None: torch's choice)")
+    p.add_argument("--limit-train-batches", type=limit("limit_train_batches"), default=None, help="train on at most this many batches per epoch")
+    p.add_argument("--output", default=None, help="write result.json and model.safetensors into this folder (checked "
+                   "before training; an earlier run's files there are refused without --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run's result.json / model.safetensors / "
+                   "checkpoints in --output")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     g = p.add_argument_group("scaling", "distributed training (launch with torchrun), memory and regularisation options")
     g.add_argument("--strategy", default=d.strategy, choices=STRATEGIES,
                    help="under torchrun: ddp (replicated weights) or fsdp (FSDP2 fully_shard: weights, gradients and "
                         "optimizer state sharded per block, for the large entries); --batch-size is per process")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward (less memory)")
-    g.add_argument("--layer-decay", type=float, default=d.layer_decay,
+    g.add_argument("--layer-decay", type=limit("layer_decay"), default=d.layer_decay,
                    help="layer-wise lr decay through the model's group_matcher: the block below gets this times the lr "
                         "of the block above (timm's param_groups_layer_decay)")
-    g.add_argument("--ema-decay", type=float, default=d.ema_decay,
+    g.add_argument("--ema-decay", type=limit("ema_decay"), default=d.ema_decay,
                    help="keep an EMA of the weights with this decay (e.g. 0.999) and evaluate it instead")
-    g.add_argument("--save-every", type=int, default=d.save_every,
+    g.add_argument("--save-every", type=limit("save_every"), default=d.save_every,
                    help="write OUTPUT/checkpoint-epochN.pt (model, optimizer, scheduler, EMA, RNG) every N epochs and "
                         "after the last; 0: none")
     g.add_argument("--resume", default=None, metavar="PATH",
@@ -399,7 +436,7 @@ def _cli_finetune(args: argparse.Namespace) -> int:
         checkpoint_path=args.checkpoint_path, device=args.device, amp=args.amp or False, seed=args.seed,
         limit_train_batches=args.limit_train_batches, output=args.output, progress=not args.no_progress,
         strategy=args.strategy, grad_checkpointing=args.grad_checkpointing, layer_decay=args.layer_decay,
-        ema_decay=args.ema_decay, save_every=args.save_every, resume=args.resume,
+        ema_decay=args.ema_decay, save_every=args.save_every, resume=args.resume, overwrite=args.overwrite,
     )
     result = finetune(cfg, command=args.command_line)
     if not is_main_process():

@@ -13,20 +13,114 @@ so a checkpoint written by a DDP, FSDP or single-process run resumes under any o
 """
 from __future__ import annotations
 
+import argparse
 import math
 import os
+import pickle
+import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from zoo.core.checks import check_float, check_int, describe_range, range_error
+from zoo.hub import atomic_write, write_text_atomic  # noqa: F401  (the tasks write files through these)
+
 STRATEGIES = ("ddp", "fsdp")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CHECKPOINT_FORMAT = "zoo-training-state"
 CHECKPOINT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------- arguments, devices, files
+
+def number_arg(kind: type = int, low: Optional[float] = None, high: Optional[float] = None, low_open: bool = False,
+               high_open: bool = False, optional: bool = False) -> Callable[[str], Any]:
+    """An argparse ``type=``: the text as ``kind`` in the range, else argparse's usage error naming the option,
+    e.g. ``argument --batch-size: must be an integer >= 1, got 0``. ``optional`` is ignored (an option given on
+    the command line always has a value)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = text
+        problem = range_error(kind, value, low, high, low_open, high_open)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    parse.__name__ = describe_range(kind, low, high, low_open, high_open)
+    return parse
+
+
+def check_fields(owner: str, obj: Any, limits: Mapping[str, Mapping[str, Any]]) -> None:
+    """Check the numeric fields of a config against ``limits`` ({field: number_arg keywords}); the message
+    names ``owner``, the field and the value."""
+    for name, spec in limits.items():
+        spec = dict(spec)
+        kind = spec.pop("kind", int)
+        value = getattr(obj, name)
+        if kind is int:
+            check_int(f"{owner}: {name}", value, spec.get("low"), spec.get("high"), optional=spec.get("optional", False))
+        else:
+            check_float(f"{owner}: {name}", value, **spec)
+
+
+def resolve_device(device: Union[str, torch.device]) -> torch.device:
+    """``device`` as a torch.device that this machine has, else a ValueError saying what is available."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested, but torch.cuda.is_available() is False "
+                             f"(no CUDA GPU or driver, or a CPU-only torch {torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} requested, but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} requested, but torch.backends.mps.is_available() is False; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device must be cpu, cuda or mps, got {device!r}")
+    return dev
+
+
+def prepare_output_dir(path: Union[str, Path], overwrite: bool = False, run_files: Iterable[str] = (),
+                       option: str = "--output") -> Path:
+    """Check an output folder before the first training step: it is (or can be made) a writable folder, and
+    holds none of ``run_files`` (glob patterns: an earlier run's results) unless ``overwrite``. Creates it."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{option} {out}: expected a folder, got an existing file")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{option} {out}: expected a folder this process can write to, got {type(e).__name__}: "
+                         f"{e.strerror or e}") from e
+    found = sorted({p.name for pattern in run_files for p in out.glob(pattern)})
+    if found and not overwrite:
+        raise ValueError(f"{option} {out} already holds {', '.join(found)} of an earlier run; pass --overwrite to "
+                         f"replace them, or choose another folder")
+    return out
+
+
+def check_output_file(path: Union[str, Path], option: str = "--output") -> Path:
+    """Check, before any work, that a result file can be written at ``path``: not a folder, its parent a
+    folder this process can write to (created if missing)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option} {path}: expected a file name, got an existing folder")
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise ValueError(f"{option} {path}: its parent {parent} is a file, expected a folder")
+    prepare_output_dir(parent, option=option)
+    return path
 
 
 # --------------------------------------------------------------------------------------------- processes
@@ -61,8 +155,8 @@ def init_distributed(device: Union[str, torch.device] = "cpu") -> DistContext:
     """Join the process group that ``torchrun`` describes in the environment, or return the single-process
     context. Under torchrun a CUDA device becomes ``cuda:LOCAL_RANK`` (one GPU per process, NCCL); a CPU
     device uses gloo."""
-    dev = torch.device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = resolve_device(device) if world <= 1 else torch.device(device)
     if world <= 1:
         return DistContext(device=dev)
     if "RANK" not in os.environ or "LOCAL_RANK" not in os.environ:
@@ -384,9 +478,15 @@ def read_training_state(path: Union[str, Path]) -> Dict[str, Any]:
                          f"(expected checkpoint-epochN.pt from --save-every; weights alone load with --checkpoint-path)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, or one holding arbitrary objects
+    except pickle.UnpicklingError as e:  # a pickle holding objects beyond tensors and plain types
+        raise ValueError(f"resume: {path} is refused: {_unpickling_reason(str(e))}; only a full unpickle could rebuild "
+                         f"that, and unpickling a file can run arbitrary code, so zoo reads checkpoints with "
+                         f"torch.load(weights_only=True) (tensors and plain types only). Expected a checkpoint-epochN.pt "
+                         f"written by --save-every") from e
+    except Exception as e:  # not a torch file at all
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"resume: {path} is not a training checkpoint readable with torch.load(weights_only=True): {type(e).__name__}: {first}") from e
+        raise ValueError(f"resume: {path} is not a training checkpoint (expected a checkpoint-epochN.pt written by "
+                         f"--save-every): torch.load failed with {type(e).__name__}: {first}") from e
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         got = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"resume: {path} is not a training checkpoint: expected format {CHECKPOINT_FORMAT!r}, got {got!r} "
@@ -394,6 +494,16 @@ def read_training_state(path: Union[str, Path]) -> Dict[str, Any]:
     if state.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"resume: {path} has checkpoint version {state.get('version')!r}, expected {CHECKPOINT_VERSION}")
     return state
+
+
+def _unpickling_reason(message: str) -> str:
+    """What torch's weights_only unpickler refused, without its advice to load with weights_only=False."""
+    found = re.search(r"GLOBAL ([\w.]+)", message)
+    if found:
+        return f"it holds an object of type {found.group(1)}, which is not a tensor or a plain Python type"
+    found = re.search(r"WeightsUnpickler error: ([^\n]*?)(?:\. Please|\n|$)", message)
+    return f"it holds something the weights-only unpickler does not read ({found.group(1).strip()})" if found \
+        else "it holds objects beyond tensors and plain Python types"
 
 
 def load_training_state(state: Dict[str, Any], ctx: DistContext, *, model: nn.Module, optimizer, scheduler, ema=None,

@@ -16,6 +16,7 @@ import platform
 import shlex
 import sys
 import time
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 
 from zoo.data.timeseries import ForecastData, WindowDataset, list_series, load_forecast_data
 from zoo.models.timeseries import DLinear, ITransformer, LastValue, SeasonalNaive, SMamba
+from zoo.tasks.engine import atomic_write, check_fields, check_output_file, number_arg, resolve_device, write_text_atomic
 
 __all__ = [
     "BENCH_MODELS", "build_forecaster", "train_forecaster", "evaluate_forecaster", "plot_forecast",
@@ -155,7 +157,7 @@ def plot_forecast(
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png"))
     plt.close(fig)
     return path
 
@@ -177,6 +179,15 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+# What each numeric argument of the benchmark allows (number_arg / check_fields keywords).
+BENCH_LIMITS = dict(
+    seq_len=dict(kind=int, low=1), pred_len=dict(kind=int, low=1), epochs=dict(kind=int, low=1),
+    lr=dict(kind=float, low=0, low_open=True), batch_size=dict(kind=int, low=1), patience=dict(kind=int, low=1),
+    steps_per_epoch=dict(kind=int, low=1, optional=True), d_model=dict(kind=int, low=1), d_ff=dict(kind=int, low=1),
+    e_layers=dict(kind=int, low=1), d_state=dict(kind=int, low=1), seed=dict(kind=int, low=0),
+)
+
+
 def run_forecast_benchmark(
     dataset: str = "epf_fr_be", seq_len: int = 96, pred_len: int = 96, models: Sequence[str] = BENCH_MODELS,
     epochs: int = 10, lr: float = 1e-3, batch_size: int = 32, patience: int = 3,
@@ -192,6 +203,11 @@ def run_forecast_benchmark(
     unknown = sorted(set(models) - set(BENCH_MODELS))
     if unknown:
         raise ValueError(f"unknown forecasters {unknown}; expected some of {list(BENCH_MODELS)}")
+    check_fields("forecast bench", SimpleNamespace(**locals()), BENCH_LIMITS)
+    resolve_device(device)
+    for option, path in (("--output", output), ("--markdown", markdown), ("--plot", plot)):
+        if path:  # before any training: a run is not thrown away because its results cannot be written
+            check_output_file(path, option)
     if data is None:
         data = load_forecast_data(dataset, seq_len, pred_len, time_marks=time_marks)
     rows, trained = [], {}
@@ -223,36 +239,37 @@ def run_forecast_benchmark(
     table = format_table(result)
     print(table)
     if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(output, json.dumps(result, indent=2) + "\n")
     if markdown:
-        Path(markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(markdown).write_text(table + (f"\n\nCommand: `{command}`\n" if command else "\n"))
+        write_text_atomic(markdown, table + (f"\n\nCommand: `{command}`\n" if command else "\n"))
     if plot:
         plot_forecast(trained, data, plot, device=device)
     return result
 
 
 def add_cli(subparsers) -> None:
+    def limit(name: str):
+        return number_arg(**BENCH_LIMITS[name])
+
     p = subparsers.add_parser("forecast", help="multivariate forecasting on series shipped by installed packages")
     sub = p.add_subparsers(dest="forecast_command", required=True)
     sub.add_parser("datasets", help="list the available series").set_defaults(func=_cli_datasets)
     b = sub.add_parser("bench", help="train S-Mamba and the baselines the same way on one series and compare")
     b.add_argument("--dataset", default="epf_fr_be", choices=list_series())
     b.add_argument("--models", nargs="+", default=list(BENCH_MODELS), choices=BENCH_MODELS)
-    b.add_argument("--seq-len", type=int, default=96)
-    b.add_argument("--pred-len", type=int, default=96)
-    b.add_argument("--epochs", type=int, default=10)
-    b.add_argument("--lr", type=float, default=1e-3)
-    b.add_argument("--batch-size", type=int, default=32)
-    b.add_argument("--patience", type=int, default=3)
-    b.add_argument("--steps-per-epoch", type=int, default=None, help="cap each epoch at this many random batches")
-    b.add_argument("--d-model", type=int, default=128)
-    b.add_argument("--d-ff", type=int, default=128)
-    b.add_argument("--e-layers", type=int, default=2)
-    b.add_argument("--d-state", type=int, default=2)
+    b.add_argument("--seq-len", type=limit("seq_len"), default=96)
+    b.add_argument("--pred-len", type=limit("pred_len"), default=96)
+    b.add_argument("--epochs", type=limit("epochs"), default=10)
+    b.add_argument("--lr", type=limit("lr"), default=1e-3)
+    b.add_argument("--batch-size", type=limit("batch_size"), default=32)
+    b.add_argument("--patience", type=limit("patience"), default=3)
+    b.add_argument("--steps-per-epoch", type=limit("steps_per_epoch"), default=None, help="cap each epoch at this many random batches")
+    b.add_argument("--d-model", type=limit("d_model"), default=128)
+    b.add_argument("--d-ff", type=limit("d_ff"), default=128)
+    b.add_argument("--e-layers", type=limit("e_layers"), default=2)
+    b.add_argument("--d-state", type=limit("d_state"), default=2)
     b.add_argument("--no-time-marks", action="store_true", help="no timestamp tokens for the variate-token models")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=limit("seed"), default=0)
     b.add_argument("--device", default="cpu")
     b.add_argument("--output", default=None, help="write the result as JSON here")
     b.add_argument("--markdown", default=None, help="write the table as Markdown here")

@@ -27,6 +27,7 @@ from zoo.core.selective_scan.op import _resolve as _resolve_scan  # which scan p
 from zoo.data.shapes3d import CLASSES, make_shapes3d
 from zoo.models.point.pcm import PointCloudMamba
 from zoo.models.point.pointmamba import PointMamba
+from zoo.tasks.engine import check_float, check_int, check_output_file, number_arg, resolve_device, write_text_atomic
 
 
 class PointNetBaseline(nn.Module):
@@ -136,6 +137,16 @@ def run_points_benchmark(
     if save_weights and (len(models) != 1 or len(seeds) != 1):
         raise ValueError(f"points bench: --save-weights needs one model and one seed, got models {list(models)} "
                          f"and seeds {list(seeds)}")
+    for name, value, low in (("epochs", epochs, 1), ("train_per_class", train_per_class, 1),
+                             ("test_per_class", test_per_class, 1), ("num_points", num_points, 1), ("batch_size", batch_size, 1)):
+        check_int(f"points bench: {name}", value, low)
+    for seed in seeds:
+        check_int("points bench: seed", seed, 0)
+    check_float("points bench: lr", lr, 0, low_open=True)
+    resolve_device(device)
+    for option, path in (("--output", output), ("--save-weights", save_weights)):
+        if path:  # before any training: a run is not thrown away because its results cannot be written
+            check_output_file(path, option)
     train_x, train_y = make_shapes3d(train_per_class, num_points, seed=1000)
     test_x, test_y = make_shapes3d(test_per_class, num_points, seed=2000)
     rows: List[dict] = []
@@ -170,8 +181,7 @@ def run_points_benchmark(
         print(f"{r['model']:<12}{r['params']:>10,}{r['overall_accuracy_mean']:>10.4f} ± {r['overall_accuracy_std']:.4f}"
               f"{r['mean_class_accuracy_mean']:>10.4f}")
     if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(output, json.dumps(result, indent=2) + "\n")
     if save_weights:
         from zoo.hub import save_state_dict
 
@@ -184,13 +194,13 @@ def add_cli(subparsers) -> None:
     sub = p.add_subparsers(dest="points_command", required=True)
     b = sub.add_parser("bench", help="train PointMamba and a PointNet-style baseline the same way and compare")
     b.add_argument("--models", nargs="+", default=list(BENCH_MODELS), choices=BENCH_MODELS)
-    b.add_argument("--seeds", nargs="+", type=int, default=[0])
-    b.add_argument("--epochs", type=int, default=8)
-    b.add_argument("--train-per-class", type=int, default=120)
-    b.add_argument("--test-per-class", type=int, default=60)
-    b.add_argument("--num-points", type=int, default=512)
-    b.add_argument("--batch-size", type=int, default=32)
-    b.add_argument("--lr", type=float, default=1e-3)
+    b.add_argument("--seeds", nargs="+", type=number_arg(int, 0), default=[0])
+    b.add_argument("--epochs", type=number_arg(int, 1), default=8)
+    b.add_argument("--train-per-class", type=number_arg(int, 1), default=120)
+    b.add_argument("--test-per-class", type=number_arg(int, 1), default=60)
+    b.add_argument("--num-points", type=number_arg(int, 1), default=512)
+    b.add_argument("--batch-size", type=number_arg(int, 1), default=32)
+    b.add_argument("--lr", type=number_arg(float, 0, low_open=True), default=1e-3)
     b.add_argument("--device", default="cpu")
     b.add_argument("--output", default=None, help="write the table as JSON here")
     b.add_argument("--save-weights", default=None, help="write the trained model's state dict here (safetensors; one model, one seed)")

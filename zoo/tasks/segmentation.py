@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from zoo.tasks.classification import parse_model_kwargs
 from zoo.tasks.engine import cosine_with_warmup, param_groups_weight_decay
+from zoo.tasks.engine import check_fields, check_output_file, number_arg, resolve_device, write_text_atomic
 
 IGNORE_INDEX = 255
 
@@ -80,6 +81,15 @@ class SegmentConfig:
     output: Optional[str] = None
 
 
+# What each numeric field allows (number_arg / check_fields keywords): checked by train() and by the CLI's parser.
+LIMITS: Dict[str, Dict[str, Any]] = dict(
+    channels=dict(kind=int, low=1), img_size=dict(kind=int, low=1), num_train=dict(kind=int, low=1),
+    num_val=dict(kind=int, low=1), epochs=dict(kind=int, low=1), batch_size=dict(kind=int, low=1),
+    lr=dict(kind=float, low=0, low_open=True), min_lr=dict(kind=float, low=0), warmup_epochs=dict(kind=float, low=0),
+    weight_decay=dict(kind=float, low=0), seed=dict(kind=int, low=0),
+)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: torch.device) -> Dict[str, Any]:
     model.eval()
@@ -101,9 +111,12 @@ def train(cfg: SegmentConfig, command: Optional[str] = None) -> Dict[str, Any]:
     from zoo.models.vision.upernet import SegmentationModel
 
     wall_start = time.perf_counter()
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise ValueError(f"segment: epochs and batch size must be >= 1, got {cfg.epochs} and {cfg.batch_size}")
-    device = torch.device(cfg.device)
+    check_fields("segment", cfg, LIMITS)
+    if cfg.min_lr > cfg.lr:
+        raise ValueError(f"segment: min_lr must be <= lr (the cosine ends there), got min_lr {cfg.min_lr:g} and lr {cfg.lr:g}")
+    device = resolve_device(cfg.device)
+    if cfg.output:  # before any training: a run is not thrown away because its result cannot be written
+        check_output_file(cfg.output, "--out")
     torch.manual_seed(cfg.seed)
     train_set = Shapes2D(cfg.num_train, cfg.img_size, seed=cfg.seed)
     val_set = Shapes2D(cfg.num_val, cfg.img_size, seed=cfg.seed + 10_000)  # disjoint seeds: other images
@@ -161,13 +174,16 @@ def train(cfg: SegmentConfig, command: Optional[str] = None) -> Dict[str, Any]:
         threads=torch.get_num_threads(), torch=torch.__version__, config=asdict(cfg), command=command,
     )
     if cfg.output:
-        Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.output).write_text(json.dumps(result, indent=1) + "\n")
+        write_text_atomic(cfg.output, json.dumps(result, indent=1) + "\n")
     return result
 
 
 def add_cli(subparsers) -> None:
     d = SegmentConfig()
+
+    def limit(name: str):
+        return number_arg(**LIMITS[name])
+
     p = subparsers.add_parser(
         "segment", help="train UperNet on a zoo backbone on generated Shapes2D images and report mIoU",
         description="Train a UperNet segmentation model (zoo.models.vision.upernet) on a features_only zoo backbone "
@@ -180,18 +196,18 @@ def add_cli(subparsers) -> None:
                    help=f"create_model keyword arguments for the backbone (default: {d.backbone_kwargs} for "
                         f"{d.backbone}, none for other backbones; given without values: none)")
     p.add_argument("--out-indices", type=int, nargs="+", default=None, help="backbone maps (default: all stages / 4 blocks)")
-    p.add_argument("--channels", type=int, default=d.channels, help="UperNet width")
-    p.add_argument("--img-size", type=int, default=d.img_size, help="image side")
-    p.add_argument("--num-train", type=int, default=d.num_train, help="generated training images")
-    p.add_argument("--num-val", type=int, default=d.num_val, help="generated validation images")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--channels", type=limit("channels"), default=d.channels, help="UperNet width")
+    p.add_argument("--img-size", type=limit("img_size"), default=d.img_size, help="image side")
+    p.add_argument("--num-train", type=limit("num_train"), default=d.num_train, help="generated training images")
+    p.add_argument("--num-val", type=limit("num_val"), default=d.num_val, help="generated validation images")
+    p.add_argument("--epochs", type=limit("epochs"), default=d.epochs)
+    p.add_argument("--batch-size", type=limit("batch_size"), default=d.batch_size)
+    p.add_argument("--lr", type=limit("lr"), default=d.lr, help="peak learning rate (AdamW)")
+    p.add_argument("--weight-decay", type=limit("weight_decay"), default=d.weight_decay)
     p.add_argument("--pretrained", action="store_true", help="start the backbone from the entry's weights")
     p.add_argument("--device", default=d.device)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--seed", type=limit("seed"), default=d.seed)
+    p.add_argument("--threads", type=number_arg(int, 1), default=None, help="torch CPU threads")
     p.add_argument("--out", default=None, help="write the result JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cli_segment)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from zoo.data.timeseries import list_classification_sets, load_classification_set
 from zoo.models.timeseries import SMambaClassifier
+from zoo.tasks.engine import check_float, check_int, check_output_file, number_arg, write_text_atomic
 
 __all__ = ["nearest_neighbour_accuracy", "train_classifier", "run_tsc_benchmark", "add_cli"]
 
@@ -79,6 +80,16 @@ def run_tsc_benchmark(
     """
     if save_weights and len(seeds) != 1:
         raise ValueError(f"tsc bench: --save-weights needs one seed, got {list(seeds)}")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("d_model", d_model), ("d_state", d_state),
+                        ("d_ff", d_ff), ("e_layers", e_layers)):
+        check_int(f"tsc bench: {name}", value, 1)
+    check_int("tsc bench: patch_len", patch_len, 1, optional=True)
+    for seed in seeds:
+        check_int("tsc bench: seed", seed, 0)
+    check_float("tsc bench: lr", lr, 0, low_open=True)
+    for option, path in (("--output", output), ("--save-weights", save_weights)):
+        if path:  # before any training: a run is not thrown away because its results cannot be written
+            check_output_file(path, option)
     X_train, y_train, classes = load_classification_set(dataset, "train")
     X_test, y_test, _ = load_classification_set(dataset, "test")
     knn = nearest_neighbour_accuracy(X_train, y_train, X_test, y_test)
@@ -107,8 +118,7 @@ def run_tsc_benchmark(
     for r in result["rows"]:
         print(f"| {r['model']} | {r['params']:,} | {r['test_acc_mean']:.4f} | {', '.join(f'{a:.4f}' for a in r['test_acc'])} |")
     if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(output, json.dumps(result, indent=2) + "\n")
     if save_weights:
         from zoo.hub import save_state_dict
 
@@ -121,15 +131,15 @@ def add_cli(subparsers) -> None:
     sub = p.add_subparsers(dest="tsc_command", required=True)
     b = sub.add_parser("bench", help="S-Mamba classifier against 1-NN (Euclidean)")
     b.add_argument("--dataset", default="BasicMotions", choices=list_classification_sets())
-    b.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    b.add_argument("--epochs", type=int, default=100)
-    b.add_argument("--lr", type=float, default=1e-3)
-    b.add_argument("--batch-size", type=int, default=16)
-    b.add_argument("--d-model", type=int, default=64)
-    b.add_argument("--d-state", type=int, default=16)
-    b.add_argument("--d-ff", type=int, default=128)
-    b.add_argument("--e-layers", type=int, default=2)
-    b.add_argument("--patch-len", type=int, default=None, help="patch tokens of this length (default: variate tokens)")
+    b.add_argument("--seeds", nargs="+", type=number_arg(int, 0), default=[0, 1, 2])
+    b.add_argument("--epochs", type=number_arg(int, 1), default=100)
+    b.add_argument("--lr", type=number_arg(float, 0, low_open=True), default=1e-3)
+    b.add_argument("--batch-size", type=number_arg(int, 1), default=16)
+    b.add_argument("--d-model", type=number_arg(int, 1), default=64)
+    b.add_argument("--d-state", type=number_arg(int, 1), default=16)
+    b.add_argument("--d-ff", type=number_arg(int, 1), default=128)
+    b.add_argument("--e-layers", type=number_arg(int, 1), default=2)
+    b.add_argument("--patch-len", type=number_arg(int, 1), default=None, help="patch tokens of this length (default: variate tokens)")
     b.add_argument("--output", default=None, help="write the result as JSON here")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.add_argument("--save-weights", default=None, help="write the trained classifier's state dict here (safetensors; one seed)")

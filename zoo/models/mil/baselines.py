@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.core.checks import check_num_classes, check_sizes
 from zoo.registry import build_model, register_model, register_pretrained_cfgs
 
 from .bags import Bags, attention_pool, pack_bags
@@ -40,6 +41,8 @@ class ABMIL(nn.Module):
         drop_rate: float = 0.25,
     ):
         super().__init__()
+        check_num_classes("ABMIL", num_classes)
+        check_sizes("ABMIL", attn_dim=attn_dim)
         self.in_dim, self.num_classes, self.embed_dim, self.gated = in_dim, num_classes, embed_dim, gated
         self.num_features = self.head_hidden_size = embed_dim
         self.pretrained_cfg: dict = {}  # filled in by build_model
@@ -175,6 +178,7 @@ class TransMIL(nn.Module):
         exact_attention: bool = False,
     ):
         super().__init__()
+        check_num_classes("TransMIL", num_classes)
         self.in_dim, self.num_classes, self.embed_dim = in_dim, num_classes, embed_dim
         self.num_features = self.head_hidden_size = embed_dim
         self.pretrained_cfg: dict = {}  # filled in by build_model

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.core import BiMamba, Mamba
+from zoo.core.checks import check_num_classes, check_rates, check_sizes
 from zoo.registry import build_model, register_model, register_pretrained_cfgs
 
 from .bags import Bags, attention_pool, bag_ids, pack_bags
@@ -132,7 +133,9 @@ def _make_act(act: str, who: str) -> nn.Module:
 
 
 def make_projection(in_dim: int, embed_dim: int, act: str, drop_rate: float, who: str) -> nn.Sequential:
-    """The instance projection shared by the MIL models: Linear -> act (-> Dropout)."""
+    """The instance projection shared by the MIL models: Linear -> act (-> Dropout). Checks the sizes and the rate."""
+    check_sizes(who, in_dim=in_dim, embed_dim=embed_dim)
+    check_rates(who, drop_rate=drop_rate)
     layers = [nn.Linear(in_dim, embed_dim), _make_act(act, who)]
     if drop_rate:
         layers.append(nn.Dropout(drop_rate))
@@ -165,6 +168,8 @@ class MambaMIL(nn.Module):
         super().__init__()
         if mixer not in MIXERS:
             raise ValueError(f"MambaMIL: mixer must be one of {MIXERS}, got {mixer!r}")
+        check_num_classes("MambaMIL", num_classes)
+        check_sizes("MambaMIL", depth=depth, attn_dim=attn_dim)
         self.in_dim, self.num_classes, self.embed_dim = in_dim, num_classes, embed_dim
         self.num_features = self.head_hidden_size = embed_dim
         self.mixer, self.rate = mixer, rate

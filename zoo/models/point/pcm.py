@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.core import BiMamba, ResidualBlock, RMSNorm, init_mamba_weights
+from zoo.core.checks import check_float, check_int, check_ints, check_num_classes, check_rates, check_sizes
 from zoo.registry import build_model, register_model, register_pretrained_cfgs
 
 from .ops import farthest_point_sample, knn
@@ -142,6 +143,13 @@ class PCMEncoder(nn.Module):
         if cts_variant not in ("snake", "official"):
             raise ValueError(f"PCM: cts_variant must be 'snake' or 'official', got {cts_variant!r}")
         self.cts_variant = cts_variant
+        for name, values, low in (("dim_expansion", dim_expansion, 1), ("pre_blocks", pre_blocks, 0),
+                                  ("mamba_blocks", mamba_blocks, 0), ("k_neighbors", k_neighbors, 1), ("reducers", reducers, 1)):
+            check_ints(f"PCM: {name}", values, low)
+        check_sizes("PCM", embed_dim=embed_dim, prompt_dim=prompt_dim)
+        check_int("PCM: prompt_num_per_order", prompt_num_per_order, 0)
+        check_rates("PCM", drop_path_rate=drop_path_rate)
+        check_float("PCM: grid_size", grid_size, 0, low_open=True)
         stages = len(dim_expansion)
         if not len(pre_blocks) == len(mamba_blocks) == len(k_neighbors) == len(reducers) == stages:
             raise ValueError(
@@ -239,6 +247,8 @@ class PointCloudMamba(nn.Module):
         super().__init__()
         if in_channels not in (3, 4):
             raise ValueError(f"PointCloudMamba: in_channels must be 3 (xyz) or 4 (xyz + height), got {in_channels}")
+        check_num_classes("PointCloudMamba", num_classes)
+        check_sizes("PointCloudMamba", embed_dim=embed_dim)
         self.num_classes = num_classes
         self.pretrained_cfg: dict = {}  # build_model sets the entry's cfg
         self.encoder = PCMEncoder(in_channels=in_channels, embed_dim=embed_dim, **encoder_kwargs)

@@ -41,6 +41,7 @@ from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
 from zoo.core import Mamba, ResidualBlock, RMSNorm, init_mamba_weights
+from zoo.core.checks import check_float, check_num_classes, check_rates, check_sizes
 from zoo.core.precision import upcast
 from zoo.registry import build_model, register_model, register_pretrained_cfgs
 
@@ -144,6 +145,11 @@ class PointMamba(nn.Module):
         super().__init__()
         if global_pool not in ("avg", "max", "avg_max"):
             raise ValueError(f"PointMamba: global_pool must be 'avg', 'max' or 'avg_max', got {global_pool!r}")
+        check_sizes("PointMamba", trans_dim=trans_dim, depth=depth, num_group=num_group, group_size=group_size,
+                    head_hidden=head_hidden)
+        check_num_classes("PointMamba", num_classes)
+        check_rates("PointMamba", drop_path_rate=drop_path_rate, head_drop=head_drop)
+        check_float("PointMamba: grid_size", grid_size, 0, low_open=True)
         encoder_dims = encoder_dims or trans_dim
         if encoder_dims != trans_dim:
             raise ValueError(f"PointMamba: encoder_dims must equal trans_dim (tokens enter the blocks as they are), got {encoder_dims} and {trans_dim}")

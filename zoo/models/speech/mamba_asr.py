@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.core import BiMamba, Mamba, ResidualBlock, RMSNorm, add_norm
+from zoo.core.checks import check_num_classes, check_rates, check_sizes
 from zoo.core.precision import upcast
 from zoo.registry import build_model, register_model, register_pretrained_cfgs
 
@@ -269,6 +270,10 @@ class MambaSpeechEncoder(nn.Module):
             raise ValueError(f"MambaSpeechEncoder: head must be 'ctc' or 'classify', got {head!r}")
         if causal and layer_type != "mamba":
             raise ValueError("MambaSpeechEncoder: causal=True needs layer_type='mamba' (ConMamba's conv module looks ahead)")
+        check_num_classes("MambaSpeechEncoder", num_classes)
+        check_sizes("MambaSpeechEncoder", d_model=d_model, depth=depth, d_ffn=d_ffn, n_mels=n_mels, sample_rate=sample_rate,
+                    kernel_size=kernel_size)
+        check_rates("MambaSpeechEncoder", dropout=dropout)
         self.num_classes, self.head_type, self.causal, self.layer_type = num_classes, head, causal, layer_type
         self.num_features = self.embed_dim = d_model
         self.frontend = SpeechFrontend(n_mels, sample_rate, frontend, normalize="none" if causal else "utterance")

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.core.checks import check_int, check_num_classes, check_rates, check_sizes
 from zoo.core.mamba import Mamba
 from zoo.registry import build_model, register_model, register_pretrained_cfgs
 
@@ -80,6 +81,9 @@ class SMambaEncoder(nn.Module):
         expand: float, dropout: float, activation: str,
     ):
         super().__init__()
+        check_sizes("S-Mamba", seq_len=seq_len, d_model=d_model, e_layers=e_layers)
+        check_int("S-Mamba: d_ff", d_ff, 1, optional=True)
+        check_rates("S-Mamba", dropout=dropout)
         self.seq_len = seq_len
         self.embed = nn.Linear(seq_len, d_model)
         self.embed_drop = nn.Dropout(dropout)
@@ -136,6 +140,8 @@ class SMamba(nn.Module):
         use_norm: bool = True,
     ):
         super().__init__()
+        check_sizes("SMamba", seq_len=seq_len, pred_len=pred_len)
+        check_int("SMamba: enc_in", enc_in, 1, optional=True)
         self.seq_len, self.pred_len, self.enc_in, self.use_norm = seq_len, pred_len, enc_in, use_norm
         self.num_features = d_model
         self.encoder = SMambaEncoder(seq_len, d_model, e_layers, d_state, d_ff, d_conv, expand, dropout, activation)
@@ -202,6 +208,9 @@ class SMambaClassifier(nn.Module):
         patch_len: Optional[int] = None,
     ):
         super().__init__()
+        check_sizes("SMambaClassifier", seq_len=seq_len)
+        check_num_classes("SMambaClassifier", num_classes)
+        check_int("SMambaClassifier: enc_in", enc_in, 1, optional=True)
         if patch_len is not None and not 1 <= patch_len <= seq_len:
             raise ValueError(f"SMambaClassifier: patch_len must be in 1..seq_len={seq_len}, got {patch_len}")
         self.seq_len, self.enc_in, self.use_norm, self.patch_len = seq_len, enc_in, use_norm, patch_len

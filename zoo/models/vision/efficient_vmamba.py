@@ -39,6 +39,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
 from torch import nn
 
+from zoo.core.checks import check_float, check_input_dtype, check_int, check_rates, check_sizes
 from zoo.core.mamba import make_A_log, make_D, make_dt_proj
 from zoo.core.precision import upcast
 from zoo.core.selective_scan import selective_scan_multi
@@ -240,6 +241,11 @@ class PatchEmbed(nn.Module):
             raise ValueError(
                 f"EfficientVMamba: expected images (batch, {self.in_chans}, height, width), got {tuple(x.shape)}"
             )
+        check_input_dtype("EfficientVMamba", x, self.proj.weight)
+        k = self.proj.kernel_size
+        if x.shape[-2] < k[0] or x.shape[-1] < k[1]:
+            raise ValueError(f"EfficientVMamba: expected images of at least {k[0]}x{k[1]} pixels (the {k[0]}x{k[1]} "
+                             f"patch stem), got {x.shape[-2]}x{x.shape[-1]}")
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
@@ -277,6 +283,10 @@ class EfficientVMamba(HierarchicalBackbone):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.1,  # the released models' training runs (the yaml configs say 0.2)
     ):
+        check_sizes("EfficientVMamba", patch_size=patch_size, in_chans=in_chans, ssm_d_state=ssm_d_state)
+        check_float("EfficientVMamba: ssm_ratio", ssm_ratio, 0, low_open=True)
+        check_int("EfficientVMamba: num_ssm_stages", num_ssm_stages, 0, len(depths) if isinstance(depths, Sequence) else None)
+        check_rates("EfficientVMamba", drop_path_rate=drop_path_rate)
         dims = stage_dims(dims, depths, "EfficientVMamba")
         super().__init__(dims[-1], num_classes, global_pool, drop_rate)
         self.dims = dims

@@ -38,6 +38,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from zoo.core import BiMamba, ResidualBlock, RMSNorm, add_norm, init_mamba_weights
+from zoo.core.checks import check_input_dtype, check_int, check_num_classes, check_rates, check_sizes
 from zoo.registry import build_model, register_model, register_pretrained_cfgs
 
 _PAPER = (
@@ -112,6 +113,7 @@ class PatchEmbed(nn.Module):
                 f"VisionMamba: expected images of shape (batch, {self.proj.in_channels}, height, width), "
                 f"got {tuple(x.shape)}"
             )
+        check_input_dtype("VisionMamba", x, self.proj.weight)
         grid = self.grid_for(x.shape[-2:])
         return self.proj(x).flatten(2).transpose(1, 2), grid
 
@@ -160,6 +162,12 @@ class VisionMamba(nn.Module):
         residual_in_fp32: bool = True,
     ):
         super().__init__()
+        check_sizes("VisionMamba", depth=depth, embed_dim=embed_dim, in_chans=in_chans)
+        for name, value in (("img_size", img_size), ("patch_size", patch_size), ("stride", stride)):
+            for side in to_2tuple(value):
+                check_int(f"VisionMamba: {name}", side, 1)
+        check_num_classes("VisionMamba", num_classes)
+        check_rates("VisionMamba", drop_rate=drop_rate, drop_path_rate=drop_path_rate)
         self.num_classes = num_classes
         self.num_features = self.embed_dim = embed_dim
         self.residual_in_fp32 = residual_in_fp32

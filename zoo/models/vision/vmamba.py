@@ -42,6 +42,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from zoo.core.checks import check_float, check_input_dtype, check_int, check_ints, check_num_classes, check_rates, check_sizes
 from zoo.core.mamba import make_A_log, make_D, make_dt_proj
 from zoo.core.precision import upcast
 from zoo.core.selective_scan import selective_scan_multi
@@ -204,6 +205,7 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"VMamba: expected images (batch, {self.in_chans}, height, width), got {tuple(x.shape)}")
+        check_input_dtype("VMamba", x, self.conv1.weight)
         x = self.act(self.norm1(self.conv1(x).permute(0, 2, 3, 1)))
         return self.norm2(self.conv2(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
@@ -253,7 +255,10 @@ def drop_path_rates(depths: Sequence[int], rate: float) -> List[List[float]]:
 
 def stage_dims(dims: Union[int, Sequence[int]], depths: Sequence[int], name: str) -> List[int]:
     """``dims`` as one width per stage; an int is the first stage's width, doubled per stage."""
-    dims = [dims * 2**i for i in range(len(depths))] if isinstance(dims, int) else list(dims)
+    check_ints(f"{name}: depths", depths, 1)
+    if isinstance(dims, int):
+        check_int(f"{name}: dims", dims, 1)
+    dims = [dims * 2**i for i in range(len(depths))] if isinstance(dims, int) else check_ints(f"{name}: dims", list(dims), 1)
     if len(dims) != len(depths):
         raise ValueError(f"{name}: one width per stage expected, got dims={dims} for depths={list(depths)}")
     return dims
@@ -269,6 +274,8 @@ class HierarchicalBackbone(nn.Module):
     def __init__(self, num_features: int, num_classes: int, global_pool: str, drop_rate: float):
         super().__init__()
         self._check_pool(global_pool)
+        check_num_classes(type(self).__name__, num_classes)
+        check_rates(type(self).__name__, drop_rate=drop_rate)
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = num_features
@@ -392,6 +399,10 @@ class VMamba(HierarchicalBackbone):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.2,
     ):
+        check_sizes("VMamba", in_chans=in_chans, ssm_d_state=ssm_d_state, ssm_conv=ssm_conv)
+        check_float("VMamba: ssm_ratio", ssm_ratio, 0, low_open=True)
+        check_float("VMamba: mlp_ratio", mlp_ratio, 0)
+        check_rates("VMamba", drop_path_rate=drop_path_rate)
         dims = stage_dims(dims, depths, "VMamba")
         super().__init__(dims[-1], num_classes, global_pool, drop_rate)
         self.dims = dims
