@@ -2,7 +2,8 @@
 one-step update used for decoding.
 
 ``impl`` picks the path: "auto" (the chunked PyTorch form on CPU; on CUDA the Triton selective-scan kernels
-through the reduction below, until SSD has kernels of its own), "chunked", "naive" (the sequential oracle),
+through the reduction below, until SSD has kernels of its own, or the chunked form with negative eigenvalues,
+which those kernels do not take), "chunked", "naive" (the sequential oracle),
 or "selective": the SSD scan is the Mamba-1 selective scan with A, dt and D shared by the headdim channels of
 a head, so it runs through ``zoo.core.selective_scan`` (mamba-ssm's ``ssd_selective_scan`` makes the same
 reduction).
@@ -73,8 +74,8 @@ def ssd_scan(
     check_ssd_args(x, dt, A, B, C, D, z, dt_bias, dt_limit, initial_state, cu_seqlens, chunk_size)
     if impl not in IMPLS:
         raise ValueError(f"ssd_scan: impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        impl = "selective" if x.is_cuda else "chunked"
+    if impl == "auto":  # the Triton selective scan does not take negative eigenvalues: chunked SSD then
+        impl = "selective" if x.is_cuda and not negative_eigenvalues else "chunked"
     step = prepare_dt(dt, dt_bias, dt_softplus, dt_limit)
     if impl == "selective":
         out, final = _via_selective_scan(x, step, A, B, C, D, z, initial_state, cu_seqlens, reverse, negative_eigenvalues)
