@@ -403,3 +403,23 @@ def test_builders_give_finite_outputs_of_the_right_shape(name, batch, data):
         out = model(x)
     assert out.shape == (batch, *tail)
     assert torch.isfinite(out).all()
+
+
+# Arguments that must be positive integers (num_classes: >= 0), per family, on top of valid small kwargs.
+INVALID = {
+    "vim_tiny": ("depth", "embed_dim", "num_classes"),
+    "pointmamba_tiny": ("depth", "trans_dim", "num_group", "num_classes"),
+    "smamba": ("e_layers", "seq_len", "pred_len", "d_model"),
+    "mambamil": ("depth", "embed_dim", "num_classes"),
+}
+
+
+@props(40)
+@given(st.sampled_from(sorted(INVALID)), st.data())
+def test_builders_refuse_invalid_sizes_with_a_value_error(name, data):
+    kw, _, _ = BUILDERS[name](data.draw)
+    arg = data.draw(st.sampled_from(INVALID[name]))
+    bad = data.draw(st.integers(-5, -1) if arg == "num_classes" else
+                    st.one_of(st.integers(-5, 0), st.sampled_from([1.5, float("nan")])))
+    with pytest.raises(ValueError, match=rf"\b{arg}\b"):
+        zoo.create_model(name, **dict(kw, **{arg: bad}))
