@@ -81,7 +81,8 @@ LIMITS: Dict[str, Dict[str, Any]] = dict(
     label_smoothing=dict(kind=float, low=0, high=1, high_open=True), clip_grad=dict(kind=float, low=0, optional=True),
     img_size=dict(kind=int, low=1), patch_size=dict(kind=int, low=1, optional=True), depth=dict(kind=int, low=1, optional=True),
     drop_path=dict(kind=float, low=0, high=1, high_open=True), seed=dict(kind=int, low=0),
-    limit_train_batches=dict(kind=int, low=1, optional=True), layer_decay=dict(kind=float, low=0, high=1, low_open=True, optional=True),
+    limit_train_batches=dict(kind=int, low=1, optional=True),
+    layer_decay=dict(kind=float, low=0, high=1, low_open=True, optional=True),
     ema_decay=dict(kind=float, low=0, high=1, high_open=True, optional=True), save_every=dict(kind=int, low=0),
 )
 # An earlier run's files in --output: refused without --overwrite (checkpoints are expected when resuming).
@@ -383,13 +384,18 @@ def add_cli(subparsers) -> None:
     p.add_argument("--batch-size", type=limit("batch_size"), default=d.batch_size, help="images per step")
     p.add_argument("--lr", type=limit("lr"), default=d.lr, help="peak learning rate (AdamW)")
     p.add_argument("--min-lr", type=limit("min_lr"), default=d.min_lr, help="learning rate at the end of the cosine")
-    p.add_argument("--warmup-epochs", type=limit("warmup_epochs"), default=d.warmup_epochs, help="linear warmup length (may be fractional)")
-    p.add_argument("--weight-decay", type=limit("weight_decay"), default=d.weight_decay, help="AdamW weight decay on weights of 2+ dims")
-    p.add_argument("--label-smoothing", type=limit("label_smoothing"), default=d.label_smoothing, help="cross-entropy label smoothing")
+    p.add_argument("--warmup-epochs", type=limit("warmup_epochs"), default=d.warmup_epochs,
+                   help="linear warmup length (may be fractional)")
+    p.add_argument("--weight-decay", type=limit("weight_decay"), default=d.weight_decay,
+                   help="AdamW weight decay on weights of 2+ dims")
+    p.add_argument("--label-smoothing", type=limit("label_smoothing"), default=d.label_smoothing,
+                   help="cross-entropy label smoothing")
     p.add_argument("--clip-grad", type=limit("clip_grad"), default=d.clip_grad, help="max gradient norm (0: no clipping)")
     p.add_argument("--img-size", type=limit("img_size"), default=d.img_size, help="image side after upsampling")
-    p.add_argument("--patch-size", type=limit("patch_size"), default=d.patch_size, help="patch size and stride (entries built for one patch size: Vim)")
-    p.add_argument("--depth", type=limit("depth"), default=d.depth, help="number of blocks (overrides the entry's; entries with one stack: Vim)")
+    p.add_argument("--patch-size", type=limit("patch_size"), default=d.patch_size,
+                   help="patch size and stride (entries built for one patch size: Vim)")
+    p.add_argument("--depth", type=limit("depth"), default=d.depth,
+                   help="number of blocks (overrides the entry's; entries with one stack: Vim)")
     p.add_argument("--drop-path", type=limit("drop_path"), default=d.drop_path, help="stochastic depth rate")
     p.add_argument("--model-kwargs", nargs="+", default=[], metavar="KEY=VALUE",
                    help="more keyword arguments for create_model, e.g. embed_dim=96 d_state=8")
@@ -400,7 +406,8 @@ def add_cli(subparsers) -> None:
                    help="autocast: bf16 (also `--amp` alone) or fp16 (with a GradScaler on CUDA); default float32")
     p.add_argument("--seed", type=limit("seed"), default=d.seed, help="seeds the initialisation, the split and the batch order")
     p.add_argument("--threads", type=number_arg(int, 1), default=None, help="torch CPU threads (None: torch's choice)")
-    p.add_argument("--limit-train-batches", type=limit("limit_train_batches"), default=None, help="train on at most this many batches per epoch")
+    p.add_argument("--limit-train-batches", type=limit("limit_train_batches"), default=None,
+                   help="train on at most this many batches per epoch")
     p.add_argument("--output", default=None, help="write result.json and model.safetensors into this folder (checked "
                    "before training; an earlier run's files there are refused without --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run's result.json / model.safetensors / "

@@ -145,9 +145,12 @@ def evaluate_pretrained(name: str, output: Optional[str] = None, command: Option
     """Load the shipped ``name`` with pretrained=True (packaged file, sha256 checked, strict) and test it."""
     import zoo
     from zoo.hub import resolve_pretrained
+    from zoo.tasks.engine import check_output_file, write_text_atomic
 
     if name not in SHIPPED:
         raise ValueError(f"zoo pretrained eval: {name!r} is not a tag trained here; expected one of {', '.join(SHIPPED)}")
+    if output:  # before the evaluation: its result is not thrown away because the file cannot be written
+        check_output_file(output)
     model = zoo.create_model(name, pretrained=True).eval()
     path = resolve_pretrained(model.pretrained_cfg)
     start = time.perf_counter()
@@ -164,8 +167,7 @@ def evaluate_pretrained(name: str, output: Optional[str] = None, command: Option
     }
     print(f"{name}: {result['metric']} {result[result['metric']]:.4f} on {result['test_samples']} test samples")
     if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps(result, indent=1) + "\n")
+        write_text_atomic(output, json.dumps(result, indent=1) + "\n")
     return result
 
 
