@@ -67,19 +67,22 @@ def make_inputs(g, b, l, d, n, groups, dtype, softplus, with_D, with_z, with_bia
     return {k: None if v is None else v.to(dtype) for k, v in t.items()}
 
 
-def oracle(t, softplus, reverse):
+def oracle(t, softplus, reverse, neg=False):
     """The sequential scan in float64 on the given values: (out, last_state)."""
     x = {k: None if v is None else v.detach().double() for k, v in t.items()}
     return selective_scan_naive(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], softplus,
-                                True, reverse, x["initial_state"])
+                                True, reverse, x["initial_state"], negative_eigenvalues=neg)
 
 
-def run(t, impl, softplus, reverse, num_chunks=None, cu_seqlens=None):
+def run(t, impl, softplus, reverse, num_chunks=None, cu_seqlens=None, neg=False):
+    """The op under test; ``neg``: negative_eigenvalues (transition 2 exp(dt A) - 1)."""
     args = (t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"], t["delta_bias"], softplus, True)
     if impl == "chunked_nc":
         assert cu_seqlens is None
-        return selective_scan_chunked(*args, reverse, t["initial_state"], num_chunks=num_chunks)
-    return selective_scan(*args, reverse=reverse, initial_state=t["initial_state"], cu_seqlens=cu_seqlens, impl=impl)
+        return selective_scan_chunked(*args, reverse, t["initial_state"], num_chunks=num_chunks,
+                                      negative_eigenvalues=neg)
+    return selective_scan(*args, reverse=reverse, initial_state=t["initial_state"], cu_seqlens=cu_seqlens, impl=impl,
+                          negative_eigenvalues=neg)
 
 
 def amax(t):
@@ -107,6 +110,7 @@ def scan_cases(draw, max_len=40, max_b=3, max_d=9, max_n=17, min_len=0):
         dtype=draw(st.sampled_from([torch.float32, torch.float64])),
         softplus=draw(st.booleans()),
         reverse=draw(st.booleans()),
+        neg=draw(st.booleans()),
         with_D=draw(st.booleans()), with_z=draw(st.booleans()), with_bias=draw(st.booleans()),
         with_h0=draw(st.booleans()),
         seed=draw(st.integers(0, 2**31 - 1)),
@@ -135,8 +139,8 @@ def build(case):
 @given(scan_cases())
 def test_scan_matches_float64_oracle(case):
     t = build(case)
-    out, last = run(t, case["impl"], case["softplus"], case["reverse"], case["num_chunks"])
-    ref, ref_last = oracle(t, case["softplus"], case["reverse"])
+    out, last = run(t, case["impl"], case["softplus"], case["reverse"], case["num_chunks"], neg=case["neg"])
+    ref, ref_last = oracle(t, case["softplus"], case["reverse"], case["neg"])
     b, l, d, n = case["b"], case["l"], case["d"], case["n"]
     assert out.shape == (b, l, d) and out.dtype == case["dtype"]
     assert last.shape == (b, d, n) and last.dtype == case["dtype"]  # float32 state for float32 inputs
@@ -152,7 +156,7 @@ def packed_cases(draw):
         d=d, n=draw(st.integers(1, 8)),
         groups=draw(st.one_of(st.none(), st.sampled_from(divisors(d)))),
         dtype=draw(st.sampled_from([torch.float32, torch.float64])),
-        softplus=draw(st.booleans()), reverse=draw(st.booleans()),
+        softplus=draw(st.booleans()), reverse=draw(st.booleans()), neg=draw(st.booleans()),
         with_D=draw(st.booleans()), with_z=draw(st.booleans()), with_bias=draw(st.booleans()),
         with_h0=draw(st.booleans()),
         impl=draw(st.sampled_from(["auto", "chunked", "naive"])),
@@ -171,14 +175,14 @@ def test_packed_sequences_equal_separate_calls(case):
                     c["with_bias"], c["with_h0"], n_states=len(lens))
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
     packed = {k: relayout(v, c["layout"]) for k, v in t.items()}
-    out, last = run(packed, c["impl"], c["softplus"], c["reverse"], cu_seqlens=cu)
+    out, last = run(packed, c["impl"], c["softplus"], c["reverse"], cu_seqlens=cu, neg=c["neg"])
     assert out.shape == (1, total, c["d"]) and last.shape == (len(lens), c["d"], c["n"])
     for i in range(len(lens)):
         s, e = int(cu[i]), int(cu[i + 1])
         one = {k: v[:, s:e] if k in ("u", "delta", "B", "C", "z") and v is not None else v for k, v in t.items()}
         if c["with_h0"]:
             one["initial_state"] = t["initial_state"][i : i + 1]
-        ref, ref_last = oracle(one, c["softplus"], c["reverse"])
+        ref, ref_last = oracle(one, c["softplus"], c["reverse"], c["neg"])
         assert_close_to(out[:, s:e], ref, c["dtype"])
         assert_close_to(last[i : i + 1], ref_last, c["dtype"])
 
@@ -252,7 +256,7 @@ def test_nonfinite_input_reaches_exactly_the_outputs_that_depend_on_it(case):
             expected[idx[0], :, idx[1]] = True
     t = {k: relayout(v, c["layouts"][k]) for k, v in t.items()}
     cu = torch.tensor(c["cu"], dtype=torch.int64) if packed else None
-    out, _ = run(t, c["impl"], c["softplus"], c["reverse"], c["num_chunks"], cu_seqlens=cu)
+    out, _ = run(t, c["impl"], c["softplus"], c["reverse"], c["num_chunks"], cu_seqlens=cu, neg=c["neg"])
     bad = ~torch.isfinite(out)
     assert torch.equal(bad, expected), (
         f"non-finite outputs {bad.nonzero().tolist()} but expected {expected.nonzero().tolist()}"
@@ -275,11 +279,11 @@ def test_float64_gradients_match_oracle(case, seed):
     for which in ("op", "oracle"):
         t = {k: relayout(v, case["layouts"][k]) for k, v in leaves.items()}
         if which == "op":
-            out, last = run(t, case["impl"], case["softplus"], case["reverse"], case["num_chunks"])
+            out, last = run(t, case["impl"], case["softplus"], case["reverse"], case["num_chunks"], neg=case["neg"])
         else:
             out, last = selective_scan_naive(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"],
                                              t["delta_bias"], case["softplus"], True, case["reverse"],
-                                             t["initial_state"])
+                                             t["initial_state"], negative_eigenvalues=case["neg"])
         live = [v for v in leaves.values() if v is not None]
         loss = (out * w_out).sum() + (last * w_last).sum()
         # Length 0 without an initial state: nothing depends on the inputs.
