@@ -155,12 +155,14 @@ class Mamba(nn.Module):
         bc_sign: Optional[str] = None,
         reorder_tokens: Union[bool, str] = False,
         reorder_tau: float = 1.0,
+        negative_eigenvalues: bool = False,
         device=None,
         dtype=None,
     ):
         """``bc_sign`` and ``reorder_tokens`` (default off) are the two refinements of Vo et al.,
         "Demystifying the Token Dynamics of Deep Selective State Space Models" (ICLR 2025); see
-        :meth:`enable_refinements`."""
+        :meth:`enable_refinements`. ``negative_eigenvalues``: transitions 2 exp(dt A) - 1 in (-1, 1)
+        (Grazzi et al., ICLR 2025), on the PyTorch scan paths (also on CUDA)."""
         super().__init__()
         name = type(self).__name__
         check_int(f"{name}: d_model", d_model, 1)
@@ -183,6 +185,7 @@ class Mamba(nn.Module):
         self.bc_sign = None
         self.reorder_tokens = False
         self.reorder_tau = reorder_tau
+        self.negative_eigenvalues = negative_eigenvalues
         self.in_proj = nn.Linear(d_model, self.d_inner * 2, bias=bias, **factory)
         self._add_direction("", conv_bias, factory)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
@@ -281,6 +284,7 @@ class Mamba(nn.Module):
         out = selective_scan(
             x, dt, A, B, C, D=upcast(D), z=z if perm is None else None, delta_bias=upcast(dt_proj.bias), delta_softplus=True,
             reverse=reverse, cu_seqlens=cu_seqlens, initial_state=ssm_state, return_last_state=state is not None,
+            negative_eigenvalues=self.negative_eigenvalues,
         )
         if perm is not None:
             # Back to the original order before gating (exact for the hard permutation).
