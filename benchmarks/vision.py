@@ -163,9 +163,10 @@ def _mamba_ssm_scan(selective_scan_fn):
     """Stand-in for zoo.core.selective_scan.selective_scan (channels-last) on mamba-ssm's (b, d, l) kernel."""
 
     def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
-             reverse=False, initial_state=None, cu_seqlens=None, impl="auto"):
-        if initial_state is not None or cu_seqlens is not None:
-            raise NotImplementedError("mamba-ssm comparison: initial_state / cu_seqlens are not used by the vision models")
+             reverse=False, initial_state=None, cu_seqlens=None, impl="auto", negative_eigenvalues=False):
+        if initial_state is not None or cu_seqlens is not None or negative_eigenvalues:
+            raise NotImplementedError("mamba-ssm comparison: initial_state / cu_seqlens / negative_eigenvalues are not "
+                                      "used by the vision models")
         t = (lambda a: a.flip(1)) if reverse else (lambda a: a)  # Vim's backward direction: flip, scan, flip
         bc = (lambda a: t(a).transpose(1, 2).contiguous()) if B.dim() == 3 else (lambda a: t(a).permute(0, 2, 3, 1).contiguous())
         out = selective_scan_fn(

@@ -204,3 +204,21 @@ def test_negative_eigenvalues_option_reaches_the_scan(cls, monkeypatch):
             first, state = m.forward_stream(u[:, :4])
             second, _ = m.forward_stream(u[:, 4:], state)
             torch.testing.assert_close(torch.cat([first, second], 1), out, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the mixers' GPU paths")
+@pytest.mark.parametrize("name", ["mamba2", "bimamba2", "hydra", "mamba2_negative"])
+def test_cuda_matches_cpu_float64(name):
+    from zoo.core.hydra import Hydra
+
+    torch.manual_seed(0)
+    make = {"mamba2": lambda: Mamba2(32, d_state=16, headdim=8, ngroups=2),
+            "bimamba2": lambda: BiMamba2(32, d_state=16, headdim=8),
+            "hydra": lambda: Hydra(32, d_state=16, headdim=8),
+            "mamba2_negative": lambda: Mamba2(32, d_state=16, headdim=8, negative_eigenvalues=True)}[name]
+    m = make()
+    u = torch.randn(2, 67, 32)
+    with torch.no_grad():
+        ref = m.double()(u.double())
+        out = m.float().cuda()(u.cuda())
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-3, atol=1e-3)

@@ -294,3 +294,20 @@ def test_negative_eigenvalues_let_one_state_track_parity():
         assert torch.equal(torch.sign(y[..., 0, 0]).long(), parity), impl
         plain = ssd_scan(x, dt, -torch.ones(1, dtype=F64), B, C, initial_state=h0, impl=impl)
         assert (plain >= 0).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the GPU paths of the op")
+@pytest.mark.parametrize("negative_eigenvalues", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_paths_match_the_float64_oracle(negative_eigenvalues, dtype):
+    a = _signed_inputs(l=70) if negative_eigenvalues else make(b=2, l=70, h=4, p=8, g=2, n=16)
+    h0 = torch.randn(2, 4, a["x"].shape[-1], a["B"].shape[-1], dtype=F64)
+    kw = dict(initial_state=h0, return_final_state=True, negative_eigenvalues=negative_eigenvalues,
+              dt_softplus=not negative_eigenvalues)
+    ref, ref_last = ssd_scan(**a, **kw, impl="naive")
+    cuda = {k: (v.to("cuda", dtype) if k in ("x", "B", "C", "z") else v.cuda().float()) for k, v in a.items()}
+    out, last = ssd_scan(**cuda, **{**kw, "initial_state": h0.float().cuda()})
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-4
+    scale = ref.abs().max().item()
+    assert (out.double().cpu() - ref).abs().max().item() <= tol * max(scale, 1.0)
+    assert (last.double().cpu() - ref_last).abs().max().item() <= tol * max(ref_last.abs().max().item(), 1.0)
