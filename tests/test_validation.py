@@ -46,6 +46,12 @@ def run_cli(argv, capsys):
      "argument --batch: must be an integer >= 1, got 0"),
     (["forecast", "bench", "--epochs", "0"], "argument --epochs: must be an integer >= 1, got 0"),
     (["segment", "--batch-size", "-2"], "argument --batch-size: must be an integer >= 1, got -2"),
+    (["mil", "bench", "--epochs", "0"], "argument --epochs: must be an integer >= 1, got 0"),
+    (["mil", "bench", "--bag-size", "0", "5"], "argument --bag-size: must be an integer >= 1, got 0"),
+    (["mil", "bench", "--lr=-1e-3"], "argument --lr: must be a number > 0, got -0.001"),
+    (["mil", "extract", "a.svs", "--out", "x", "--min-tissue", "1.5"], r"argument --min-tissue: must be a number in \[0, 1\], got 1.5"),
+    (["speech", "--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got 0"),
+    (["speech", "--limit-batches", "-3"], "argument --limit-batches: must be an integer >= 1, got -3"),
 ])
 def test_cli_refuses_numbers_out_of_range(argv, message, capsys):
     code, out, err = run_cli(argv, capsys)
@@ -98,6 +104,25 @@ def test_output_that_is_a_file_is_refused_before_training(tmp_path, capsys):
     code, out, err = run_cli(["finetune", *TINY, "--output", str(target)], capsys)
     assert code == 2 and f"--output {target}: expected a folder, got an existing file" in err, err
     assert "finetune vim_tiny" not in out  # refused before the model was built
+
+
+def test_mil_and_speech_refuse_bad_values_and_outputs_before_any_work(tmp_path):
+    from zoo.tasks.mil import run_mil_benchmark
+    from zoo.tasks.speech import run_speech_task
+
+    with pytest.raises(ValueError, match=r"mil bench: bag_size must be \(min, max\) integers with 1 <= min <= max, got \(9, 4\)"):
+        run_mil_benchmark(["abmil"], [0], bag_size=(9, 4))
+    with pytest.raises(ValueError, match="mil bench: seed must be an integer >= 0, got -1"):
+        run_mil_benchmark(["abmil"], [-1])
+    folder = tmp_path / "taken"
+    folder.mkdir()
+    with pytest.raises(ValueError, match="--output .*taken: expected a file name, got an existing folder"):
+        run_mil_benchmark(["abmil"], [0], output=str(folder))
+    with pytest.raises(ValueError, match="speech: epochs must be an integer >= 1, got 0"):
+        run_speech_task("kws", epochs=0, cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="--save-weights .*taken: expected a file name, got an existing folder"):
+        run_speech_task("kws", cache_dir=str(tmp_path / "never-built"), save_weights=str(folder))
+    assert not (tmp_path / "never-built").exists()  # refused before the corpus was synthesized
 
 
 def test_unwritable_output_is_refused_before_training(tmp_path, capsys, monkeypatch):

@@ -21,8 +21,21 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from zoo.core.checks import check_int
 from zoo.data.digit_bags import make_digit_bags
 from zoo.models.mil import ABMIL, MambaMIL, TransMIL
+from zoo.tasks.engine import check_fields, check_output_file, number_arg, resolve_device, write_text_atomic
+
+# What each numeric argument of the benchmark and of extraction allows (number_arg / check_fields keywords).
+BENCH_LIMITS = dict(
+    epochs=dict(kind=int, low=1), train_bags=dict(kind=int, low=1), test_bags=dict(kind=int, low=1),
+    embed_dim=dict(kind=int, low=1), rate=dict(kind=int, low=1), drop_rate=dict(kind=float, low=0, high=1, high_open=True),
+    lr=dict(kind=float, low=0, low_open=True), weight_decay=dict(kind=float, low=0), batch_size=dict(kind=int, low=1),
+)
+EXTRACT_LIMITS = dict(
+    magnification=dict(kind=float, low=0, low_open=True), tile_size=dict(kind=int, low=1),
+    batch_size=dict(kind=int, low=1), min_tissue=dict(kind=float, low=0, high=1),
+)
 
 # Benchmark entries: name -> (class, kwargs); all share in_dim, num_classes and embed_dim.
 BENCH_MODELS = {
@@ -111,6 +124,15 @@ def run_mil_benchmark(
     if save_weights and (len(models) != 1 or len(seeds) != 1):
         raise ValueError(f"mil bench: --save-weights needs one model and one seed, got models {list(models)} "
                          f"and seeds {list(seeds)}")
+    check_fields("mil bench", argparse.Namespace(**locals()), BENCH_LIMITS)
+    for seed in seeds:
+        check_int("mil bench: seed", seed, 0)
+    lo, hi = bag_size
+    if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
+        raise ValueError(f"mil bench: bag_size must be (min, max) integers with 1 <= min <= max, got {tuple(bag_size)}")
+    for option, path in (("--output", output), ("--save-weights", save_weights)):
+        if path:  # before any training: a run is not thrown away because its results cannot be written
+            check_output_file(path, option)
     runs: List[dict] = []
     for seed in seeds:
         tr_x, tr_y = make_digit_bags(train_bags, "train", bag_size=tuple(bag_size), seed=seed)
@@ -140,8 +162,7 @@ def run_mil_benchmark(
     )
     print(format_table(result))
     if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps(result, indent=1) + "\n")
+        write_text_atomic(output, json.dumps(result, indent=1) + "\n")
     if save_weights:
         from zoo.hub import save_state_dict
 
@@ -159,19 +180,22 @@ def format_table(result: dict) -> str:
 
 
 def add_cli(subparsers) -> None:
+    def limit(name: str, table=BENCH_LIMITS):
+        return number_arg(**table[name])
+
     p = subparsers.add_parser("mil", help="multiple-instance learning: benchmarks and whole-slide feature extraction")
     sub = p.add_subparsers(dest="mil_command", required=True)
     b = sub.add_parser("bench", help="train MambaMIL / ABMIL / TransMIL the same way on digit bags and compare")
     b.add_argument("--models", nargs="+", default=["mambamil", "abmil", "transmil"], choices=sorted(BENCH_MODELS))
-    b.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    b.add_argument("--epochs", type=int, default=10)
-    b.add_argument("--train-bags", type=int, default=300)
-    b.add_argument("--test-bags", type=int, default=300)
-    b.add_argument("--bag-size", nargs=2, type=int, default=[8, 48], metavar=("MIN", "MAX"))
-    b.add_argument("--embed-dim", type=int, default=64)
-    b.add_argument("--rate", type=int, default=5, help="SR-Mamba reordering rate")
-    b.add_argument("--batch-size", type=int, default=8, help="bags per step (packed into one sequence)")
-    b.add_argument("--lr", type=float, default=1e-3)
+    b.add_argument("--seeds", nargs="+", type=number_arg(int, low=0), default=[0, 1, 2])
+    b.add_argument("--epochs", type=limit("epochs"), default=10)
+    b.add_argument("--train-bags", type=limit("train_bags"), default=300)
+    b.add_argument("--test-bags", type=limit("test_bags"), default=300)
+    b.add_argument("--bag-size", nargs=2, type=number_arg(int, low=1), default=[8, 48], metavar=("MIN", "MAX"))
+    b.add_argument("--embed-dim", type=limit("embed_dim"), default=64)
+    b.add_argument("--rate", type=limit("rate"), default=5, help="SR-Mamba reordering rate")
+    b.add_argument("--batch-size", type=limit("batch_size"), default=8, help="bags per step (packed into one sequence)")
+    b.add_argument("--lr", type=limit("lr"), default=1e-3)
     b.add_argument("--output", default=None, help="write the table as JSON here")
     b.add_argument("--save-weights", default=None, help="write the trained model's state dict here (safetensors; one model, one seed)")
     b.set_defaults(func=_cli_bench)
@@ -180,10 +204,10 @@ def add_cli(subparsers) -> None:
     e.add_argument("--out", required=True, help="directory of <slide>.safetensors bags")
     e.add_argument("--backbone", default="resnet50", help="timm or zoo model name")
     e.add_argument("--no-pretrained", action="store_true", help="random backbone weights (tests, smoke runs)")
-    e.add_argument("--magnification", type=float, default=20.0)
-    e.add_argument("--tile-size", type=int, default=224)
-    e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--min-tissue", type=float, default=0.5, help="keep tiles with at least this tissue fraction")
+    e.add_argument("--magnification", type=limit("magnification", EXTRACT_LIMITS), default=20.0)
+    e.add_argument("--tile-size", type=limit("tile_size", EXTRACT_LIMITS), default=224)
+    e.add_argument("--batch-size", type=limit("batch_size", EXTRACT_LIMITS), default=64)
+    e.add_argument("--min-tissue", type=limit("min_tissue", EXTRACT_LIMITS), default=0.5, help="keep tiles with at least this tissue fraction")
     e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     e.set_defaults(func=_cli_extract)
 
@@ -198,6 +222,8 @@ def _cli_bench(args: argparse.Namespace) -> int:
 
 def _cli_extract(args: argparse.Namespace) -> int:
     from zoo.data.wsi import extract_features  # needs the wsi extra (OpenSlide)
+
+    resolve_device(args.device)
 
     paths = extract_features(args.slides, args.backbone, args.out, pretrained=not args.no_pretrained,
                              magnification=args.magnification, tile_size=args.tile_size, batch_size=args.batch_size,

@@ -14,6 +14,14 @@ from torchaudio.functional import edit_distance  # the Levenshtein distance behi
 from tqdm import tqdm
 
 from zoo.data.speech import SynthSpeech, build_corpus, collate_waves, digits_to_targets
+from zoo.tasks.engine import check_fields, check_output_file, number_arg, write_text_atomic
+
+# What each numeric argument of the task allows (number_arg / check_fields keywords).
+LIMITS = dict(
+    epochs=dict(kind=int, low=1), batch_size=dict(kind=int, low=1), lr=dict(kind=float, low=0, low_open=True),
+    seed=dict(kind=int, low=0), voices_per_split=dict(kind=int, low=1, optional=True), n_strings=dict(kind=int, low=1),
+    limit_batches=dict(kind=int, low=1, optional=True),
+)
 
 
 def _loaders(task, corpus, batch_size, seed):
@@ -63,6 +71,10 @@ def run_speech_task(task: str = "kws", model_name: Optional[str] = None, epochs:
 
     if task not in ("kws", "digits"):
         raise ValueError(f"run_speech_task: task must be 'kws' or 'digits', got {task!r}")
+    check_fields("speech", argparse.Namespace(**locals()), LIMITS)
+    for option, path in (("--output", output), ("--save-weights", save_weights)):
+        if path:  # before the corpus and the training: a run is not thrown away because its results cannot be written
+            check_output_file(path, option)
     torch.manual_seed(seed)
     corpus = build_corpus(task, Path(cache_dir) if cache_dir else None, n_strings=n_strings, seed=seed,
                           voices_per_split=voices_per_split, progress=progress)
@@ -94,28 +106,29 @@ def run_speech_task(task: str = "kws", model_name: Optional[str] = None, epochs:
                   test_utterances=len(test_loader.dataset), train_seconds=train_time,
                   params=sum(p.numel() for p in model.parameters()), **evaluate(task, model, test_loader))
     if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps(result, indent=1))
+        write_text_atomic(output, json.dumps(result, indent=1))
     if save_weights:
-        from safetensors.torch import save_file
+        from zoo.hub import save_state_dict
 
-        Path(save_weights).parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, save_weights)
+        save_state_dict(model, save_weights)
     return result
 
 
 def add_cli(subparsers) -> None:
+    def limit(name: str):
+        return number_arg(**LIMITS[name])
+
     p = subparsers.add_parser("speech", help="train/evaluate a Mamba speech encoder on speech synthesized here (espeak-ng)")
     p.add_argument("--task", choices=["kws", "digits"], default="kws", help="keyword spotting (accuracy) or CTC digit strings (CER)")
     p.add_argument("--model", default=None, help="zoo entry (default: mamba_kws_tiny / mamba_ctc_causal_tiny)")
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=limit("epochs"), default=8)
+    p.add_argument("--batch-size", type=limit("batch_size"), default=32)
+    p.add_argument("--lr", type=limit("lr"), default=2e-3)
+    p.add_argument("--seed", type=limit("seed"), default=0)
     p.add_argument("--cache-dir", default=None, help="where the corpus is built (default ~/.cache/mamba-zoo/speech)")
-    p.add_argument("--voices-per-split", type=int, default=None, help="use only this many voices per split (quick runs)")
-    p.add_argument("--n-strings", type=int, default=1200, help="digits task: how many digit strings to synthesize (train + test)")
-    p.add_argument("--limit-batches", type=int, default=None, help="train on at most this many batches per epoch")
+    p.add_argument("--voices-per-split", type=limit("voices_per_split"), default=None, help="use only this many voices per split (quick runs)")
+    p.add_argument("--n-strings", type=limit("n_strings"), default=1200, help="digits task: how many digit strings to synthesize (train + test)")
+    p.add_argument("--limit-batches", type=limit("limit_batches"), default=None, help="train on at most this many batches per epoch")
     p.add_argument("--output", default=None, help="write the result JSON here")
     p.add_argument("--save-weights", default=None, help="write the trained model's state dict here (safetensors)")
     p.set_defaults(func=_cli_main)
