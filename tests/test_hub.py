@@ -272,3 +272,23 @@ def test_every_load_is_torch_weights_only(sd, tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="ignored non-tensor objects"):
         assert_same(load_checkpoint(path), sd)
     assert calls and all(c is True for c in calls)
+
+
+def test_without_a_network_the_hub_is_not_retried_and_the_message_says_what_to_do(sd, tmp_path, monkeypatch):
+    """No ZOO_OFFLINE, but the Hub's name does not resolve: answer from the cache at once, else fail at once
+    (huggingface_hub alone retries five times, about 30 s) with the way to give a file."""
+    import socket
+
+    cache = tmp_path / "hf" / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("ZOO_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def no_dns(host, *args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    put_in_hf_cache(cache, "org/cached", "w.safetensors", sd)
+    assert_same(load_checkpoint("hf-hub:org/cached/w.safetensors"), sd)
+    with pytest.raises(FileNotFoundError, match=r"not reachable from here \(DNS lookup of huggingface.co failed.*checkpoint_path="):
+        load_checkpoint("hf-hub:org/absent/w.safetensors")

@@ -21,6 +21,7 @@ import hashlib
 import importlib.resources
 import os
 import pickle
+import socket
 import uuid
 import warnings
 from collections import OrderedDict
@@ -92,13 +93,35 @@ def _hf_download(repo_id: str, filename: str, revision: str | None = None, cache
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     offline = _is_offline()
+    unreachable = None if offline else _hub_unreachable()
     try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir, local_files_only=offline))
+        return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
+                                    local_files_only=offline or unreachable is not None))
     except (LocalEntryNotFoundError, HfHubHTTPError) as e:
         where = f"{repo_id}@{revision}" if revision else repo_id
-        hint = (" (offline mode is on (ZOO_OFFLINE / HF_HUB_OFFLINE) and the file is not in the Hugging Face cache; "
-                "give a local file with checkpoint_path=...)") if offline else ""
-        raise FileNotFoundError(f"could not get '{filename}' from hf-hub repo '{where}'{hint}: {e}") from e
+        if offline:
+            why = "offline mode is on (ZOO_OFFLINE / HF_HUB_OFFLINE) and the file is not in the Hugging Face cache"
+        elif unreachable:
+            why = f"the Hugging Face Hub is not reachable from here ({unreachable}) and the file is not in its cache"
+        else:
+            why = str(e)
+        raise FileNotFoundError(
+            f"could not get '{filename}' from hf-hub repo '{where}': {why}; give a local file with checkpoint_path=..., "
+            "or put the file in the Hugging Face cache (HF_HUB_CACHE)"
+        ) from e
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hub cannot be reached (its host name does not resolve), else None. One DNS lookup, answered at
+    once without a network, instead of huggingface_hub's five retries with back-off (about 30 s)."""
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or ""
+    try:
+        socket.getaddrinfo(host, 443)
+    except (socket.gaierror, UnicodeError) as e:
+        return f"DNS lookup of {host} failed: {e}"
+    return None
 
 
 def url_cache_path(url: str, cache_dir=None) -> Path:
