@@ -445,7 +445,8 @@ def _cfg(url: str, num_classes: int, num_points: int, metrics: dict, notes: str)
     )
 
 
-# Accuracies: the "Main Results" table of the LMD0311/PointMamba README (ckpts-2 release).
+# Accuracies: the "Main Results" table of the LMD0311/PointMamba README (ckpts-2 release). No sha256: the release
+# files cannot be downloaded where this zoo is built; resolve_source checks one on download and load once registered.
 register_pretrained_cfgs({
     "pointmamba_mpm.shapenet55": dict(
         url=_RELEASE + "pretrain.pth", license="Apache-2.0", paper=_PAPER, source=_SOURCE, metrics={},

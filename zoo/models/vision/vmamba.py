@@ -58,7 +58,8 @@ _RELEASE = "https://github.com/MzeroMiko/VMamba/releases/download/%23v2cls/"
 
 
 def _cfg(file: str, top1: float, config: str, **kwargs) -> dict:
-    # Evaluation transform of the official data/build.py: resize to 256/224 of the crop (bicubic), centre crop.
+    # No sha256: the release files cannot be downloaded where this zoo is built (resolve_source checks one on
+    # download and on load once it is registered). Evaluation transform of the official data/build.py: resize to 256/224 of the crop (bicubic), centre crop.
     return dict(
         url=_RELEASE + file, num_classes=1000, input_size=(3, 224, 224), mean=IMAGENET_DEFAULT_MEAN,
         std=IMAGENET_DEFAULT_STD, crop_pct=0.875, interpolation="bicubic", license="MIT", paper=_PAPER,
