@@ -34,7 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.core import BiMamba, Mamba
+from zoo.core import Mamba
+from zoo.core.mixers import MIXERS as CORE_MIXERS
+from zoo.core.mixers import check_mixer, create_mixer
 from zoo.core.checks import check_num_classes, check_rates, check_sizes
 from zoo.registry import build_model, register_model, register_pretrained_cfgs
 
@@ -111,7 +113,7 @@ class _PreNormMixer(nn.Sequential):
 
 
 _ACTS = {"relu": nn.ReLU, "gelu": nn.GELU}
-MIXERS = ("srmamba", "mamba", "bimamba")
+MIXERS = ("srmamba", *CORE_MIXERS)  # SR-Mamba, or any core mixer by name (the official: mamba, bimamba)
 
 
 def _init_official(module: nn.Module) -> None:
@@ -164,10 +166,10 @@ class MambaMIL(nn.Module):
         act: str = "gelu",
         drop_rate: float = 0.25,
         attn_dim: int = 128,
+        mixer_cfg: Optional[dict] = None,
     ):
         super().__init__()
-        if mixer not in MIXERS:
-            raise ValueError(f"MambaMIL: mixer must be one of {MIXERS}, got {mixer!r}")
+        check_mixer("MambaMIL", mixer, MIXERS)
         check_num_classes("MambaMIL", num_classes)
         check_sizes("MambaMIL", depth=depth, attn_dim=attn_dim)
         self.in_dim, self.num_classes, self.embed_dim = in_dim, num_classes, embed_dim
@@ -175,14 +177,12 @@ class MambaMIL(nn.Module):
         self.mixer, self.rate = mixer, rate
         self.pretrained_cfg: dict = {}  # filled in by build_model
         self._fc1 = make_projection(in_dim, embed_dim, act, drop_rate, "MambaMIL")
-        mixer_kwargs = dict(d_state=d_state, d_conv=d_conv, expand=expand)
         if mixer == "srmamba":
-            make = lambda: SRMamba(embed_dim, rate=rate, **mixer_kwargs)  # noqa: E731
-        elif mixer == "bimamba":
-            # The official BiMamba sums both directions (no halving).
-            make = lambda: BiMamba(embed_dim, divide_out=False, **mixer_kwargs)  # noqa: E731
-        else:
-            make = lambda: Mamba(embed_dim, **mixer_kwargs)  # noqa: E731
+            make = lambda: SRMamba(embed_dim, rate=rate, d_state=d_state, d_conv=d_conv, expand=expand,  # noqa: E731
+                                   **(mixer_cfg or {}))
+        else:  # the official BiMamba sums both directions (no halving)
+            make = lambda: create_mixer(mixer, embed_dim, d_state, d_conv, expand, divide_out=False,  # noqa: E731
+                                        mixer_cfg=mixer_cfg)
         self.layers = nn.ModuleList([_PreNormMixer(nn.LayerNorm(embed_dim), make()) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim)
         self.attention = nn.Sequential(nn.Linear(embed_dim, attn_dim), nn.Tanh(), nn.Linear(attn_dim, 1))

@@ -49,7 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.core import BiMamba, ResidualBlock, RMSNorm, init_mamba_weights
+from zoo.core import ResidualBlock, RMSNorm, init_mamba_weights
+from zoo.core.mixers import check_mixer, create_mixer
 from zoo.core.checks import check_float, check_int, check_ints, check_num_classes, check_rates, check_sizes
 from zoo.registry import build_model, register_model, register_pretrained_cfgs
 
@@ -138,8 +139,11 @@ class PCMEncoder(nn.Module):
         drop_path_rate: float = 0.1,
         grid_size: float = 0.02,
         cts_variant: str = "snake",
+        mixer: str = "bimamba",
+        mixer_cfg: Optional[dict] = None,
     ):
         super().__init__()
+        check_mixer("PCM", mixer)
         if cts_variant not in ("snake", "official"):
             raise ValueError(f"PCM: cts_variant must be 'snake' or 'official', got {cts_variant!r}")
         self.cts_variant = cts_variant
@@ -187,8 +191,8 @@ class PCMEncoder(nn.Module):
             self.order_prompt_proj.append(nn.Linear(prompt_dim, out, bias=False))
             blocks = nn.Sequential()
             for _ in range(mamba_blocks[i]):
-                mixer = BiMamba(out, divide_out=False, layer_idx=layer)
-                blocks.append(ResidualBlock(out, mixer, RMSNorm(out, eps=1e-5), drop_path=rates[layer]))
+                block_mixer = create_mixer(mixer, out, 16, 4, 2, layer_idx=layer, divide_out=False, mixer_cfg=mixer_cfg)
+                blocks.append(ResidualBlock(out, block_mixer, RMSNorm(out, eps=1e-5), drop_path=rates[layer]))
                 layer += 1
             self.mamba_blocks_list.append(blocks)
             last = out

@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
-from zoo.core import Mamba, ResidualBlock, RMSNorm, init_mamba_weights
+from zoo.core import ResidualBlock, RMSNorm, init_mamba_weights
+from zoo.core.mixers import check_mixer, create_mixer
 from zoo.core.checks import check_float, check_num_classes, check_rates, check_sizes
 from zoo.core.precision import upcast
 from zoo.registry import build_model, register_model, register_pretrained_cfgs
@@ -80,12 +81,14 @@ class MambaEncoder(nn.Module):
     The residual stream stays in the input dtype (the official block is x + mixer(norm(x)), with
     mamba-ssm's residual_in_fp32 left False), and the final norm's input is cast to its weight dtype."""
 
-    def __init__(self, dim: int, depth: int, drop_path: Sequence[float], rms_norm: bool = False, ssm_cfg: Optional[dict] = None):
+    def __init__(self, dim: int, depth: int, drop_path: Sequence[float], rms_norm: bool = False, ssm_cfg: Optional[dict] = None,
+                 mixer: str = "mamba"):
         super().__init__()
         norm = partial(RMSNorm, eps=1e-5) if rms_norm else partial(nn.LayerNorm, eps=1e-5)
         rates = [0.0] + list(drop_path[:-1])
         self.layers = nn.ModuleList([
-            ResidualBlock(dim, Mamba(dim, layer_idx=i, **(ssm_cfg or {})), norm(dim), drop_path=rates[i], residual_in_fp32=False)
+            ResidualBlock(dim, create_mixer(mixer, dim, 16, 4, 2, layer_idx=i, mixer_cfg=ssm_cfg), norm(dim),
+                          drop_path=rates[i], residual_in_fp32=False)
             for i in range(depth)
         ])
         self.drop_path_f = DropPath(drop_path[-1]) if depth and drop_path[-1] > 0 else nn.Identity()
@@ -141,7 +144,10 @@ class PointMamba(nn.Module):
         head_hidden: int = 256,
         head_drop: float = 0.5,
         ssm_cfg: Optional[dict] = None,
+        mixer: str = "mamba",
     ):
+        """``mixer``: the blocks' mixer by name (``zoo.core.mixers.MIXERS``; the official "mamba", or "mamba2",
+        "hydra", ...); ``ssm_cfg``: its arguments (the official name)."""
         super().__init__()
         if global_pool not in ("avg", "max", "avg_max"):
             raise ValueError(f"PointMamba: global_pool must be 'avg', 'max' or 'avg_max', got {global_pool!r}")
@@ -163,7 +169,8 @@ class PointMamba(nn.Module):
         self.encoder = PatchEncoder(encoder_dims)
         self.pos_embed = nn.Sequential(nn.Linear(3, 128), nn.GELU(), nn.Linear(128, trans_dim))
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linspace; plain floats for meta init
-        self.blocks = MambaEncoder(trans_dim, depth, dpr, rms_norm=rms_norm, ssm_cfg=ssm_cfg)
+        check_mixer("PointMamba", mixer)
+        self.blocks = MambaEncoder(trans_dim, depth, dpr, rms_norm=rms_norm, ssm_cfg=ssm_cfg, mixer=mixer)
         # Order indicators: one scale/shift pair per serialization order (official names).
         for i, _ in enumerate(self.orders, start=1):
             gamma, beta = _order_scale(trans_dim)
@@ -354,6 +361,7 @@ class PointMambaMPM(nn.Module):
         self, trans_dim: int = 384, depth: int = 12, decoder_depth: int = 4, num_group: int = 64, group_size: int = 32,
         mask_ratio: float = 0.6, drop_path_rate: float = 0.1, rms_norm: bool = False,
         orders: Sequence[str] = ("hilbert", "hilbert-trans"), grid_size: float = 0.02,
+        mixer: str = "mamba", ssm_cfg: Optional[dict] = None,
     ):
         super().__init__()
         if not 0.0 < mask_ratio < 1.0:
@@ -362,14 +370,15 @@ class PointMambaMPM(nn.Module):
         self.pretrained_cfg: dict = {}
         self.MAE_encoder = PointMamba(
             num_classes=0, trans_dim=trans_dim, depth=depth, num_group=num_group, group_size=group_size,
-            drop_path_rate=drop_path_rate, rms_norm=rms_norm, orders=orders, grid_size=grid_size,
+            drop_path_rate=drop_path_rate, rms_norm=rms_norm, orders=orders, grid_size=grid_size, mixer=mixer,
+            ssm_cfg=ssm_cfg,
         )
         self.mask_token = nn.Parameter(torch.zeros(1, 1, trans_dim))
         trunc_normal_(self.mask_token, std=0.02)
         self.decoder_pos_embed = nn.Sequential(nn.Linear(3, 128), nn.GELU(), nn.Linear(128, trans_dim))
         self.MAE_decoder = nn.Module()
         dpr = [drop_path_rate * i / max(decoder_depth - 1, 1) for i in range(decoder_depth)]
-        self.MAE_decoder.blocks = MambaEncoder(trans_dim, decoder_depth, dpr, rms_norm=rms_norm)
+        self.MAE_decoder.blocks = MambaEncoder(trans_dim, decoder_depth, dpr, rms_norm=rms_norm, ssm_cfg=ssm_cfg, mixer=mixer)
         self.increase_dim = nn.Sequential(nn.Conv1d(trans_dim, 3 * group_size, 1))
 
     def forward(self, pts: torch.Tensor, return_reconstruction: bool = False):

@@ -24,13 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.core.checks import check_int, check_num_classes, check_rates, check_sizes
-from zoo.core.mamba import Mamba
+from zoo.core.mixers import check_mixer, create_mixer
 from zoo.registry import build_model, register_model, register_pretrained_cfgs
 
 __all__ = ["SMamba", "SMambaClassifier", "SMambaEncoder", "SMambaLayer", "checkpoint_filter_fn", "instance_norm"]
 
 _PAPER = "Is Mamba Effective for Time Series Forecasting? (Wang et al., Neurocomputing 2024, arXiv:2403.11144)"
 _SOURCE = "https://github.com/wzhwzhwzh0921/S-D-Mamba"
+UNIDIRECTIONAL = ("mamba", "mamba2")  # each direction of S-Mamba is its own causal mixer
 
 
 def instance_norm(x: torch.Tensor, eps: float = 1e-5):
@@ -46,18 +47,20 @@ def instance_norm(x: torch.Tensor, eps: float = 1e-5):
 class SMambaLayer(nn.Module):
     """x <- LN(x + Mamba(x) + flip(Mamba_r(flip(x)))); x <- LN(x + FFN(x)) over variate tokens (b, n, d).
 
-    The two Mambas are separate instances with d_conv=2, expand=1 (the official setting)."""
+    The two Mambas are separate instances with d_conv=2, expand=1 (the official setting). ``mixer``: "mamba" (the
+    official) or "mamba2" for both directions, ``mixer_cfg`` its other arguments."""
 
     def __init__(
         self, d_model: int, d_state: int = 32, d_ff: Optional[int] = None, d_conv: int = 2, expand: float = 1,
-        dropout: float = 0.1, activation: str = "gelu",
+        dropout: float = 0.1, activation: str = "gelu", mixer: str = "mamba", mixer_cfg: Optional[dict] = None,
     ):
         super().__init__()
         if activation not in ("gelu", "relu"):
             raise ValueError(f"SMambaLayer: activation must be 'gelu' or 'relu', got {activation!r}")
+        check_mixer("S-Mamba", mixer, UNIDIRECTIONAL)
         d_ff = d_ff or 4 * d_model
-        self.mixer = Mamba(d_model, d_state=d_state, d_conv=d_conv, expand=expand)
-        self.mixer_r = Mamba(d_model, d_state=d_state, d_conv=d_conv, expand=expand)
+        self.mixer = create_mixer(mixer, d_model, d_state, d_conv, expand, mixer_cfg=mixer_cfg)
+        self.mixer_r = create_mixer(mixer, d_model, d_state, d_conv, expand, mixer_cfg=mixer_cfg)
         self.norm1 = nn.LayerNorm(d_model)
         self.fc1 = nn.Linear(d_model, d_ff)
         self.fc2 = nn.Linear(d_ff, d_model)
@@ -78,7 +81,7 @@ class SMambaEncoder(nn.Module):
 
     def __init__(
         self, seq_len: int, d_model: int, e_layers: int, d_state: int, d_ff: Optional[int], d_conv: int,
-        expand: float, dropout: float, activation: str,
+        expand: float, dropout: float, activation: str, mixer: str = "mamba", mixer_cfg: Optional[dict] = None,
     ):
         super().__init__()
         check_sizes("S-Mamba", seq_len=seq_len, d_model=d_model, e_layers=e_layers)
@@ -88,7 +91,7 @@ class SMambaEncoder(nn.Module):
         self.embed = nn.Linear(seq_len, d_model)
         self.embed_drop = nn.Dropout(dropout)
         self.layers = nn.ModuleList(
-            SMambaLayer(d_model, d_state, d_ff, d_conv, expand, dropout, activation) for _ in range(e_layers)
+            SMambaLayer(d_model, d_state, d_ff, d_conv, expand, dropout, activation, mixer, mixer_cfg) for _ in range(e_layers)
         )
         self.norm = nn.LayerNorm(d_model)
         self.grad_checkpointing = False
@@ -138,13 +141,16 @@ class SMamba(nn.Module):
         dropout: float = 0.1,
         activation: str = "gelu",
         use_norm: bool = True,
+        mixer: str = "mamba",
+        mixer_cfg: Optional[dict] = None,
     ):
         super().__init__()
         check_sizes("SMamba", seq_len=seq_len, pred_len=pred_len)
         check_int("SMamba: enc_in", enc_in, 1, optional=True)
         self.seq_len, self.pred_len, self.enc_in, self.use_norm = seq_len, pred_len, enc_in, use_norm
         self.num_features = d_model
-        self.encoder = SMambaEncoder(seq_len, d_model, e_layers, d_state, d_ff, d_conv, expand, dropout, activation)
+        self.encoder = SMambaEncoder(seq_len, d_model, e_layers, d_state, d_ff, d_conv, expand, dropout, activation,
+                                     mixer, mixer_cfg)
         self.head = nn.Linear(d_model, pred_len)
         self.pretrained_cfg: dict = {}  # build_model sets the entry's cfg
 
@@ -206,6 +212,8 @@ class SMambaClassifier(nn.Module):
         activation: str = "gelu",
         use_norm: bool = True,
         patch_len: Optional[int] = None,
+        mixer: str = "mamba",
+        mixer_cfg: Optional[dict] = None,
     ):
         super().__init__()
         check_sizes("SMambaClassifier", seq_len=seq_len)
@@ -216,7 +224,8 @@ class SMambaClassifier(nn.Module):
         self.seq_len, self.enc_in, self.use_norm, self.patch_len = seq_len, enc_in, use_norm, patch_len
         self.num_classes, self.num_features = num_classes, d_model
         token_len = patch_len or seq_len
-        self.encoder = SMambaEncoder(token_len, d_model, e_layers, d_state, d_ff, d_conv, expand, dropout, activation)
+        self.encoder = SMambaEncoder(token_len, d_model, e_layers, d_state, d_ff, d_conv, expand, dropout, activation,
+                                     mixer, mixer_cfg)
         self.head = nn.Linear(d_model, num_classes) if num_classes > 0 else nn.Identity()
         self.pretrained_cfg: dict = {}
 

@@ -37,7 +37,8 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from zoo.core import BiMamba, ResidualBlock, RMSNorm, add_norm, init_mamba_weights
+from zoo.core import ResidualBlock, RMSNorm, add_norm, init_mamba_weights
+from zoo.core.mixers import check_mixer, create_mixer
 from zoo.core.checks import check_input_dtype, check_int, check_num_classes, check_rates, check_sizes
 from zoo.registry import build_model, register_model, register_pretrained_cfgs
 
@@ -160,8 +161,14 @@ class VisionMamba(nn.Module):
         drop_path_rate: float = 0.1,
         norm_epsilon: float = 1e-5,
         residual_in_fp32: bool = True,
+        mixer: str = "bimamba",
+        mixer_cfg: Optional[dict] = None,
     ):
+        """``mixer``: the block's mixer by name (``zoo.core.mixers.MIXERS``; "bimamba" is the official Vim's,
+        "bimamba2", "hydra", ... build Vim with Mamba-2 / Hydra blocks); ``mixer_cfg``: its other arguments
+        (e.g. ``{"headdim": 32}``)."""
         super().__init__()
+        check_mixer("VisionMamba", mixer)
         check_sizes("VisionMamba", depth=depth, embed_dim=embed_dim, in_chans=in_chans)
         for name, value in (("img_size", img_size), ("patch_size", patch_size), ("stride", stride)):
             for side in to_2tuple(value):
@@ -184,7 +191,7 @@ class VisionMamba(nn.Module):
         self.layers = nn.ModuleList([
             ResidualBlock(
                 embed_dim,
-                BiMamba(embed_dim, d_state=d_state, d_conv=d_conv, expand=expand, layer_idx=i, divide_out=True),
+                create_mixer(mixer, embed_dim, d_state, d_conv, expand, layer_idx=i, divide_out=True, mixer_cfg=mixer_cfg),
                 RMSNorm(embed_dim, eps=norm_epsilon),
                 drop_path=dpr[i],
                 residual_in_fp32=residual_in_fp32,
