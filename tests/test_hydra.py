@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from zoo.core.hydra import Hydra
 
-from test_mamba2 import rms_norm_ref
+from test_mamba2 import perturbed, rms_norm_ref
 from test_ssd import closed_form
 
 F64 = torch.float64
@@ -38,14 +38,6 @@ def official_forward(m, u):
     y = y_fw + y_bw + x_og * diag
     y = rms_norm_ref(y, m.norm.weight, z, 1e-5, m.d_inner, norm_before_gate=True)
     return y @ m.out_proj.weight.T + (0 if m.out_proj.bias is None else m.out_proj.bias)
-
-
-def perturbed(m):
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return m.double().eval()
 
 
 @pytest.mark.parametrize("cfg", [

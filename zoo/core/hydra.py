@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import check_int
 from .mamba2 import _dt_bias
 from .norm import RMSNormGated
 from .packing import Packing
@@ -57,8 +58,7 @@ class Hydra(nn.Module):
         name = type(self).__name__
         for arg, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("headdim", headdim),
                            ("ngroups", ngroups), ("chunk_size", chunk_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: {arg} must be an integer >= 1, got {value!r}")
+            check_int(f"{name}: {arg}", value, 1)
         if d_conv % 2 == 0:
             raise ValueError(f"{name}: d_conv must be odd (the conv is centred, padding d_conv // 2), got {d_conv}")
         factory = {"device": device, "dtype": dtype}

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import check_int
 from .mamba import causal_conv1d
 from .norm import RMSNormGated
 from .precision import upcast
@@ -75,8 +76,7 @@ class Mamba2(nn.Module):
         name = type(self).__name__
         for arg, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("headdim", headdim),
                            ("ngroups", ngroups), ("chunk_size", chunk_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: {arg} must be an integer >= 1, got {value!r}")
+            check_int(f"{name}: {arg}", value, 1)
         factory = {"device": device, "dtype": dtype}
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
         self.d_inner = int(expand * d_model)

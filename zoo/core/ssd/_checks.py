@@ -8,12 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from ..precision import upcast
+from ..selective_scan._checks import _shape
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _shape(t: torch.Tensor) -> str:
-    return str(tuple(t.shape))
 
 
 def check_ssd_args(
