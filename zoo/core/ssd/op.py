@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from ..packing import Packing
-from ..precision import compute_dtype
+from ..precision import compute_dtype, upcast
 from ..selective_scan import selective_scan
-from ..selective_scan.transition import decay
-from ._checks import check_ssd_args, heads_of_groups, prepare_dt, skip_term
+from ..selective_scan.step import selective_state_update
+from ._checks import check_ssd_args, prepare_dt
 from .chunked import ssd_scan_chunked
 from .naive import ssd_scan_naive
 
@@ -138,17 +138,10 @@ def ssd_step(
         )
     check_ssd_args(x[:, None], dt[:, None], A, B[:, None], C[:, None], D, None if z is None else z[:, None],
                    dt_bias, dt_limit, state, None, 1, op="ssd_step")
-    acc = compute_dtype(torch.promote_types(x.dtype, state.dtype))
-    step = prepare_dt(dt, dt_bias, dt_softplus, dt_limit).to(acc)  # (b, h)
-    nheads = x.shape[1]
-    Bh = heads_of_groups(B[:, None].to(acc), nheads)[:, 0]  # (b, h, n)
-    Ch = heads_of_groups(C[:, None].to(acc), nheads)[:, 0]
-    xa = x.to(acc)
-    new = decay(step * A.to(acc), negative_eigenvalues)[..., None, None] * state.to(acc) + (step[..., None] * xa)[..., None] * Bh[:, :, None, :]
-    y = (new * Ch[:, :, None, :]).sum(-1)
-    skip = skip_term(D, xa)
-    if skip is not None:
-        y = y + skip
-    if z is not None:
-        y = y * F.silu(z.to(acc))
-    return y.to(x.dtype), new.to(state.dtype)
+    # The selective state update with A, dt and D broadcast over each head's channels (one Triton kernel on CUDA).
+    b, nheads, headdim = x.shape
+    d_state = state.shape[-1]
+    step = prepare_dt(dt, dt_bias, dt_softplus, dt_limit)[..., None].expand(b, nheads, headdim)
+    D = None if D is None else (D[:, None].expand(nheads, headdim) if D.dim() == 1 else D)
+    A = upcast(A)[:, None, None].expand(nheads, headdim, d_state)
+    return selective_state_update(state, x, step, A, B, C, D=D, z=z, negative_eigenvalues=negative_eigenvalues)
