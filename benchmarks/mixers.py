@@ -5,6 +5,8 @@
     # accuracy: `zoo finetune` runs with --model-kwargs mixer=..., then one table of their result.json files
     zoo finetune --device cuda --seed 0 --model-kwargs mixer=hydra --output runs/hydra_s0 --no-progress
     PYTHONPATH=. python benchmarks/mixers.py table --speed speed.json --runs runs/*/result.json
+
+Results: benchmarks/results/mixers.md.
 """
 from __future__ import annotations
 
@@ -65,11 +67,15 @@ def speed(device: str, img_size: int, batch: int, rounds: int, steps: int) -> di
 
 def table(speed_json: dict | None, runs: list) -> str:
     acc = {}
-    for path in runs:
-        r = json.loads(Path(path).read_text())
-        acc.setdefault(r["model_kwargs"].get("mixer", "bimamba"), []).append((r["config"]["seed"], r["accuracy"], r["params"]))
-    head = "| mixer | params (digits model) | digits top-1, mean (each seed) |"
-    sep = "|---|---|---|"
+    results = []
+    for path in runs:  # result.json files of zoo finetune, or a file that collects them under "runs"
+        data = json.loads(Path(path).read_text())
+        results += data["runs"] if "runs" in data else [data]
+    for r in results:
+        acc.setdefault(r["model_kwargs"].get("mixer", "bimamba"), []).append(
+            (r["config"]["seed"], r["accuracy"], r["params"], r["train_images_per_s"], r["eval_images_per_s"], r["device"]))
+    head = "| mixer | params (digits model) | digits top-1, mean (each seed) | job train / eval img/s (device) |"
+    sep = "|---|---|---|---|"
     if speed_json:
         s = speed_json
         head += f" train img/s ({s['img_size']} px, batch {s['batch']}) | inference img/s | params (vim_tiny) |"
@@ -78,8 +84,12 @@ def table(speed_json: dict | None, runs: list) -> str:
     lines = [head, sep]
     for m in MIXERS:
         rs = sorted(acc.get(m, []))
-        cell = f"{statistics.mean(a for _, a, _ in rs):.4f} ({', '.join(f'{a:.4f}' for _, a, _ in rs)})" if rs else "not run"
-        line = f"| {m} | {rs[0][2]:,} | {cell} |" if rs else f"| {m} | - | {cell} |"
+        if rs:
+            cell = f"{statistics.mean(r[1] for r in rs):.4f} ({', '.join(f'{r[1]:.4f}' for r in rs)})"
+            rate = f"{statistics.median(r[3] for r in rs):.0f} / {statistics.median(r[4] for r in rs):.0f} ({rs[0][5]})"
+            line = f"| {m} | {rs[0][2]:,} | {cell} | {rate} |"
+        else:
+            line = f"| {m} | - | not run | - |"
         if speed_json:
             row = by[m]
             line += f" {row['train_images_per_s']:.0f} | {row['infer_images_per_s']:.0f} | {row['params']:,} |"

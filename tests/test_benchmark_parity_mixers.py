@@ -53,6 +53,7 @@ def test_mixer_speed_rows_and_table(tmp_path):
     assert [r["mixer"] for r in result["rows"]] == list(mixers.MIXERS)
     assert all(r["train_images_per_s"] > 0 and r["params"] > 0 for r in result["rows"])
     run = tmp_path / "result.json"
-    run.write_text(json.dumps({"model_kwargs": {"mixer": "hydra"}, "config": {"seed": 0}, "accuracy": 0.5, "params": 10}))
+    run.write_text(json.dumps({"model_kwargs": {"mixer": "hydra"}, "config": {"seed": 0}, "accuracy": 0.5, "params": 10,
+                               "train_images_per_s": 30.0, "eval_images_per_s": 100.0, "device": "cpu"}))
     text = mixers.table(result, [str(run)])
-    assert "| hydra | 10 | 0.5000 (0.5000) |" in text and "| bimamba | - | not run |" in text
+    assert "| hydra | 10 | 0.5000 (0.5000) | 30 / 100 (cpu) |" in text and "| bimamba | - | not run | - |" in text
