@@ -119,7 +119,7 @@ def _packed_torch_scan(fn, u, delta, A, B, C, D, z, delta_bias, delta_softplus, 
         dt = torch.nn.functional.softplus(dt)
     out = fn(pad(u), pad(dt), A, pad(B), pad(C), D=D, z=None if z is None else pad(z), delta_bias=None,
              delta_softplus=False, reverse=reverse, return_last_state=True, initial_state=initial_state,
-             **({"negative_eigenvalues": True} if negative_eigenvalues else {}))
+             negative_eigenvalues=negative_eigenvalues)
     y = packing.unpad(out[0])
     return (y, out[1]) if return_last_state else y
 
