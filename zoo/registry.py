@@ -262,10 +262,15 @@ def build_model(
     ``features_only=True`` returns, as timm's ``build_model_with_cfg``, the loaded model wrapped in timm's
     ``FeatureGetterNet``: a module returning the (b, c, h, w) maps of ``out_indices`` (indices into the
     model's ``feature_info``; default: all of them; an int: the last n), pruned after the last one asked for.
-    The model must implement ``forward_intermediates`` and ``feature_info``.
+    The model must implement ``forward_intermediates`` and ``feature_info``. As there, ``feature_cls`` may name
+    the wrapper: "getter" (the default here, as for timm's ViTs) or FeatureGetterNet (or a subclass);
+    ``output_fmt`` is the maps' layout (each model says which it gives), and ``feature_cfg`` (a dict, as
+    timm's builders take it) may carry out_indices, feature_cls, output_fmt and FeatureGetterNet's norm / prune.
+    timm's other wrappers ("list", "dict", "hook", "fx") walk or trace the module tree; zoo's models give their
+    features through forward_intermediates only, so those are refused with an error.
     """
     features_only = kwargs.pop("features_only", False)
-    out_indices = kwargs.pop("out_indices", None)
+    feature_cfg = _feature_cfg(features_only, kwargs)
     pretrained_cfg = kwargs.pop("pretrained_cfg", None)
     overlay = kwargs.pop("pretrained_cfg_overlay", None)
     cache_dir = kwargs.pop("cache_dir", None)
@@ -301,20 +306,65 @@ def build_model(
             state_dict = checkpoint_filter_fn(state_dict, model)
         hub.load_state_dict(model, state_dict, strict=pretrained_strict, source=source)
     if features_only:
-        model = _feature_model(model, out_indices)
+        model = _feature_model(model, feature_cfg)
     return model
 
 
-def _feature_model(model: nn.Module, out_indices) -> nn.Module:
+# timm's feature wrapper names (build_model_with_cfg's feature_cls strings) and the FeatureGetterNet arguments a
+# feature_cfg may carry; flatten_sequential / no_rewrite belong to the other wrappers and are dropped, as timm does.
+_TIMM_FEATURE_CLS = ("getter", "list", "dict", "hook", "fx")
+_FEATURE_CFG_KEYS = {"out_indices", "feature_cls", "output_fmt", "norm", "prune", "flatten_sequential", "no_rewrite"}
+
+
+def _feature_cfg(features_only: bool, kwargs: dict) -> dict[str, Any]:
+    """Pop the feature-extraction arguments out of ``kwargs`` (as timm's build_model_with_cfg): a
+    ``feature_cfg`` dict, then ``out_indices`` / ``feature_cls`` / ``output_fmt`` given directly, which win."""
+    feature_cfg = kwargs.pop("feature_cfg", None)
+    if feature_cfg is not None and not isinstance(feature_cfg, Mapping):
+        raise ValueError(f"feature_cfg must be a dict of feature-extraction arguments, got {type(feature_cfg).__name__}")
+    feature_cfg = dict(feature_cfg or {})
+    unknown = sorted(set(feature_cfg) - _FEATURE_CFG_KEYS)
+    if unknown:
+        raise ValueError(f"feature_cfg: unknown keys {unknown}; expected some of {sorted(_FEATURE_CFG_KEYS)}")
+    for key in ("out_indices", "feature_cls"):
+        if key in kwargs:
+            feature_cfg[key] = kwargs.pop(key)
+    if features_only and "output_fmt" in kwargs:  # no zoo model takes output_fmt; with features it is the maps'
+        feature_cfg["output_fmt"] = kwargs.pop("output_fmt")
+    if not features_only and feature_cfg.get("feature_cls") is not None:
+        raise ValueError("feature_cls needs features_only=True: it names the wrapper of a feature-extraction model")
+    return feature_cfg
+
+
+def _feature_model(model: nn.Module, feature_cfg: Mapping[str, Any]) -> nn.Module:
+    name = type(model).__name__
+    feature_cfg = dict(feature_cfg)
+    feature_cls = feature_cfg.pop("feature_cls", None)
+    if feature_cls is None:
+        feature_cls = FeatureGetterNet
+    elif isinstance(feature_cls, str):
+        key = feature_cls.lower()
+        if key not in _TIMM_FEATURE_CLS and "hook" not in key:  # timm reads any name containing "hook" as hooks
+            raise ValueError(f"features_only: unknown feature_cls {feature_cls!r}; timm's are {', '.join(_TIMM_FEATURE_CLS)}, "
+                             "and zoo models take 'getter'")
+        feature_cls = FeatureGetterNet if key == "getter" else key
+    if not (isinstance(feature_cls, type) and issubclass(feature_cls, FeatureGetterNet)):
+        shown = feature_cls if isinstance(feature_cls, str) else getattr(feature_cls, "__name__", repr(feature_cls))
+        raise ValueError(
+            f"features_only: feature_cls '{shown}' is not supported for {name}: zoo models give their features through "
+            "forward_intermediates, so use feature_cls='getter' (the default) or a FeatureGetterNet subclass"
+        )
     if not (hasattr(model, "forward_intermediates") and hasattr(model, "feature_info")):
         raise ValueError(
-            f"features_only: {type(model).__name__} has no forward_intermediates / feature_info; expected a model "
+            f"features_only: {name} has no forward_intermediates / feature_info; expected a model "
             "that implements timm's feature interface"
         )
+    feature_cfg.pop("flatten_sequential", None)
+    feature_cfg.pop("no_rewrite", None)
     cfg = model.pretrained_cfg
-    if out_indices is None:
-        out_indices = len(model.feature_info)  # timm's "last n": all of them
-    model = FeatureGetterNet(model, out_indices, output_fmt="NCHW")
+    if feature_cfg.get("out_indices") is None:
+        feature_cfg["out_indices"] = len(model.feature_info)  # timm's "last n": all of them
+    model = feature_cls(model, **feature_cfg)
     model.pretrained_cfg = model.default_cfg = cfg
     return model
 
