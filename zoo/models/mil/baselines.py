@@ -13,6 +13,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -46,6 +47,7 @@ class ABMIL(nn.Module):
         self.in_dim, self.num_classes, self.embed_dim, self.gated = in_dim, num_classes, embed_dim, gated
         self.num_features = self.head_hidden_size = embed_dim
         self.pretrained_cfg: dict = {}  # filled in by build_model
+        self.grad_checkpointing = False
         self.feature = make_projection(in_dim, embed_dim, act, drop_rate, "ABMIL")
         if gated:
             self.attention_V = nn.Sequential(nn.Linear(embed_dim, attn_dim), nn.Tanh())
@@ -62,9 +64,17 @@ class ABMIL(nn.Module):
 
     def forward_features(self, bags: Bags, cu_seqlens: Optional[torch.Tensor] = None, return_attention: bool = False):
         x, cu = pack_bags(bags, cu_seqlens, self.in_dim, "ABMIL")
-        h = self.feature(x.to(self.feature[0].weight.dtype))
-        pooled, weights = attention_pool(self.attention_scores(h), h, cu)
+        x = x.to(self.feature[0].weight.dtype)
+        if self.grad_checkpointing and torch.is_grad_enabled():  # recompute the instance MLP and its attention
+            h, scores = torch.utils.checkpoint.checkpoint(self._instances, x, use_reentrant=False)
+        else:
+            h, scores = self._instances(x)
+        pooled, weights = attention_pool(scores, h, cu)
         return (pooled, weights) if return_attention else pooled
+
+    def _instances(self, x: torch.Tensor):
+        h = self.feature(x)
+        return h, self.attention_scores(h)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return x if pre_logits else self.classifier(x)
@@ -78,7 +88,13 @@ class ABMIL(nn.Module):
         self.classifier = nn.Sequential(nn.Linear(self.embed_dim, num_classes)) if num_classes > 0 else nn.Identity()
 
     def get_classifier(self) -> nn.Module:
-        return self.classifier
+        """The Linear classifier (``classifier.0``, the cfg's ``classifier``)."""
+        return self.classifier[0] if isinstance(self.classifier, nn.Sequential) else self.classifier
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the instance features and attention scores in the backward (they hold the bag-size
+        activations)."""
+        self.grad_checkpointing = enable
 
 
 def _iterative_pinv(x: torch.Tensor, iters: int) -> torch.Tensor:
@@ -189,6 +205,7 @@ class TransMIL(nn.Module):
         self.layer2 = _TransLayer(embed_dim, exact_attention)
         self.norm = nn.LayerNorm(embed_dim)
         self.classifier = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = False
         self.apply(_init_official)
         nn.init.normal_(self.cls_token, std=1e-6)
 
@@ -198,7 +215,11 @@ class TransMIL(nn.Module):
         side = math.ceil(math.sqrt(n))
         h = torch.cat([h, h[:, : side * side - n]], dim=1)
         h = torch.cat([self.cls_token.to(h.dtype), h], dim=1)
-        h = self.layer2(self.pos_layer(self.layer1(h), side))
+        if self.grad_checkpointing and torch.is_grad_enabled():  # recompute each transformer layer in the backward
+            h = torch.utils.checkpoint.checkpoint(self.layer1, h, use_reentrant=False)
+            h = torch.utils.checkpoint.checkpoint(self.layer2, self.pos_layer(h, side), use_reentrant=False)
+        else:
+            h = self.layer2(self.pos_layer(self.layer1(h), side))
         return self.norm(h)[:, 0]
 
     def forward_features(self, bags: Bags, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -219,6 +240,9 @@ class TransMIL(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.classifier
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
     @torch.jit.ignore
     def no_weight_decay(self):
         return {"cls_token"}
@@ -228,17 +252,20 @@ register_pretrained_cfgs({
     "abmil": dict(
         num_classes=2, license="MIT", source="https://github.com/AMLab-Amsterdam/AttentionDeepMIL",
         paper="Attention-based Deep Multiple Instance Learning (Ilse, Tomczak & Welling, ICML 2018, arXiv:1802.04712)",
+        first_conv="feature.0", classifier="classifier.0",
         notes="Gated attention; layer sizes of MambaMIL's models/ABMIL.py (GatedAttention). No pretrained weights.",
     ),
     "abmil_ungated": dict(
         num_classes=2, license="MIT", source="https://github.com/isyangshu/MambaMIL",
         paper="Attention-based Deep Multiple Instance Learning (Ilse, Tomczak & Welling, ICML 2018, arXiv:1802.04712)",
+        first_conv="feature.0", classifier="classifier.0",
         notes="Plain tanh attention: the 'att_mil' (DAttention) baseline of MambaMIL's code. No pretrained weights.",
     ),
     "transmil": dict(
         num_classes=2, license="see source", source="https://github.com/szc19990412/TransMIL",
         paper="TransMIL: Transformer based Correlated Multiple Instance Learning for Whole Slide Image "
               "Classification (Shao et al., NeurIPS 2021, arXiv:2106.00908)",
+        first_conv="_fc1.0", classifier="classifier",
         notes="Nystrom attention as in MambaMIL's models/TransMIL.py; exact_attention=True swaps in exact "
               "softmax attention. No pretrained weights.",
     ),

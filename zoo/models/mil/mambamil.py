@@ -246,21 +246,24 @@ _PAPER = ("MambaMIL: Enhancing Long Sequence Modeling with Sequence Reordering i
 _NO_WEIGHTS = ("No official checkpoint is released (the README gives training scripts only); entries build the "
                "architecture of the official scripts for training on bag features.")
 
+# The modules timm adapts when it loads weights into another in_chans / num_classes.
+_HEAD_CFG = dict(first_conv="_fc1.0", classifier="classifier")
+
 register_pretrained_cfgs({
     "mambamil": dict(
-        num_classes=2, license="MIT (code; README: non-commercial academic use)", paper=_PAPER, source=_SOURCE,
+        num_classes=2, license="MIT (code; README: non-commercial academic use)", paper=_PAPER, source=_SOURCE, **_HEAD_CFG,
         notes="SR-Mamba, 2 layers, rate 5 (train_scripts/*.sh), 1024-d ResNet-50 (CLAM) features. " + _NO_WEIGHTS,
     ),
     "mambamil_survival": dict(
-        num_classes=4, license="MIT (code; README: non-commercial academic use)", paper=_PAPER, source=_SOURCE,
+        num_classes=4, license="MIT (code; README: non-commercial academic use)", paper=_PAPER, source=_SOURCE, **_HEAD_CFG,
         notes="4 discrete time bins (main_survival.py), NLL survival loss; SR-Mamba rate 5. " + _NO_WEIGHTS,
     ),
     "mambamil_mamba": dict(
-        num_classes=2, license="MIT (code; README: non-commercial academic use)", paper=_PAPER, source=_SOURCE,
+        num_classes=2, license="MIT (code; README: non-commercial academic use)", paper=_PAPER, source=_SOURCE, **_HEAD_CFG,
         notes="Ablation: plain (causal) Mamba layers, --mambamil_type Mamba. " + _NO_WEIGHTS,
     ),
     "mambamil_bimamba": dict(
-        num_classes=2, license="MIT (code; README: non-commercial academic use)", paper=_PAPER, source=_SOURCE,
+        num_classes=2, license="MIT (code; README: non-commercial academic use)", paper=_PAPER, source=_SOURCE, **_HEAD_CFG,
         notes="Ablation: Vim-style bidirectional Mamba layers, --mambamil_type BiMamba. " + _NO_WEIGHTS,
     ),
 })
@@ -272,7 +275,7 @@ register_pretrained_cfgs({
         file="weights/mambamil.digit_bags.safetensors",
         sha256="3a767d9e1763870702a6b68007928971e5d67f1681b813373e36727b9e6d679d",
         num_classes=2, input_size=(None, 64), license="Apache-2.0 (weights trained by mamba-zoo)", paper=_PAPER,
-        source="mamba-zoo",
+        source="mamba-zoo", **_HEAD_CFG,
         model_kwargs=dict(in_dim=64, embed_dim=64, num_classes=2, drop_rate=0.25),
         notes="Trained on digit bags (zoo.data.digit_bags: bags of 8-48 scikit-learn digits as 64-d pixel "
               "instances, positive iff the bag holds a 9), SR-Mamba rate 5, 10 epochs.",

@@ -151,3 +151,17 @@ def from_pyg(data) -> Tuple[torch.Tensor, torch.Tensor]:
     if ptr is None and batch is None:
         ptr = torch.tensor([0, pos.shape[0]], device=pos.device)
     return packed_to_padded(pos, ptr=ptr, batch=batch)
+
+
+def check_head_batch(model: str, head: torch.nn.Module, x: torch.Tensor) -> None:
+    """The official heads (PointMamba's and PCM's classification MLPs, PointMamba part segmentation's object-label
+    embedding) keep BatchNorm1d over one value per sample, as their checkpoints do; BatchNorm cannot compute batch
+    statistics of one sample, so a training-mode forward of a batch of 1 through such a head is an error, said
+    here in those words (train with batches of 2 or more, or put the head in eval mode to use its running
+    statistics)."""
+    if head.training and x.shape[0] == 1 and any(isinstance(m, torch.nn.BatchNorm1d) for m in head.modules()):
+        raise ValueError(
+            f"{model}: the head has BatchNorm layers (the official layout), which cannot train on a "
+            f"batch of 1 sample; got pooled features of shape {tuple(x.shape)}: train with a batch of 2 or more, "
+            "or call .eval() on the head to use its running statistics"
+        )

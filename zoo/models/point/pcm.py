@@ -46,6 +46,7 @@ from functools import partial
 from typing import List, Optional, Sequence
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -54,7 +55,7 @@ from zoo.core.mixers import check_mixer, create_mixer
 from zoo.core.checks import check_float, check_int, check_ints, check_num_classes, check_rates, check_sizes
 from zoo.registry import build_model, register_model, register_pretrained_cfgs
 
-from .ops import farthest_point_sample, knn
+from .ops import check_head_batch, farthest_point_sample, knn
 from .serialization import ORDERS, check_points, gather_points, serialize
 
 _PAPER = "Point Cloud Mamba: Point Cloud Learning via State Space Model (Zhang et al., arXiv:2403.00762)"
@@ -170,6 +171,7 @@ class PCMEncoder(nn.Module):
         self.k_neighbors, self.reducers = tuple(k_neighbors), tuple(reducers)
         self.in_channels = in_channels
         self.embedding = ConvBNReLU1D(in_channels, embed_dim)
+        self.grad_checkpointing = False  # set_grad_checkpointing: recompute each Mamba block in the backward
 
         unique = list(dict.fromkeys(orders))  # first appearance (see the module docstring)
         self.prompt_num = prompt_num_per_order
@@ -219,7 +221,10 @@ class PCMEncoder(nn.Module):
                 x = torch.cat([prompt, x, prompt], 1)
                 if res is not None:
                     res = torch.cat([prompt.to(res.dtype), res, prompt.to(res.dtype)], 1)
-                x, res = block(x, res)
+                if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                    x, res = torch.utils.checkpoint.checkpoint(block, x, res, use_reentrant=False)
+                else:
+                    x, res = block(x, res)
                 x, res = x[:, self.prompt_num : -self.prompt_num], res[:, self.prompt_num : -self.prompt_num]
                 layer += 1
         # The official class feature: max over the last mixer outputs (no final residual add or norm).
@@ -256,7 +261,7 @@ class PointCloudMamba(nn.Module):
         self.num_classes = num_classes
         self.pretrained_cfg: dict = {}  # build_model sets the entry's cfg
         self.encoder = PCMEncoder(in_channels=in_channels, embed_dim=embed_dim, **encoder_kwargs)
-        self.num_features = self.encoder.out_channels
+        self.num_features = self.head_hidden_size = self.encoder.out_channels  # pre-logits: the pooled feature
         self.prediction = PCMHead(self.num_features, num_classes) if num_classes else nn.Identity()
 
     def _min_points(self) -> int:
@@ -269,8 +274,13 @@ class PointCloudMamba(nn.Module):
     def no_weight_decay(self):
         return {n for n, p in self.named_parameters() if getattr(p, "_no_weight_decay", False)}
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.encoder.grad_checkpointing = enable
+
     def get_classifier(self) -> nn.Module:
-        return self.prediction
+        """The head's last Linear (``prediction.head.4.0``, the cfg's ``classifier``), as timm's MLP heads; the
+        whole head is ``prediction``."""
+        return self.prediction.head[-1][0] if isinstance(self.prediction, PCMHead) else self.prediction
 
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
@@ -287,7 +297,10 @@ class PointCloudMamba(nn.Module):
         return self.encoder(pts, feats)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return x if pre_logits else self.prediction(x)
+        if pre_logits:
+            return x
+        check_head_batch("PointCloudMamba", self.prediction, x)
+        return self.prediction(x)
 
     def forward(self, pts: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(pts))
@@ -314,7 +327,9 @@ def checkpoint_filter_fn(state_dict: dict, model: PointCloudMamba) -> dict:
 
 def _cfg(num_classes: int, metrics: dict, notes: str) -> dict:
     return dict(num_classes=num_classes, input_size=(1024, 3), license="unspecified (the repository has no license file)",
-                paper=_PAPER, source=_SOURCE, metrics=metrics, notes=notes)
+                paper=_PAPER, source=_SOURCE, metrics=metrics, notes=notes,
+                # the modules timm adapts for another in_chans / num_classes: the embedding conv, the last Linear
+                first_conv="encoder.embedding.net.0", classifier="prediction.head.4.0")
 
 
 # Accuracies: the "Pretrained weights" table of SkyworkAI/PointCloudMamba GETTING_STARTED.md. The

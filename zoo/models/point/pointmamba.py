@@ -46,7 +46,7 @@ from zoo.core.checks import check_float, check_num_classes, check_rates, check_s
 from zoo.core.precision import upcast
 from zoo.registry import build_model, register_model, register_pretrained_cfgs
 
-from .ops import group_points, knn
+from .ops import check_head_batch, group_points, knn
 from .serialization import check_points, gather_points, serialize
 
 _PAPER = "PointMamba: A Simple State Space Model for Point Cloud Analysis (Liang et al., NeurIPS 2024, arXiv:2402.10739)"
@@ -219,8 +219,16 @@ class PointMamba(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.blocks.grad_checkpointing = enable
 
+    @property
+    def head_hidden_size(self) -> int:
+        """Width of forward_head(pre_logits=True): the pooled tokens (2 x trans_dim for "avg_max")."""
+        return self.trans_dim * (2 if self.global_pool == "avg_max" else 1)
+
     def get_classifier(self) -> nn.Module:
-        return self.cls_head_finetune
+        """The head's last Linear (``cls_head_finetune.8``, the cfg's ``classifier``), as timm's MLP heads; the
+        whole head (Linear-BN-ReLU-Dropout x 2, Linear: the official layout) is ``cls_head_finetune``."""
+        head = self.cls_head_finetune
+        return head[-1] if isinstance(head, nn.Sequential) else head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         if global_pool is not None:
@@ -262,7 +270,12 @@ class PointMamba(nn.Module):
             x = x.amax(1)
         else:
             x = torch.cat([x.mean(1), x.amax(1)], dim=-1)
-        return x if pre_logits else self.cls_head_finetune(x)
+        if pre_logits:
+            return x
+        # The official head keeps BatchNorm1d (checkpoints load by name), so training on a batch of 1 is an error,
+        # raised here in plain words; eval mode (running statistics) takes any batch.
+        check_head_batch(type(self).__name__, self.cls_head_finetune, x)
+        return self.cls_head_finetune(x)
 
     def forward(self, pts: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.forward_head(self.forward_features(pts, lengths))
@@ -320,6 +333,22 @@ class PointMambaPartSeg(PointMamba):
         self.convs3 = nn.Conv1d(256, num_parts, 1)
         self.bns1, self.bns2 = nn.BatchNorm1d(512), nn.BatchNorm1d(256)
 
+    @property
+    def head_hidden_size(self) -> int:
+        return self.convs3.in_channels
+
+    def get_classifier(self) -> nn.Module:
+        """The point-wise classifier (``convs3``: 256 -> num_parts logits per point)."""
+        return self.convs3
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new point-wise classifier for ``num_classes`` parts (global_pool is not used here)."""
+        check_num_classes("PointMambaPartSeg", num_classes)
+        if num_classes < 1:
+            raise ValueError(f"PointMambaPartSeg: the part classifier needs num_classes >= 1, got {num_classes}")
+        self.num_parts = num_classes
+        self.convs3 = nn.Conv1d(self.convs3.in_channels, num_classes, 1)
+
     def forward(self, pts: torch.Tensor, object_label: torch.Tensor) -> torch.Tensor:
         """pts (B, N, 3), object_label (B,) in [0, num_object_classes) -> part logits (B, N, num_parts)."""
         b, n, _ = pts.shape
@@ -328,6 +357,8 @@ class PointMambaPartSeg(PointMamba):
         if b and (int(object_label.min()) < 0 or int(object_label.max()) >= self.num_object_classes):
             raise ValueError(f"PointMambaPartSeg: object labels must lie in [0, {self.num_object_classes}), "
                              f"got min {int(object_label.min())}, max {int(object_label.max())}")
+        # The label embedding's BatchNorm sees one value per sample: a batch of 1 cannot train (official layout).
+        check_head_batch("PointMambaPartSeg", self.label_conv, object_label[:, None])
         tokens, pos, center = self.embed(pts)
         x, pos = self.serialize_tokens(tokens, pos, center)
         centers = torch.cat([gather_points(center, serialize(center, o, self.grid_size)[0]) for o in self.orders], 1)
@@ -447,10 +478,15 @@ def checkpoint_filter_fn(state_dict: dict, model: PointMamba) -> dict:
 
 # ---------------------------------------------------------------------- entries
 
+# The modules timm adapts when it loads weights into another in_chans / num_classes: the patch encoder's first
+# conv and the last Linear of the classification MLP.
+_HEAD_CFG = dict(first_conv="encoder.first_conv.0", classifier="cls_head_finetune.8")
+
+
 def _cfg(url: str, num_classes: int, num_points: int, metrics: dict, notes: str) -> dict:
     return dict(
         url=url, num_classes=num_classes, input_size=(num_points, 3), license="Apache-2.0", paper=_PAPER,
-        source=_SOURCE, metrics=metrics, notes=notes,
+        source=_SOURCE, metrics=metrics, notes=notes, **_HEAD_CFG,
     )
 
 
@@ -459,6 +495,7 @@ def _cfg(url: str, num_classes: int, num_points: int, metrics: dict, notes: str)
 register_pretrained_cfgs({
     "pointmamba_mpm.shapenet55": dict(
         url=_RELEASE + "pretrain.pth", license="Apache-2.0", paper=_PAPER, source=_SOURCE, metrics={},
+        first_conv="MAE_encoder.encoder.first_conv.0",  # no classifier: the model returns its loss
         notes="cfgs/pretrain.yaml: masked point modelling on ShapeNet-55, 1024 points, mask ratio 0.6, 300 epochs",
     ),
     "pointmamba_modelnet40.modelnet40": _cfg(
@@ -485,10 +522,20 @@ register_pretrained_cfgs({
     "pointmamba_tiny.shapes3d": dict(
         file="weights/pointmamba_tiny.shapes3d.safetensors",
         sha256="555858d3df8eb041068b31717b76ce56ff1f02c7de5254fad2709d76f76c574f",
-        num_classes=5, input_size=(512, 3), license="Apache-2.0", paper=_PAPER, source="mamba-zoo",
+        num_classes=5, input_size=(512, 3), license="Apache-2.0", paper=_PAPER, source="mamba-zoo", **_HEAD_CFG,
         model_kwargs=dict(num_classes=5),
         notes="Trained from scratch on Shapes3D (zoo.data.shapes3d: sphere, box, cylinder, cone, torus; 512 points) "
               "by zoo's points benchmark recipe, 20 epochs.",
+    ),
+})
+
+
+# No weights: the architecture's cfg, so timm and zoo see its input and its per-point classifier.
+register_pretrained_cfgs({
+    "pointmamba_partseg": dict(
+        input_size=(2048, 3), license="Apache-2.0", paper=_PAPER, source=_SOURCE,
+        first_conv="encoder.first_conv.0", classifier="convs3",
+        notes="ShapeNetPart layout (16 object categories, 50 parts); no official checkpoint for this combination.",
     ),
 })
 

@@ -26,9 +26,13 @@ from zoo.registry import build_model, register_model, register_pretrained_cfgs
 _MAMBA_ASR = "https://github.com/xi-j/Mamba-ASR"
 _PAPER = "Speech Slytherin: Examining the Performance and Efficiency of Mamba for Speech Separation, Recognition, and Synthesis (Jiang et al., 2024, arXiv:2407.09732)"
 
+# The modules timm adapts when it loads weights into another in_chans / num_classes: the first subsampling conv
+# (over the (frames, mels) plane) and the head.
+_HEAD_CFG = dict(first_conv="subsample.conv1", classifier="head")
+
 register_pretrained_cfgs({
     "conmamba_ctc_large": dict(
-        num_classes=31, license="Apache-2.0", paper=_PAPER, source=_MAMBA_ASR,
+        num_classes=31, license="Apache-2.0", paper=_PAPER, source=_MAMBA_ASR, **_HEAD_CFG,
         metrics={"librispeech_test_clean_wer": 3.9, "librispeech_test_other_wer": 10.3},
         notes="Published: ConMamba (CTC) encoder only, character CTC, no LM, 31.6M params (README performance "
               "table of xi-j/Mamba-ASR). No official checkpoint is released ('Inference and Checkpoints (Later)').",
@@ -38,12 +42,12 @@ register_pretrained_cfgs({
     "mamba_kws_tiny.kws": dict(
         file="weights/mamba_kws_tiny.kws.safetensors",
         sha256="e7f4a68e9c045abba0531c0274fe7ef16f6a1a570352248c3f06dab4aa21dda3",
-        num_classes=22, input_size=(16000,), license="Apache-2.0", source="mamba-zoo",
+        num_classes=22, input_size=(16000,), license="Apache-2.0", source="mamba-zoo", **_HEAD_CFG,
         notes="Keyword spotting on the espeak-ng corpus built by zoo.data.speech (12 command words + 10 digits); "
               "input: 16 kHz waveforms (batch, samples) with their lengths.",
     ),
     "mamba_ctc_causal_tiny": dict(
-        num_classes=11, license="Apache-2.0", source="mamba-zoo",
+        num_classes=11, license="Apache-2.0", source="mamba-zoo", **_HEAD_CFG,
         notes="Causal, streamable encoder: CTC over the digits of synthesized digit strings (blank + 10).",
     ),
 })
@@ -275,7 +279,7 @@ class MambaSpeechEncoder(nn.Module):
                     kernel_size=kernel_size)
         check_rates("MambaSpeechEncoder", dropout=dropout)
         self.num_classes, self.head_type, self.causal, self.layer_type = num_classes, head, causal, layer_type
-        self.num_features = self.embed_dim = d_model
+        self.num_features = self.head_hidden_size = self.embed_dim = d_model
         self.frontend = SpeechFrontend(n_mels, sample_rate, frontend, normalize="none" if causal else "utterance")
         self.spec_augment = SpecAugment() if spec_augment else nn.Identity()
         self.subsample = ConvSubsampling(n_mels, d_model, subsampling_channels, causal=causal)
@@ -318,10 +322,16 @@ class MambaSpeechEncoder(nn.Module):
             x, _ = add_norm(x, residual, self.norm)
         return x * mask[..., None], frames
 
-    def forward_head(self, x: torch.Tensor, frames: torch.Tensor, pre_logits: bool = False):
+    def forward_head(self, x: torch.Tensor, frames: Optional[torch.Tensor] = None, pre_logits: bool = False):
+        """Encoder output (b, T', d_model) -> logits; the classify head averages the valid frames (``frames``:
+        their counts, as forward_features returns them; None: all T' frames). ``pre_logits``: the averaged
+        features (classify, (b, d_model)) or the frames (CTC, (b, T', d_model))."""
         if self.head_type == "classify":
-            mask = lengths_to_mask(frames, x.shape[1])[..., None]
-            x = (x * mask).sum(1) / frames[:, None].clamp(min=1)
+            if frames is None:
+                x = x.mean(1)
+            else:
+                mask = lengths_to_mask(frames, x.shape[1])[..., None]
+                x = (x * mask).sum(1) / frames[:, None].clamp(min=1)
         return x if pre_logits else self.head(x)
 
     def forward(self, wave: torch.Tensor, num_samples: Optional[torch.Tensor] = None):
@@ -331,6 +341,9 @@ class MambaSpeechEncoder(nn.Module):
         if self.head_type == "ctc":
             return out.log_softmax(-1), frames
         return out
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
 
     def reset_classifier(self, num_classes: int):
         self.num_classes = num_classes

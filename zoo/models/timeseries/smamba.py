@@ -148,7 +148,7 @@ class SMamba(nn.Module):
         check_sizes("SMamba", seq_len=seq_len, pred_len=pred_len)
         check_int("SMamba: enc_in", enc_in, 1, optional=True)
         self.seq_len, self.pred_len, self.enc_in, self.use_norm = seq_len, pred_len, enc_in, use_norm
-        self.num_features = d_model
+        self.num_features = self.head_hidden_size = d_model
         self.encoder = SMambaEncoder(seq_len, d_model, e_layers, d_state, d_ff, d_conv, expand, dropout, activation,
                                      mixer, mixer_cfg)
         self.head = nn.Linear(d_model, pred_len)
@@ -165,6 +165,10 @@ class SMamba(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.grad_checkpointing = enable
+
+    def get_classifier(self) -> nn.Module:
+        """The projection to the horizon (``head``: d_model -> pred_len per variate token)."""
+        return self.head
 
     def reset_classifier(self, pred_len: int, global_pool: Optional[str] = None) -> None:
         """Replace the projection with a fresh one to a new horizon (the forecaster's 'classifier')."""
@@ -227,6 +231,7 @@ class SMambaClassifier(nn.Module):
         self.encoder = SMambaEncoder(token_len, d_model, e_layers, d_state, d_ff, d_conv, expand, dropout, activation,
                                      mixer, mixer_cfg)
         self.head = nn.Linear(d_model, num_classes) if num_classes > 0 else nn.Identity()
+        self.head_hidden_size = d_model
         self.pretrained_cfg: dict = {}
 
     @torch.jit.ignore
@@ -240,6 +245,9 @@ class SMambaClassifier(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.grad_checkpointing = enable
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
@@ -354,6 +362,11 @@ def _published_kwargs(dataset: str, horizon: int) -> dict:
                 e_layers=e_layers, d_state=d_state)
 
 
+# The modules timm adapts when it loads weights into another in_chans / num_classes: the variate-token embedding
+# (seq_len -> d_model, shared by every variate) and the head (the forecaster's: d_model -> pred_len).
+_HEAD_CFG = dict(first_conv="encoder.embed", classifier="head")
+
+
 def _cfg(dataset: str, horizon: int) -> dict:
     script, enc_in, marks, table = _SCRIPTS[dataset]
     _, _, _, lr, batch, epochs = table[horizon]
@@ -367,9 +380,15 @@ def _cfg(dataset: str, horizon: int) -> dict:
                if marks else "no timestamp tokens; ")
             + "no released weights"
         ),
+        **_HEAD_CFG,
     )
 
 
+# The free-hyper-parameter forecaster: no weights, the official run.py defaults.
+register_pretrained_cfgs({
+    "smamba": dict(license="unspecified (the official repository has no license file)",
+                   paper=_PAPER, source=_SOURCE, notes="official run.py defaults; no released weights", **_HEAD_CFG),
+})
 register_pretrained_cfgs({f"smamba_{ds}.h{h}": _cfg(ds, h) for ds, spec in _SCRIPTS.items() for h in spec[3]})
 
 
@@ -490,7 +509,7 @@ register_pretrained_cfgs({
         file="weights/smamba_classifier.basicmotions.safetensors",
         sha256="41d5b363fce46becfc54dab2420ce220b34c79a77429c0027e94931b23ca120a",
         num_classes=4, input_size=(100, 6), license="Apache-2.0 (weights trained by mamba-zoo)", paper=_PAPER,
-        source="mamba-zoo",
+        source="mamba-zoo", **_HEAD_CFG,
         model_kwargs=dict(seq_len=100, num_classes=4, d_model=64, d_state=16, d_ff=128, e_layers=2),
         notes="Trained on UEA BasicMotions (aeon's copy, official 40-series train split; 6 variates x 100 steps; "
               "classes Badminton, Running, Standing, Walking), variate tokens, 100 epochs.",

@@ -67,6 +67,7 @@ def _cfg(size: str, top1: float, **kwargs) -> dict:
             "file name as in the official detection configs (ckpts/efficient_vmamba_*.ckpt), not checked against "
             "the hub; official config classification/configs/vssm/vssm_efficient_" + size + ".yaml"
         ),
+        first_conv="patch_embed.proj", classifier="head", pool_size=(7, 7),  # the stem timm adapts, the head; 224 / 32
         **kwargs,
     )
 

@@ -49,13 +49,18 @@ _PAPER = (
 _SOURCE = "https://github.com/hustvl/Vim"
 
 
-def _cfg(hf_hub_id: str, hf_hub_filename: str, top1: float, top5: float, **kwargs) -> dict:
+# The modules timm adapts when it loads weights into another in_chans / num_classes.
+_HEAD_CFG = dict(first_conv="patch_embed.proj", classifier="head")
+
+
+def _cfg(hf_hub_id: str, hf_hub_filename: str, top1: float, top5: float, pool_size=(14, 14), **kwargs) -> dict:
     # Evaluation transform of the official datasets.py: resize to 224 / 0.875 (bicubic), centre crop.
+    # pool_size: the patch grid at 224 (patch 16, stride 16; the stride-8 entries pass (27, 27)).
     return dict(
         hf_hub_id=hf_hub_id, hf_hub_filename=hf_hub_filename, num_classes=1000, input_size=(3, 224, 224),
         mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, crop_pct=0.875, interpolation="bicubic",
         license="Apache-2.0", paper=_PAPER, source=_SOURCE,
-        metrics={"imagenet_top1": top1, "imagenet_top5": top5}, **kwargs,
+        metrics={"imagenet_top1": top1, "imagenet_top5": top5}, pool_size=pool_size, **_HEAD_CFG, **kwargs,
     )
 
 
@@ -65,8 +70,8 @@ register_pretrained_cfgs({
     "vim_small.in1k": _cfg("hustvl/Vim-small-midclstok", "vim_s_midclstok_80p5acc.pth", 80.5, 95.1),
     "vim_base.in1k": _cfg("hustvl/Vim-base-midclstok", "vim_b_midclstok_81p9acc.pth", 81.9, 95.8),
     # "Vim-tiny+ / Vim-small+": the stride-16 models fine-tuned 30 epochs at stride 8 (vim/scripts/ft-vim-*.sh).
-    "vim_tiny_stride8.in1k": _cfg("hustvl/Vim-tiny-midclstok", "vim_t_midclstok_ft_78p3acc.pth", 78.3, 94.2),
-    "vim_small_stride8.in1k": _cfg("hustvl/Vim-small-midclstok", "vim_s_midclstok_ft_81p6acc.pth", 81.6, 95.4),
+    "vim_tiny_stride8.in1k": _cfg("hustvl/Vim-tiny-midclstok", "vim_t_midclstok_ft_78p3acc.pth", 78.3, 94.2, pool_size=(27, 27)),
+    "vim_small_stride8.in1k": _cfg("hustvl/Vim-small-midclstok", "vim_s_midclstok_ft_81p6acc.pth", 81.6, 95.4, pool_size=(27, 27)),
 })
 
 # Trained here (configs/pretrained/vim_tiny.digits.yaml): the README's main job, `zoo finetune` from scratch on
@@ -76,7 +81,7 @@ register_pretrained_cfgs({
         file="weights/vim_tiny.digits.safetensors",
         sha256="4604d25577845da2e72bc17f3a2e6620863b529a14397043064adb9b1fb26c96",
         num_classes=10, input_size=(3, 32, 32), mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, crop_pct=1.0,
-        interpolation="bilinear", license="Apache-2.0", paper=_PAPER, source="mamba-zoo",
+        interpolation="bilinear", license="Apache-2.0", paper=_PAPER, source="mamba-zoo", pool_size=(4, 4), **_HEAD_CFG,
         model_kwargs=dict(img_size=32, patch_size=8, stride=8, depth=6, num_classes=10, drop_path_rate=0.0),
         notes="Trained from scratch on scikit-learn's 8x8 digits upsampled to 32x32 (zoo finetune, 6 epochs).",
     ),
@@ -176,7 +181,7 @@ class VisionMamba(nn.Module):
         check_num_classes("VisionMamba", num_classes)
         check_rates("VisionMamba", drop_rate=drop_rate, drop_path_rate=drop_path_rate)
         self.num_classes = num_classes
-        self.num_features = self.embed_dim = embed_dim
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.residual_in_fp32 = residual_in_fp32
         self.grad_checkpointing = False
 

@@ -65,6 +65,7 @@ def _cfg(file: str, top1: float, config: str, **kwargs) -> dict:
         std=IMAGENET_DEFAULT_STD, crop_pct=0.875, interpolation="bicubic", license="MIT", paper=_PAPER,
         source=_SOURCE, metrics={"imagenet_top1": top1},
         notes=f"official config classification/configs/vssm/{config}; weights under the checkpoint's 'model' key",
+        first_conv="patch_embed.conv1", classifier="head", pool_size=(7, 7),  # the stem timm adapts, the head; 224 / 32
         **kwargs,
     )
 
