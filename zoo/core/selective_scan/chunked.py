@@ -183,6 +183,11 @@ class _ChunkedScan(torch.autograd.Function):
         g_dtu = (dH * B).sum(-1, keepdim=True)
         g_B = (dH * dtu).sum(-2, keepdim=True)
         g_C = (H * g_y).sum(-2, keepdim=True)
+        # Hand the step-major gradients back batch-major in memory, the layout ``steps`` took the inputs from: the
+        # permute back is then contiguous. (With one chunk the step-major gradients also pass as views of a
+        # (b, l, ...) tensor, and AOTAutograd's stride prediction for them disagrees with eager: torch.compile's
+        # backward failed in a view for sequences under 16 steps.)
+        g_dt, g_dtu, g_B, g_C = (g.movedim(0, 2).contiguous().movedim(2, 0) for g in (g_dt, g_dtu, g_B, g_C))
         return g_dt, g_dtu, g_A, g_B, g_C, g_h0, None
 
 
