@@ -144,3 +144,47 @@ def test_mamba_kws_does_not_compile_fullgraph():
     torch.manual_seed(0)
     model = zoo.create_model("mamba_kws_tiny", depth=2)
     _compiled_matches_eager(model, torch.randn(2, 4000))
+
+
+# ---------------------------------------------------------------- TorchScript and torch.fx
+# timm's tests/test_models.py keeps fnmatch filter lists (EXCLUDE_JIT_FILTERS, EXCLUDE_FX_FILTERS) of models its
+# torch.jit.script and FX tests skip. The same idea here, decided per family; the test checks that an excluded
+# entry does fail, so a list entry goes stale loudly once a family becomes scriptable or traceable.
+#
+# TorchScript, all three vision families: every mixer runs the core selective scan, which is a
+# torch.autograd.Function (the chunked CPU scan's hand-written backward) or a Triton custom op chosen at run time
+# by device (selective_scan.op._resolve returns Python functions); TorchScript compiles neither, nor the
+# shape-formatting input checks (f-strings of tuple(x.shape)). torch.compile / torch.export are the routes.
+EXCLUDE_JIT_FILTERS = ["vim_*", "vmamba_*", "efficient_vmamba_*"]
+# torch.fx symbolic tracing, all three: forward takes Python branches on shapes (the patch embeds' and mixers'
+# input checks, the scan's chunk count, the CPU scan's Python loop over the sequence), which FX proxies cannot
+# decide. timm's FX feature route would need the mixers registered as leaf (no-trace) modules and traceable
+# checks; torch.compile (dynamo, tested above) captures the whole graph instead.
+EXCLUDE_FX_FILTERS = ["vim_*", "vmamba_*", "efficient_vmamba_*"]
+
+
+def _excluded(name, filters):
+    import fnmatch
+    return any(fnmatch.fnmatch(name, f) for f in filters)
+
+
+@pytest.mark.parametrize("name", VISION_ENTRIES)
+def test_torchscript(name):
+    model = _vision(name).eval()
+    if _excluded(name, EXCLUDE_JIT_FILTERS):
+        with pytest.raises(Exception):  # TorchScript's frontend errors have no one class
+            torch.jit.script(model)
+        return
+    x = torch.randn(2, 3, IMG, IMG)
+    assert torch.allclose(torch.jit.script(model)(x), model(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", VISION_ENTRIES)
+def test_fx_trace(name):
+    model = _vision(name).eval()
+    if _excluded(name, EXCLUDE_FX_FILTERS):
+        with pytest.raises(torch.fx.proxy.TraceError, match="control flow"):
+            torch.fx.symbolic_trace(model)
+        return
+    x = torch.randn(2, 3, IMG, IMG)
+    assert torch.allclose(torch.fx.symbolic_trace(model)(x), model(x), atol=1e-5)
