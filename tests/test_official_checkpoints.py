@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import huggingface_hub.constants
 import pytest
+import timm
 import timm.scheduler
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -419,3 +420,27 @@ def test_every_entry_runs_in_float64_without_rounding_down(name):
     assert out.dtype == torch.float64
     assert torch.isfinite(out).all()
     assert not mode.found, f"{name} rounds float64 tensors down: {sorted(mode.found)}"
+
+
+@pytest.mark.parametrize("in_chans", [1, 4])
+def test_official_file_into_another_in_chans_and_num_classes(in_chans, tmp_path):
+    """As timm's loader: the cfg's first_conv weights adapted (adapt_input_conv), the classifier replaced."""
+    from timm.models import adapt_input_conv
+
+    case = case_vim()
+    path = tmp_path / case.filename
+    torch.save(case.container, path)
+    model = zoo.create_model(case.name, checkpoint_path=str(path), in_chans=in_chans, num_classes=7, **case.kwargs)
+    rgb = case.container["model"]["patch_embed.proj.weight"]
+    torch.testing.assert_close(model.patch_embed.proj.weight, adapt_input_conv(in_chans, rgb), rtol=0, atol=0)
+    assert model.head.out_features == 7
+    assert model(torch.randn(1, in_chans, 224, 224)).shape == (1, 7)
+    # The same through timm's create_model with the weights named by the pretrained cfg (pretrained=True).
+    timm_model = timm.create_model(case.name, pretrained=True, in_chans=in_chans, num_classes=7,
+                                   pretrained_cfg_overlay=dict(file=str(path)), **case.kwargs)
+    torch.testing.assert_close(timm_model.patch_embed.proj.weight, model.patch_embed.proj.weight, rtol=0, atol=0)
+    vm = case_vmamba()
+    torch.save(vm.container, tmp_path / vm.filename)
+    gray = zoo.create_model(vm.name, checkpoint_path=str(tmp_path / vm.filename), in_chans=in_chans, **vm.kwargs)
+    first = gray.pretrained_cfg["first_conv"]
+    assert gray.get_submodule(first).weight.shape[1] == in_chans

@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 from timm.models import _registry as timm_registry
+from timm.models import adapt_input_conv
 from timm.models._features import FeatureGetterNet
 from timm.models._pretrained import DefaultCfg, PretrainedCfg
 from torch import nn
@@ -304,6 +305,7 @@ def build_model(
         state_dict = hub.load_checkpoint(source)
         if checkpoint_filter_fn is not None:
             state_dict = checkpoint_filter_fn(state_dict, model)
+        _adapt_first_conv(state_dict, model, cfg.get("first_conv"))
         hub.load_state_dict(model, state_dict, strict=pretrained_strict, source=source)
     if features_only:
         model = _feature_model(model, feature_cfg)
@@ -334,6 +336,17 @@ def _feature_cfg(features_only: bool, kwargs: dict) -> dict[str, Any]:
     if not features_only and feature_cfg.get("feature_cls") is not None:
         raise ValueError("feature_cls needs features_only=True: it names the wrapper of a feature-extraction model")
     return feature_cfg
+
+
+def _adapt_first_conv(state_dict: dict, model: nn.Module, first_conv) -> None:
+    """Weights of the cfg's ``first_conv`` (2-D convs) for another ``in_chans``, as timm's loader does
+    (``adapt_input_conv``: RGB weights summed for one channel, repeated and rescaled for more)."""
+    own = model.state_dict()
+    for conv in [first_conv] if isinstance(first_conv, str) else (first_conv or []):
+        key = conv + ".weight"
+        w, mine = state_dict.get(key), own.get(key)
+        if w is not None and mine is not None and w.dim() == mine.dim() == 4 and w.shape[1] != mine.shape[1]:
+            state_dict[key] = adapt_input_conv(mine.shape[1], w)
 
 
 def _feature_model(model: nn.Module, feature_cfg: Mapping[str, Any]) -> nn.Module:
