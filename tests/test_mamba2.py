@@ -183,28 +183,6 @@ def test_bad_configuration_and_input_errors():
         BiMamba2(8, d_state=4, headdim=4).forward_stream(torch.randn(1, 3, 8))
 
 
-@pytest.mark.parametrize("cls", [Mamba2, BiMamba2])
-def test_negative_eigenvalues_option_reaches_the_scan(cls, monkeypatch):
-    import zoo.core.mamba2 as module
-
-    torch.manual_seed(0)
-    m = perturbed(cls(8, d_state=3, headdim=4, negative_eigenvalues=True))
-    with torch.no_grad():
-        m.A_log.fill_(2.0)  # A = -e^2: transitions well below zero for typical steps
-    u = torch.randn(1, 9, 8, dtype=F64)
-    seen, scan = [], module.ssd_scan
-    monkeypatch.setattr(module, "ssd_scan", lambda *a, **k: seen.append(k["negative_eigenvalues"]) or scan(*a, **k))
-    with torch.no_grad():
-        out = m(u)
-        assert seen and all(seen)
-        m.negative_eigenvalues = False
-        assert not torch.allclose(out, m(u))
-        if cls is Mamba2:  # streaming keeps the option
-            m.negative_eigenvalues = True
-            first, state = m.forward_stream(u[:, :4])
-            second, _ = m.forward_stream(u[:, 4:], state)
-            torch.testing.assert_close(torch.cat([first, second], 1), out, rtol=1e-10, atol=1e-10)
-
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the mixers' GPU paths")
 @pytest.mark.parametrize("name", ["mamba2", "bimamba2", "hydra", "mamba2_negative"])

@@ -163,24 +163,3 @@ def test_streaming_equals_full_sequence():
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-6)
     with pytest.raises(NotImplementedError, match="BiMamba cannot stream"):
         BiMamba(10).forward_stream(x)
-
-
-@pytest.mark.parametrize("cls", [Mamba, BiMamba])
-def test_negative_eigenvalues_option_reaches_the_scan(cls, monkeypatch):
-    import zoo.core.mamba as module
-
-    torch.manual_seed(0)
-    m = cls(8, d_state=4, negative_eigenvalues=True).double()
-    u = torch.randn(2, 9, 8, dtype=torch.float64)
-    seen, scan = [], module.selective_scan
-    monkeypatch.setattr(module, "selective_scan", lambda *a, **k: seen.append(k["negative_eigenvalues"]) or scan(*a, **k))
-    with torch.no_grad():
-        out = m(u)
-        assert seen and all(seen)
-        m.negative_eigenvalues = False
-        assert not torch.allclose(out, m(u))
-        if cls is Mamba:  # streaming keeps the option
-            m.negative_eigenvalues = True
-            first, state = m.forward_stream(u[:, :4])
-            second, _ = m.forward_stream(u[:, 4:], state)
-            torch.testing.assert_close(torch.cat([first, second], 1), out, rtol=1e-10, atol=1e-10)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import check_int
+from .checks import check_sizes
 from .mamba2 import _dt_bias
 from .norm import RMSNormGated
 from .packing import Packing
@@ -56,9 +56,8 @@ class Hydra(nn.Module):
     ):
         super().__init__()
         name = type(self).__name__
-        for arg, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("headdim", headdim),
-                           ("ngroups", ngroups), ("chunk_size", chunk_size)):
-            check_int(f"{name}: {arg}", value, 1)
+        check_sizes(name, d_model=d_model, d_state=d_state, d_conv=d_conv, headdim=headdim, ngroups=ngroups,
+                    chunk_size=chunk_size)
         if d_conv % 2 == 0:
             raise ValueError(f"{name}: d_conv must be odd (the conv is centred, padding d_conv // 2), got {d_conv}")
         factory = {"device": device, "dtype": dtype}

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import check_int
+from .checks import check_sizes
 from .mamba import causal_conv1d
 from .norm import RMSNormGated
 from .precision import upcast
@@ -74,9 +74,8 @@ class Mamba2(nn.Module):
     ):
         super().__init__()
         name = type(self).__name__
-        for arg, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("headdim", headdim),
-                           ("ngroups", ngroups), ("chunk_size", chunk_size)):
-            check_int(f"{name}: {arg}", value, 1)
+        check_sizes(name, d_model=d_model, d_state=d_state, d_conv=d_conv, headdim=headdim, ngroups=ngroups,
+                    chunk_size=chunk_size)
         factory = {"device": device, "dtype": dtype}
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
         self.d_inner = int(expand * d_model)

@@ -177,7 +177,7 @@ class _ChunkedScan(torch.autograd.Function):
             acc = a[t] * dH[t]
         g_h0 = acc[:, 0]
         H_prev = torch.cat([starts.unsqueeze(0), H[:-1]], dim=0)
-        g_dtA = dH * H_prev * decay_grad(dt * A, a, signed)  # d loss / d (dt A) through the decay
+        g_dtA = dH * H_prev * decay_grad(a, signed)  # d loss / d (dt A) through the decay
         g_dt = (g_dtA * A).sum(-1, keepdim=True)
         g_A = (g_dtA * dt).sum(dim=(0, 1, 2))
         g_dtu = (dH * B).sum(-1, keepdim=True)

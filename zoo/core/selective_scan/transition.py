@@ -11,6 +11,6 @@ def decay(dtA: torch.Tensor, negative_eigenvalues: bool = False) -> torch.Tensor
     return 2 * a - 1 if negative_eigenvalues else a
 
 
-def decay_grad(dtA: torch.Tensor, a: torch.Tensor, negative_eigenvalues: bool = False) -> torch.Tensor:
-    """d decay / d (dt A), given a = decay(dtA)."""
+def decay_grad(a: torch.Tensor, negative_eigenvalues: bool = False) -> torch.Tensor:
+    """d decay / d (dt A), given a = decay(dt A): exp(dt A) itself, or 2 exp(dt A) = a + 1."""
     return a + 1 if negative_eigenvalues else a
