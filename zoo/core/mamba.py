@@ -16,6 +16,7 @@ from torch import nn
 from .checks import check_float, check_int
 from .precision import upcast
 from .selective_scan import selective_scan
+from .selective_scan.step import selective_state_update
 
 BC_SIGNS = (None, "positive", "negative", "mixed")  # Mamba.enable_refinements
 
@@ -82,6 +83,30 @@ def _packed_conv1d(x, weight, bias, reverse, cu_seqlens):
         shifted = F.pad(x, (0, 0, 0, j))[:, j:] if reverse else F.pad(x, (0, 0, j, 0))[:, :total]
         out = out + shifted * w[:, k - 1 - j] * (room >= j).to(x.dtype)[None, :, None]
     return out if bias is None else out + bias
+
+
+def conv_history(x_in: torch.Tensor, k: int, conv_state: Optional[torch.Tensor] = None,
+                 cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The conv state after a chunk: the last k - 1 conv inputs of each sequence (zeros before its start),
+    (batch, k - 1, d), or (num_seqs, k - 1, d) for packed sequences (batch 1, starting from zero state)."""
+    if cu_seqlens is None:
+        history = x_in if conv_state is None else torch.cat([conv_state.to(x_in.dtype), x_in], dim=1)
+        history = F.pad(history, (0, 0, max(0, k - 1 - history.shape[1]), 0))  # short first chunks
+        return history[:, history.shape[1] - (k - 1):]
+    bounds = cu_seqlens.to(device=x_in.device, dtype=torch.long)
+    idx = bounds[1:, None] - (k - 1) + torch.arange(k - 1, device=x_in.device)  # (num_seqs, k - 1)
+    inside = (idx >= bounds[:-1, None]).to(x_in.dtype)[..., None]
+    return x_in[0, idx.clamp(min=0)] * inside
+
+
+def conv_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """One step of the causal depthwise conv + SiLU: x (b, d), conv_state (b, k - 1, d) the previous inputs.
+    Returns (output (b, d), the new conv state)."""
+    window = torch.cat([conv_state.to(x.dtype), x[:, None]], dim=1)  # (b, k, d)
+    out = (window * weight[:, 0].t()).sum(1)
+    if bias is not None:
+        out = out + bias
+    return F.silu(out), window[:, 1:]
 
 
 def make_dt_proj(dt_rank, d_inner, dt_min, dt_max, dt_init, dt_scale, dt_init_floor, factory):
@@ -292,10 +317,7 @@ class Mamba(nn.Module):
         if state is None:
             return out
         out, ssm_state = out
-        k = self.d_conv
-        history = x_in if conv_state is None else torch.cat([conv_state.to(x_in.dtype), x_in], dim=1)
-        history = F.pad(history, (0, 0, max(0, k - 1 - history.shape[1]), 0))  # short first chunks
-        return out, (history[:, history.shape[1] - (k - 1) :], ssm_state)
+        return out, (conv_history(x_in, self.d_conv, conv_state, cu_seqlens), ssm_state)
 
     def _check_input(self, hidden: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> None:
         if hidden.dim() != 3 or hidden.shape[-1] != self.d_model:
@@ -311,14 +333,40 @@ class Mamba(nn.Module):
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
         return self.out_proj(self._scan_direction(x, z, cu_seqlens=cu_seqlens))
 
-    def forward_stream(self, hidden: torch.Tensor, state=None):
+    def forward_stream(self, hidden: torch.Tensor, state=None, cu_seqlens: Optional[torch.Tensor] = None):
         """One chunk of a stream: returns (output, state) where state = (conv_state (b, d_conv-1,
         d_inner), ssm_state (b, d_inner, d_state) float32). Feeding a sequence chunk by chunk
-        gives the output of one full-sequence ``forward``."""
-        self._check_input(hidden)
+        gives the output of one full-sequence ``forward``. ``cu_seqlens``: packed sequences (batch 1,
+        from zero state, e.g. the prompts of a batch), with one state per sequence."""
+        self._check_input(hidden, cu_seqlens)
+        if cu_seqlens is not None and state is not None:
+            raise ValueError(f"{type(self).__name__}: packed sequences (cu_seqlens) start from zero state; got a state")
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
-        y, state = self._scan_direction(x, z, state=state if state is not None else (None, None))
+        y, state = self._scan_direction(x, z, cu_seqlens=cu_seqlens, state=state if state is not None else (None, None))
         return self.out_proj(y), state
+
+    def step(self, hidden: torch.Tensor, state):
+        """One decoding step through the one-step state update (``selective_state_update``): hidden
+        (b, 1, d_model), state as ``forward_stream``'s. Returns (output (b, 1, d_model), new state); the
+        state passed in is not modified. Same result as ``forward_stream`` on one token."""
+        if hidden.dim() != 3 or hidden.shape[1] != 1 or hidden.shape[2] != self.d_model:
+            raise ValueError(f"{type(self).__name__}.step: expected input (batch, 1, {self.d_model}), got {tuple(hidden.shape)}")
+        if self.reorder_tokens:
+            raise ValueError(f"{type(self).__name__}: reorder_tokens works on whole sequences, it cannot decode step by step")
+        conv_state, ssm_state = state
+        x, z = self.in_proj(hidden[:, 0]).chunk(2, dim=-1)
+        x, conv_state = conv_step(x, conv_state, self.conv1d.weight, self.conv1d.bias)
+        dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if self.bc_sign is not None:
+            C = B * self.signed_c_gain()
+        dt = F.linear(dt, self.dt_proj.weight)
+        # One head of d_inner channels in selective_state_update's (batch, heads, dim, d_state) layout.
+        y, ssm_state = selective_state_update(
+            ssm_state[:, None], x[:, None], dt[:, None], -torch.exp(upcast(self.A_log))[None], B[:, None], C[:, None],
+            D=upcast(self.D)[None], z=z[:, None], dt_bias=upcast(self.dt_proj.bias)[None], dt_softplus=True,
+            negative_eigenvalues=self.negative_eigenvalues,
+        )
+        return self.out_proj(y[:, 0])[:, None], (conv_state, ssm_state[:, 0])
 
 
 class BiMamba(Mamba):

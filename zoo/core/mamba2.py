@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checks import check_sizes
-from .mamba import causal_conv1d
+from .mamba import causal_conv1d, conv_history, conv_step
 from .norm import RMSNormGated
 from .precision import upcast
-from .ssd import ssd_scan
+from .ssd import ssd_scan, ssd_step
 
 
 def _dt_bias(nheads: int, dt_min: float, dt_max: float, dt_init_floor: float, device) -> nn.Parameter:
@@ -148,10 +148,7 @@ class Mamba2(nn.Module):
         if state is None:
             return out.reshape(b, length, self.d_ssm)
         out, ssm_state = out
-        k = self.d_conv
-        history = xBC_in if conv_state is None else torch.cat([conv_state.to(xBC_in.dtype), xBC_in], dim=1)
-        history = F.pad(history, (0, 0, max(0, k - 1 - history.shape[1]), 0))  # short first chunks
-        return out.reshape(b, length, self.d_ssm), (history[:, history.shape[1] - (k - 1):], ssm_state)
+        return out.reshape(b, length, self.d_ssm), (conv_history(xBC_in, self.d_conv, conv_state, cu_seqlens), ssm_state)
 
     def _output(self, y, z, z0, x0):
         if self.rmsnorm:
@@ -166,15 +163,36 @@ class Mamba2(nn.Module):
         z0, x0, z, xBC, dt = self._split(hidden)
         return self._output(self._scan_direction(xBC, z, dt, cu_seqlens=cu_seqlens), z, z0, x0)
 
-    def forward_stream(self, hidden: torch.Tensor, state=None):
+    def forward_stream(self, hidden: torch.Tensor, state=None, cu_seqlens: Optional[torch.Tensor] = None):
         """One chunk of a stream (a prompt, or one token while decoding): returns (output, state) with
         state = (conv_state (b, d_conv - 1, conv_dim), ssm_state (b, nheads, headdim, d_state) in float32).
         Feeding a sequence chunk by chunk gives the output of one full ``forward``; memory per sequence is
-        constant."""
-        self._check_input(hidden)
+        constant. ``cu_seqlens``: packed sequences (batch 1, from zero state), one state per sequence."""
+        self._check_input(hidden, cu_seqlens)
+        if cu_seqlens is not None and state is not None:
+            raise ValueError(f"{type(self).__name__}: packed sequences (cu_seqlens) start from zero state; got a state")
         z0, x0, z, xBC, dt = self._split(hidden)
-        y, state = self._scan_direction(xBC, z, dt, state=state if state is not None else (None, None))
+        y, state = self._scan_direction(xBC, z, dt, cu_seqlens=cu_seqlens, state=state if state is not None else (None, None))
         return self._output(y, z, z0, x0), state
+
+    def step(self, hidden: torch.Tensor, state):
+        """One decoding step through ``ssd_step`` (the one-step state update): hidden (b, 1, d_model), state as
+        ``forward_stream``'s. Returns (output (b, 1, d_model), new state); the state passed in is not modified."""
+        if hidden.dim() != 3 or hidden.shape[1] != 1 or hidden.shape[2] != self.d_model:
+            raise ValueError(f"{type(self).__name__}.step: expected input (batch, 1, {self.d_model}), got {tuple(hidden.shape)}")
+        conv_state, ssm_state = state
+        z0, x0, z, xBC, dt = self._split(hidden[:, 0])
+        xBC, conv_state = conv_step(xBC, conv_state, self.conv1d.weight, self.conv1d.bias)
+        b, gn = xBC.shape[0], self.ngroups * self.d_state
+        x, B, C = torch.split(xBC, [self.d_ssm, gn, gn], dim=-1)
+        heads = (b, self.nheads, self.headdim)
+        y, ssm_state = ssd_step(
+            ssm_state, x.reshape(heads), dt, -torch.exp(upcast(self.A_log)), B.reshape(b, self.ngroups, self.d_state),
+            C.reshape(b, self.ngroups, self.d_state), D=self.D.reshape(self.nheads, self.headdim) if self.D_has_hdim else self.D,
+            z=None if self.rmsnorm else z.reshape(heads), dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit,
+            negative_eigenvalues=self.negative_eigenvalues,
+        )
+        return self._output(y.reshape(b, self.d_ssm), z, z0, x0)[:, None], (conv_state, ssm_state)
 
 
 class BiMamba2(Mamba2):
