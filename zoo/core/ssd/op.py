@@ -1,15 +1,14 @@
 """The SSD scan op (Mamba-2's scan): argument checks, dt transform, packed sequences, dispatch; and the
 one-step update used for decoding.
 
-``impl`` picks the path: "auto" (the chunked PyTorch form on CPU; on CUDA the Triton selective-scan kernels
-through the reduction below, until SSD has kernels of its own, or the chunked form with negative eigenvalues,
-which those kernels do not take), "chunked", "naive" (the sequential oracle),
-or "selective": the SSD scan is the Mamba-1 selective scan with A, dt and D shared by the headdim channels of
-a head, so it runs through ``zoo.core.selective_scan`` (mamba-ssm's ``ssd_selective_scan`` makes the same
-reduction).
+``impl`` picks the path: "auto" (the Triton SSD kernels on CUDA for half, bfloat16 and float32 inputs, the
+chunked PyTorch form otherwise), "triton", "chunked", "naive" (the sequential oracle), or "selective": the SSD
+scan is the Mamba-1 selective scan with A, dt and D shared by the headdim channels of a head, so it runs
+through ``zoo.core.selective_scan`` (mamba-ssm's ``ssd_selective_scan`` makes the same reduction).
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -23,7 +22,8 @@ from ._checks import check_ssd_args, prepare_dt
 from .chunked import ssd_scan_chunked
 from .naive import ssd_scan_naive
 
-IMPLS = ("auto", "chunked", "naive", "selective")
+IMPLS = ("auto", "triton", "chunked", "naive", "selective")
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 NO_LIMIT = (0.0, float("inf"))
 
 
@@ -74,13 +74,21 @@ def ssd_scan(
     check_ssd_args(x, dt, A, B, C, D, z, dt_bias, dt_limit, initial_state, cu_seqlens, chunk_size)
     if impl not in IMPLS:
         raise ValueError(f"ssd_scan: impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":  # the Triton selective scan does not take negative eigenvalues: chunked SSD then
-        impl = "selective" if x.is_cuda and not negative_eigenvalues else "chunked"
+    if impl == "auto":
+        impl = "triton" if x.is_cuda and x.dtype in _TRITON_DTYPES else "chunked"
+    if impl == "triton" and (x.dtype not in _TRITON_DTYPES or not (x.is_cuda or _interpreting())):
+        raise ValueError(f"ssd_scan: impl='triton' needs CUDA tensors of dtype float16, bfloat16 or float32, got "
+                         f"{x.dtype} on {x.device}")
     step = prepare_dt(dt, dt_bias, dt_softplus, dt_limit)
     if impl == "selective":
         out, final = _via_selective_scan(x, step, A, B, C, D, z, initial_state, cu_seqlens, reverse, negative_eigenvalues)
     else:
-        fn = ssd_scan_naive if impl == "naive" else lambda *a, **k: ssd_scan_chunked(*a, chunk_size=chunk_size, **k)
+        if impl == "triton":
+            from ...kernels.ssd import ssd_scan_triton as fn
+        elif impl == "naive":
+            fn = ssd_scan_naive
+        else:
+            fn = lambda *a, **k: ssd_scan_chunked(*a, chunk_size=chunk_size, **k)  # noqa: E731
         kw = dict(reverse=reverse, negative_eigenvalues=negative_eigenvalues)
         if cu_seqlens is None:
             out, final = fn(x, step, A, B, C, D, z, initial_state=initial_state, **kw)
@@ -91,6 +99,11 @@ def ssd_scan(
                             initial_state=initial_state, **kw)
             out = packing.unpad(out)
     return (out, final) if return_final_state else out
+
+
+def _interpreting() -> bool:
+    """Triton's interpreter runs the kernels on CPU tensors (the kernel tests without a GPU)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _via_selective_scan(x, step, A, B, C, D, z, initial_state, cu_seqlens, reverse, negative_eigenvalues=False):

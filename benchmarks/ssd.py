@@ -1,0 +1,144 @@
+"""The SSD (Mamba-2) scan on the GPU: the zoo's Triton kernels beside mamba-ssm's Triton SSD
+(``mamba_chunk_scan_combined``) in the same process: forward, forward+backward, peak extra memory, and the error
+of each against a float64 reference; plus the zoo's variants (D, z gate, dt bias + softplus, reverse, negative
+eigenvalues) and a sweep of its launch settings.
+
+    # mamba-ssm's sources laid out as in ../shared/anchors/README.md (only mamba_ssm/ is needed: pure Triton)
+    python benchmarks/ssd.py --src .anchors --out $OUT/ssd.json
+
+Results: benchmarks/results/ssd_h200.json.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import types
+
+import torch
+
+import zoo.kernels.ssd.function as ssd_fn
+from zoo.core.ssd import ssd_scan
+
+SHAPE = dict(batch=8, length=4096, nheads=32, headdim=64, d_state=128, ngroups=1)  # the issue's reference shape
+
+
+def load_mamba_ssd(src: str):
+    """mamba-ssm's mamba_chunk_scan_combined from its sources (pure Triton: nothing to compile)."""
+    root = os.path.abspath(src)
+    pkg = types.ModuleType("mamba_ssm")
+    pkg.__path__ = [os.path.join(root, "mamba_ssm")]
+    sys.modules["mamba_ssm"] = pkg
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    return mamba_chunk_scan_combined
+
+
+def inputs(batch, length, nheads, headdim, d_state, ngroups, dtype=torch.bfloat16, seed=0, extras=False):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    r = lambda *s, dt=dtype: torch.randn(*s, device="cuda", generator=g, dtype=dt)  # noqa: E731
+    a = dict(x=r(batch, length, nheads, headdim), dt=torch.rand(batch, length, nheads, device="cuda", generator=g) * 0.1,
+             A=-torch.rand(nheads, device="cuda", generator=g), B=r(batch, length, ngroups, d_state),
+             C=r(batch, length, ngroups, d_state))
+    if extras:
+        a.update(D=r(nheads, dt=torch.float32), z=r(batch, length, nheads, headdim), dt_bias=r(nheads, dt=torch.float32) * 0.5)
+    return a
+
+
+def _zoo(a, **kw):
+    return lambda **t: ssd_scan(**t, impl="triton", dt_softplus="dt_bias" in a, **kw)
+
+
+def _mamba(fn, a):
+    def call(x, dt, A, B, C, D=None, z=None, dt_bias=None):
+        return fn(x, dt, A, B, C, chunk_size=256, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_bias is not None)
+    return call
+
+
+def timed(call, a):
+    from triton.testing import do_bench
+    with torch.no_grad():
+        fwd = do_bench(lambda: call(**a), rep=200)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in a.items()}
+    grad = torch.randn_like(call(**leaves))
+
+    def step():
+        for t in leaves.values():
+            t.grad = None
+        call(**leaves).backward(grad)
+    both = do_bench(step, rep=200)
+    for t in leaves.values():
+        t.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 1e9
+    return {"fwd_ms": fwd, "fwdbwd_ms": both, "peak_extra_GB": peak}
+
+
+def errors(call, a, **ref_kw):
+    """Max |error| / max |reference| of the output and every gradient, against the float64 chunked form."""
+    leaves = {k: v.clone().requires_grad_(True) for k, v in a.items()}
+    out = call(**leaves)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref_leaves = {k: v.detach().double().requires_grad_(True) for k, v in a.items()}
+    ref = ssd_scan(**ref_leaves, impl="chunked", dt_softplus="dt_bias" in a, **ref_kw)
+    ref.backward(grad.double())
+    rel = lambda t, r: ((t.double() - r).abs().max() / r.abs().max()).item()  # noqa: E731
+    res = {"out": rel(out, ref)}
+    res.update({f"d{k}": rel(leaves[k].grad, ref_leaves[k].grad) for k in a})
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--src", default=".anchors", help="folder holding mamba-ssm's mamba_ssm/ package")
+    ap.add_argument("--out", default="ssd.json")
+    ap.add_argument("--sweep", action="store_true", help="also time the zoo's launch settings")
+    args = ap.parse_args()
+    res = {"command": " ".join(["python"] + sys.argv), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "shape": SHAPE, "dtype": "bfloat16", "rows": []}
+    try:
+        mamba = load_mamba_ssd(args.src)
+    except Exception as e:  # noqa: BLE001 - the zoo's rows are still worth having
+        mamba = None
+        res["mamba_ssm_error"] = repr(e)[:400]
+    small = dict(batch=2, length=1000, nheads=8, headdim=64, d_state=128, ngroups=2)
+    for extras in (False, True):
+        a = inputs(**SHAPE, extras=extras)
+        s = inputs(**small, extras=extras, seed=1)
+        name = "plain" if not extras else "D+z+dt_bias+softplus"
+        row = {"case": name, "zoo": {**timed(_zoo(a), a), "error": errors(_zoo(s), s)}}
+        if mamba is not None:
+            row["mamba_ssm"] = {**timed(_mamba(mamba, a), a), "error": errors(_mamba(mamba, s), s)}
+            row["speedup_fwd"] = row["mamba_ssm"]["fwd_ms"] / row["zoo"]["fwd_ms"]
+            row["speedup_fwdbwd"] = row["mamba_ssm"]["fwdbwd_ms"] / row["zoo"]["fwdbwd_ms"]
+        print(json.dumps(row), flush=True)
+        res["rows"].append(row)
+    a, s = inputs(**SHAPE), inputs(**small, seed=1)
+    for name, kw in (("reverse", dict(reverse=True)), ("negative_eigenvalues", dict(negative_eigenvalues=True))):
+        row = {"case": name, "zoo": {**timed(_zoo(a, **kw), a), "error": errors(_zoo(s, **kw), s, **kw)}}
+        print(json.dumps(row), flush=True)
+        res["rows"].append(row)
+    if args.sweep:
+        res["sweep"] = []
+        defaults = (ssd_fn.BLOCK_Q, ssd_fn.FWD_WARPS, ssd_fn.BWD_WARPS)
+        for q, fw, bw in itertools.product((32, 64, 128), (4, 8), (4, 8)):
+            ssd_fn.BLOCK_Q, ssd_fn.FWD_WARPS, ssd_fn.BWD_WARPS = q, fw, bw
+            row = {"block_q": q, "fwd_warps": fw, "bwd_warps": bw}
+            try:
+                row.update(timed(_zoo(a), a))
+            except Exception as e:  # noqa: BLE001 - e.g. out of shared memory for a setting
+                row["error"] = repr(e)[:200]
+            print(json.dumps(row), flush=True)
+            res["sweep"].append(row)
+        ssd_fn.BLOCK_Q, ssd_fn.FWD_WARPS, ssd_fn.BWD_WARPS = defaults
+    json.dump(res, open(args.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,293 @@
+"""Triton kernels of the SSD (Mamba-2) scan: one forward kernel and two backward kernels.
+
+Notation (see zoo/core/ssd/chunked.py for the same algebra in PyTorch): time is cut into chunks of Q
+steps; within a chunk cs_i is the cumulative sum of log-transitions (dt_i * A, or log|2 exp(dt_i A) - 1| with
+negative eigenvalues, whose signs are carried as a running count of negative factors), u_j = dt_j x_j,
+H_c the (headdim, d_state) state entering chunk c.
+
+- ``_fwd_kernel``: a program owns one (batch, head, headdim block) and walks the chunks in order with the
+  state in registers, so the states never go to memory (they are written at chunk starts only when the
+  backward will need them). Per chunk: y = (C B^T o decay) u + decay_in * C H_c, then
+  H_{c+1} = decay_all H_c + (decay_out u)^T B.
+- ``_bwd_dstate_kernel``: the same walk backwards over dout: dH_c, the gradient of the state leaving chunk c.
+- ``_bwd_chunk_kernel``: every chunk at once; a program owns (chunk, batch, group, a split of the group's
+  heads) and loops over those heads, so the heads' dB and dC contributions sum in registers (no atomics).
+  The gradient of the cumulative log-transitions needs no extra pass: d cs_k = C_k . dC_k - B_k . dB_k (per
+  head; the first term is dout_k . y_k, the second u_k . du_k), plus dH . H at the chunk's last step, and
+  d(dt A)_t is its reverse cumulative sum.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+_TINY = 1.1754943508222875e-38  # float32's smallest normal: |transition| floor that keeps the logarithm finite
+
+
+@triton.jit
+def _mm(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _log_transitions(dt, A_h, SIGNED: tl.constexpr):
+    """Per step: the log-magnitude of the transition, and 1 where it is negative (SIGNED) else 0."""
+    dA = dt * A_h
+    if SIGNED:
+        a = 2.0 * tl.exp(dA) - 1.0
+        return tl.log(tl.maximum(tl.abs(a), _TINY)), (a < 0).to(tl.int32)
+    else:
+        return dA, tl.zeros_like(dA).to(tl.int32)
+
+
+@triton.jit
+def _signed(log_mag, parity, SIGNED: tl.constexpr):
+    """exp(log_mag), negated where parity is odd."""
+    v = tl.exp(log_mag)
+    if SIGNED:
+        v = tl.where((parity & 1) == 1, -v, v)
+    return v
+
+
+@triton.jit
+def _chunk_rows(c, L, Q: tl.constexpr, REVERSE: tl.constexpr):
+    """Positions in the sequence of the chunk's Q logical steps, and which of them exist."""
+    tau = c * Q + tl.arange(0, Q)
+    valid = tau < L
+    if REVERSE:
+        pos = L - 1 - tau
+    else:
+        pos = tau
+    return tl.where(valid, pos, 0), valid
+
+
+@triton.jit
+def _decays(dt, A_h, Q: tl.constexpr, SIGNED: tl.constexpr):
+    """(decay matrix L[i, j] = prod_{j < t <= i} a_t (0 above the diagonal), decay_in[i] = prod_{t <= i} a_t,
+    decay_out[j] = prod_{j < t < Q} a_t, decay_all = prod_t a_t, cs, lm)."""
+    lm, neg = _log_transitions(dt, A_h, SIGNED)
+    cs = tl.cumsum(lm, 0)
+    odd = tl.cumsum(neg, 0)
+    total = tl.sum(lm, 0)
+    odd_total = tl.sum(neg, 0)
+    i = tl.arange(0, Q)
+    causal = i[:, None] >= i[None, :]
+    seg = tl.where(causal, cs[:, None] - cs[None, :], float("-inf"))
+    Lmat = _signed(seg, odd[:, None] - odd[None, :], SIGNED)
+    d_in = _signed(cs, odd, SIGNED)
+    d_out = _signed(total - cs, odd_total - odd, SIGNED)
+    d_all = _signed(total, odd_total, SIGNED)
+    return Lmat, d_in, d_out, d_all, lm
+
+
+@triton.jit
+def _fwd_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, init_ptr, out_ptr, final_ptr, states_ptr,
+    L, H, P, N, G, HPG, NC,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr, HAS_INIT: tl.constexpr,
+    STORE_STATES: tl.constexpr, REVERSE: tl.constexpr, SIGNED: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    npb = tl.cdiv(P, BP)
+    h = pid // npb
+    p = (pid % npb) * BP + tl.arange(0, BP)
+    n = tl.arange(0, BN)
+    pm, nm = p < P, n < N
+    g = h // HPG
+    A_h = tl.load(A_ptr + h).to(tl.float32)
+    dtype = x_ptr.dtype.element_ty
+    sp = (b * H + h) * P * N + p[:, None] * N + n[None, :]  # (b, h, p, n) offsets of a state
+    if HAS_INIT:
+        state = tl.load(init_ptr + sp, mask=pm[:, None] & nm[None, :], other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros((BP, BN), dtype=tl.float32)
+    if HAS_D:
+        if D_PER_CHANNEL:
+            Dv = tl.load(D_ptr + h * P + p, mask=pm, other=0.0).to(tl.float32)
+        else:
+            Dv = tl.load(D_ptr + h).to(tl.float32)
+    for c in range(NC):
+        pos, valid = _chunk_rows(c, L, Q, REVERSE)
+        row = b * L + pos
+        dt = tl.load(dt_ptr + row * H + h, mask=valid, other=0.0)
+        Lmat, d_in, d_out, d_all, _ = _decays(dt, A_h, Q, SIGNED)
+        xm = valid[:, None] & pm[None, :]
+        bm = valid[:, None] & nm[None, :]
+        xo = (row[:, None] * H + h) * P + p[None, :]
+        x = tl.load(x_ptr + xo, mask=xm, other=0.0)
+        bo = (row[:, None] * G + g) * N + n[None, :]
+        Bc = tl.load(B_ptr + bo, mask=bm, other=0.0)
+        Cc = tl.load(C_ptr + bo, mask=bm, other=0.0)
+        if STORE_STATES:
+            tl.store(states_ptr + ((b * (NC + 1) + c) * H + h) * P * N + p[:, None] * N + n[None, :], state.to(states_ptr.dtype.element_ty),
+                     mask=pm[:, None] & nm[None, :])
+        CB = _mm(Cc, tl.trans(Bc), IEEE)
+        W = (CB * Lmat * dt[None, :]).to(dtype)
+        y = _mm(W, x, IEEE)
+        y += d_in[:, None] * _mm(Cc, tl.trans(state.to(dtype)), IEEE)
+        if HAS_D:
+            if D_PER_CHANNEL:
+                y += Dv[None, :] * x.to(tl.float32)
+            else:
+                y += Dv * x.to(tl.float32)
+        if HAS_Z:
+            zv = tl.load(z_ptr + xo, mask=xm, other=0.0).to(tl.float32)
+            y = y * zv * tl.sigmoid(zv)
+        tl.store(out_ptr + xo, y.to(out_ptr.dtype.element_ty), mask=xm)
+        u = (x.to(tl.float32) * (dt * d_out)[:, None]).to(dtype)
+        state = d_all * state + _mm(tl.trans(u), Bc, IEEE)
+    tl.store(final_ptr + sp, state, mask=pm[:, None] & nm[None, :])
+    if STORE_STATES:
+        tl.store(states_ptr + ((b * (NC + 1) + NC) * H + h) * P * N + p[:, None] * N + n[None, :], state.to(states_ptr.dtype.element_ty),
+                 mask=pm[:, None] & nm[None, :])
+
+
+@triton.jit
+def _gated_dout(dout_ptr, z_ptr, xo, xm, HAS_Z: tl.constexpr):
+    """dout times silu(z): the gradient of the ungated output."""
+    dy = tl.load(dout_ptr + xo, mask=xm, other=0.0).to(tl.float32)
+    if HAS_Z:
+        zv = tl.load(z_ptr + xo, mask=xm, other=0.0).to(tl.float32)
+        dy = dy * zv * tl.sigmoid(zv)
+    return dy
+
+
+@triton.jit
+def _bwd_dstate_kernel(
+    dout_ptr, dt_ptr, A_ptr, C_ptr, z_ptr, dfinal_ptr, dstates_ptr, dinit_ptr,
+    L, H, P, N, G, HPG, NC,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_DFINAL: tl.constexpr, REVERSE: tl.constexpr, SIGNED: tl.constexpr, IEEE: tl.constexpr,
+):
+    """dstates[b, c] = gradient of the state leaving chunk c; dinit = gradient of the initial state."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    npb = tl.cdiv(P, BP)
+    h = pid // npb
+    p = (pid % npb) * BP + tl.arange(0, BP)
+    n = tl.arange(0, BN)
+    pm, nm = p < P, n < N
+    g = h // HPG
+    A_h = tl.load(A_ptr + h).to(tl.float32)
+    dtype = C_ptr.dtype.element_ty
+    sp = (b * H + h) * P * N + p[:, None] * N + n[None, :]
+    if HAS_DFINAL:
+        dstate = tl.load(dfinal_ptr + sp, mask=pm[:, None] & nm[None, :], other=0.0).to(tl.float32)
+    else:
+        dstate = tl.zeros((BP, BN), dtype=tl.float32)
+    for i in range(NC):
+        c = NC - 1 - i
+        tl.store(dstates_ptr + ((b * NC + c) * H + h) * P * N + p[:, None] * N + n[None, :],
+                 dstate.to(dstates_ptr.dtype.element_ty), mask=pm[:, None] & nm[None, :])
+        pos, valid = _chunk_rows(c, L, Q, REVERSE)
+        row = b * L + pos
+        dt = tl.load(dt_ptr + row * H + h, mask=valid, other=0.0)
+        lm, neg = _log_transitions(dt, A_h, SIGNED)
+        d_in = _signed(tl.cumsum(lm, 0), tl.cumsum(neg, 0), SIGNED)
+        d_all = _signed(tl.sum(lm, 0), tl.sum(neg, 0), SIGNED)
+        xm = valid[:, None] & pm[None, :]
+        xo = (row[:, None] * H + h) * P + p[None, :]
+        dy = _gated_dout(dout_ptr, z_ptr, xo, xm, HAS_Z)
+        Cc = tl.load(C_ptr + (row[:, None] * G + g) * N + n[None, :], mask=valid[:, None] & nm[None, :], other=0.0)
+        dstate = d_all * dstate + _mm(tl.trans((dy * d_in[:, None]).to(dtype)), Cc, IEEE)
+    tl.store(dinit_ptr + sp, dstate, mask=pm[:, None] & nm[None, :])
+
+
+@triton.jit
+def _bwd_chunk_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dout_ptr, states_ptr, dstates_ptr,
+    dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dz_ptr, dA_ptr, dD_ptr,  # dA (b, NC, H) and dD (b, NC, H, P): per-chunk parts
+    L, H, P, N, G, HPG, NC, NSPLIT, HPP,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr,
+    REVERSE: tl.constexpr, SIGNED: tl.constexpr, IEEE: tl.constexpr,
+):
+    c = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    gs = tl.program_id(2)
+    g = gs // NSPLIT
+    split = gs % NSPLIT
+    n = tl.arange(0, BN)
+    nm = n < N
+    dtype = x_ptr.dtype.element_ty
+    pos, valid = _chunk_rows(c, L, Q, REVERSE)
+    row = b * L + pos
+    bm = valid[:, None] & nm[None, :]
+    bo = (row[:, None] * G + g) * N + n[None, :]
+    Bc = tl.load(B_ptr + bo, mask=bm, other=0.0)
+    Cc = tl.load(C_ptr + bo, mask=bm, other=0.0)
+    CB = _mm(Cc, tl.trans(Bc), IEEE)
+    dB_acc = tl.zeros((Q, BN), dtype=tl.float32)
+    dC_acc = tl.zeros((Q, BN), dtype=tl.float32)
+    last = tl.arange(0, Q) == Q - 1
+    for hh in range(HPP):
+        h = g * HPG + split * HPP + hh
+        A_h = tl.load(A_ptr + h).to(tl.float32)
+        dt = tl.load(dt_ptr + row * H + h, mask=valid, other=0.0)
+        Lmat, d_in, d_out, d_all, lm = _decays(dt, A_h, Q, SIGNED)
+        dcs = tl.zeros((Q,), dtype=tl.float32)
+        ddt_u = tl.zeros((Q,), dtype=tl.float32)
+        W = CB * Lmat  # (i, j): C_i . B_j times the decay from j to i
+        for p0 in range(0, P, BP):
+            p = p0 + tl.arange(0, BP)
+            pm = p < P
+            xm = valid[:, None] & pm[None, :]
+            xo = (row[:, None] * H + h) * P + p[None, :]
+            x = tl.load(x_ptr + xo, mask=xm, other=0.0)
+            xf = x.to(tl.float32)
+            dy = _gated_dout(dout_ptr, z_ptr, xo, xm, HAS_Z)
+            dyc = dy.to(dtype)
+            sm = pm[:, None] & nm[None, :]
+            so = p[:, None] * N + n[None, :]
+            H_in = tl.load(states_ptr + ((b * (NC + 1) + c) * H + h) * P * N + so, mask=sm, other=0.0).to(dtype)
+            H_out = tl.load(states_ptr + ((b * (NC + 1) + c + 1) * H + h) * P * N + so, mask=sm, other=0.0)
+            dH = tl.load(dstates_ptr + ((b * NC + c) * H + h) * P * N + so, mask=sm, other=0.0)
+            # du_j = sum_{i >= j} W_ij dy_i + decay_out_j dH B_j
+            du = _mm(tl.trans(W.to(dtype)), dyc, IEEE) + d_out[:, None] * _mm(Bc, tl.trans(dH.to(dtype)), IEEE)
+            dx = dt[:, None] * du
+            if HAS_D:
+                if D_PER_CHANNEL:
+                    Dv = tl.load(D_ptr + h * P + p, mask=pm, other=0.0).to(tl.float32)
+                    dx += Dv[None, :] * dy
+                else:
+                    Dv = tl.load(D_ptr + h).to(tl.float32)
+                    dx += Dv * dy
+                tl.store(dD_ptr + ((b * NC + c) * H + h) * P + p, tl.sum(dy * xf, 0), mask=pm)
+            tl.store(dx_ptr + xo, dx.to(dx_ptr.dtype.element_ty), mask=xm)
+            ddt_u += tl.sum(xf * du, 1)
+            M = Lmat * _mm(dyc, tl.trans(x), IEEE)  # (i, j): dy_i . x_j times the decay from j to i
+            dB_h = dt[:, None] * _mm(tl.trans(M.to(dtype)), Cc, IEEE) \
+                + (dt * d_out)[:, None] * _mm(x, dH.to(dtype), IEEE)
+            dC_h = _mm((M * dt[None, :]).to(dtype), Bc, IEEE) + d_in[:, None] * _mm(dyc, H_in, IEEE)
+            dcs += tl.sum(Cc.to(tl.float32) * dC_h, 1) - tl.sum(Bc.to(tl.float32) * dB_h, 1)
+            dcs += tl.where(last, tl.sum(tl.sum(dH.to(tl.float32) * H_out.to(tl.float32), 1), 0), 0.0)
+            dB_acc += dB_h
+            dC_acc += dC_h
+            if HAS_Z:
+                y = _mm((W * dt[None, :]).to(dtype), x, IEEE) + d_in[:, None] * _mm(Cc, tl.trans(H_in), IEEE)
+                if HAS_D:
+                    if D_PER_CHANNEL:
+                        y += Dv[None, :] * xf
+                    else:
+                        y += Dv * xf
+                zv = tl.load(z_ptr + xo, mask=xm, other=0.0).to(tl.float32)
+                do = tl.load(dout_ptr + xo, mask=xm, other=0.0).to(tl.float32)
+                sz = tl.sigmoid(zv)
+                tl.store(dz_ptr + xo, (do * y * sz * (1.0 + zv * (1.0 - sz))).to(dz_ptr.dtype.element_ty), mask=xm)
+        # d(lm_t) = sum_{k >= t} dcs_k: everything after step t in the chunk scales with its transition
+        dlm = tl.sum(dcs, 0) - tl.cumsum(dcs, 0) + dcs
+        if SIGNED:  # lm = log|2 exp(dA) - 1|: d lm / d dA = 2 exp(dA) / (2 exp(dA) - 1), 0 where clamped
+            a = 2.0 * tl.exp(dt * A_h) - 1.0
+            dA_t = tl.where(tl.abs(a) >= _TINY, dlm * (a + 1.0) / a, 0.0)
+        else:
+            dA_t = dlm
+        tl.store(ddt_ptr + row * H + h, ddt_u + A_h * dA_t, mask=valid)
+        tl.store(dA_ptr + (b * NC + c) * H + h, tl.sum(dt * dA_t, 0))
+    off = split * (tl.num_programs(1).to(tl.int64) * L * G * N)
+    tl.store(dB_ptr + off + bo, dB_acc, mask=bm)
+    tl.store(dC_ptr + off + bo, dC_acc, mask=bm)
