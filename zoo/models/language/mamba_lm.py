@@ -484,9 +484,9 @@ _HF_REPOS = {"mamba_130m", "mamba_370m", "mamba_790m"}
 
 
 def model_config(name: str) -> dict:
-    """The MambaConfig of an entry (as its state-spaces config.json gives it)."""
+    """The MambaConfig of an entry, every field (as its state-spaces config.json gives them)."""
     _, d_model, n_layer, extra = _ARCHS[name]
-    return dict(d_model=d_model, n_layer=n_layer, vocab_size=50277, **copy.deepcopy(extra))
+    return asdict(MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=50277, **copy.deepcopy(extra)))
 
 
 def _cfg(name: str, repo: str, filename: str) -> dict:
