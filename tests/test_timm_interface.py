@@ -19,6 +19,8 @@ MLP_HEADS = ("PointMamba", "PointCloudMamba")
 BATCHNORM_HEADS = MLP_HEADS + ("PointMambaPartSeg",)
 # Entries without a classifier: the masked point modelling model returns its loss.
 NO_CLASSIFIER = ("pointmamba_mpm",)
+# Heads without a bias in the official layout: the language models' lm_head (mamba-ssm's, tied to the embedding).
+NO_HEAD_BIAS = ("MambaLMHeadModel",)
 
 
 def _meta(name: str) -> nn.Module:
@@ -56,7 +58,8 @@ def test_cfg_names_first_conv_and_classifier(name):
         assert clf, f"{name}: pretrained cfg has no classifier"
         head = _module(model, clf)
         assert isinstance(getattr(head, "weight", None), nn.Parameter), f"{name}: {clf} has no weight"
-        assert f"{clf}.weight" in model.state_dict() and f"{clf}.bias" in model.state_dict()
+        assert f"{clf}.weight" in model.state_dict()
+        assert (f"{clf}.bias" in model.state_dict()) != (type(model).__name__ in NO_HEAD_BIAS)
         assert model.get_classifier() is head, f"{name}: get_classifier() is not {clf}"
 
 
