@@ -217,5 +217,10 @@ def test_negative_eigenvalues_oracle_is_the_signed_recurrence():
     for t in range(5):
         h = (2 * torch.exp(delta[:, t, :, None] * A) - 1) * h + delta[:, t, :, None] * B[:, t, None, :] * u[:, t, :, None]
         torch.testing.assert_close(out[:, t], (h * C[:, t, None, :]).sum(-1), rtol=1e-12, atol=1e-12)
-    with pytest.raises(NotImplementedError, match="Triton kernels do not support negative_eigenvalues"):
-        selective_scan(u, delta, A, B, C, negative_eigenvalues=True, impl="triton")
+    # The Triton kernels take the option too (they raised NotImplementedError before their SIGNED
+    # variant; tests/test_kernels_negative_eigenvalues.py checks them fully): float32, in the
+    # interpreter without a GPU.
+    pytest.importorskip("triton")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    out32 = selective_scan(*(t.float().to(dev) for t in (u, delta, A, B, C)), negative_eigenvalues=True, impl="triton")
+    torch.testing.assert_close(out32.double().cpu(), out, rtol=1e-5, atol=1e-5)

@@ -26,14 +26,10 @@ def _triton_scan():
 
 
 def _resolve(impl: str, device: torch.device, negative_eigenvalues: bool = False):
+    # Every path takes negative_eigenvalues (the Triton kernels through their SIGNED variant), so it
+    # does not change the choice; the argument stays for callers that pass it.
     if impl not in IMPLS:
         raise ValueError(f"selective_scan: impl must be one of {IMPLS}, got {impl!r}")
-    if negative_eigenvalues:
-        # The Triton kernels take the transition exp(dt A) only; the PyTorch paths run on any device.
-        if impl == "triton":
-            raise NotImplementedError("selective_scan: the Triton kernels do not support negative_eigenvalues yet; "
-                                      "use impl='auto' or 'chunked' (the PyTorch path, also on CUDA)")
-        return selective_scan_naive if impl == "naive" else selective_scan_chunked
     if impl == "auto":
         if device.type == "cuda":
             try:
@@ -86,7 +82,7 @@ def selective_scan(
         return_last_state: also return the float32 state after the final step, (batch or
             num_seqs, dim, d_state).
         negative_eigenvalues: the transition 2 * exp(dt_t * A) - 1 in (-1, 1) instead of exp(dt_t * A)
-            (Grazzi et al., ICLR 2025); runs on the PyTorch paths (the Triton kernels do not take it yet).
+            (Grazzi et al., ICLR 2025); every path takes it, the Triton kernels included.
 
     Returns ``out`` in u's dtype (state and accumulation are float32, float64 for float64
     inputs), or ``(out, last_state)``.
@@ -231,7 +227,7 @@ def selective_scan_multi(
         return selective_scan_multi_triton(
             u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
             return_last_state=return_last_state, directions=directions, hw=hw, initial_state=initial_state,
-            cu_seqlens=cu_seqlens,
+            cu_seqlens=cu_seqlens, negative_eigenvalues=negative_eigenvalues,
         )
     # PyTorch paths: one scan per direction on gathered tokens, scattered back.
     outs, lasts = [], []

@@ -62,8 +62,10 @@ def _segments(nprog: int, L: int, block_t: int, packed: bool):
     return cdiv(L, seglen), seglen
 
 
-def _chain(end, dtsum, A, init, nseq, backward):
-    """Runs _seg_combine_kernel: segment-start values (K, seqs x NSEG, d, n) and the final one."""
+def _chain(end, dtsum, A, init, nseq, backward, signed=False):
+    """Runs _seg_combine_kernel: segment-start values (K, seqs x NSEG, d, n) and the final one.
+    ``dtsum``: each segment's sum of dt (K, seqs x NSEG, d), or with ``signed`` its product of
+    transitions (K, seqs x NSEG, d, n)."""
     K, _, dim, n = end.shape
     start = torch.empty_like(end)
     final = torch.empty((K, nseq, dim, n), dtype=torch.float32, device=end.device)
@@ -71,7 +73,7 @@ def _chain(end, dtsum, A, init, nseq, backward):
     bd = max(1, min(64, 2048 // bn))
     _seg_combine_kernel[(cdiv(dim, bd), nseq, K)](
         end, dtsum, A, init if init is not None else end, start, final, end.shape[1] // nseq, dim, n, *A.stride(),
-        BLOCK_D=bd, BLOCK_N=bn, HAS_INIT=init is not None, BACKWARD=backward,
+        BLOCK_D=bd, BLOCK_N=bn, HAS_INIT=init is not None, BACKWARD=backward, SIGNED=signed,
     )
     return start, final
 
@@ -125,9 +127,11 @@ def _scan_fwd(
     D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
     initial_state: Optional[torch.Tensor], flags: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
     H: int, W: int, delta_softplus: bool, save_states: bool, block_t: int, block_d: int,
+    negative_eigenvalues: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns out (K, b, l, d) in u's dtype, the float32 final state (K, seqs, d, n) and the
-    float32 chunk-start states saved for the backward (empty unless save_states)."""
+    float32 chunk-start states saved for the backward (empty unless save_states).
+    ``negative_eigenvalues``: transitions 2 exp(dt A) - 1 (the kernels' SIGNED variant)."""
     cs = None if cu_seqlens is None else _chunk_starts(cu_seqlens, block_t)
     ptrs, sizes, strides, geo = _common_args(u, delta, A, B, C, D, z, delta_bias, flags, cu_seqlens, cs, H, W, block_t)
     K, batch, L, dim, G, dpg, nseq, nchunk, nslots = geo
@@ -150,17 +154,19 @@ def _scan_fwd(
             BLOCK_T=block_t, BLOCK_D=bd, BLOCK_N=bn,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_DTB=delta_bias is not None, SOFTPLUS=delta_softplus,
             HAS_H0=h0 is not None, SAVE=save, HAS_CU=cu_seqlens is not None, STORE_OUT=store_out, HAS_T=H * W > 1,
-            num_warps=warps,
+            SIGNED=negative_eigenvalues, num_warps=warps,
         )
 
     if nseg == 1:
         launch(initial_state, hlast, hlast, True, save_states)
     else:
         ends = torch.empty((K, nseq * nseg, dim, n), dtype=torch.float32, device=u.device)
-        dtsum = torch.empty((K, nseq * nseg, dim), dtype=torch.float32, device=u.device)
+        # Per segment: its sum of dt, or with negative eigenvalues its product of transitions per state.
+        dtsum = torch.empty((K, nseq * nseg, dim, n) if negative_eigenvalues else (K, nseq * nseg, dim),
+                            dtype=torch.float32, device=u.device)
         launch(None, ends, dtsum, False, False)
         h0 = None if initial_state is None else initial_state.float().contiguous()
-        starts, _ = _chain(ends, dtsum, A, h0, nseq, backward=False)
+        starts, _ = _chain(ends, dtsum, A, h0, nseq, backward=False, signed=negative_eigenvalues)
         launch(starts, ends, dtsum, True, save_states)
         hlast = ends.view(K, nseq, nseg, dim, n)[:, :, -1].contiguous()
     return out, hlast, hsave
@@ -168,7 +174,7 @@ def _scan_fwd(
 
 @_scan_fwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, initial_state, flags, cu_seqlens, H, W, delta_softplus, save_states,
-      block_t, block_d):
+      block_t, block_d, negative_eigenvalues=False):
     K, batch, L, dim, G, dpg, nseq, nchunk, nslots = _geometry(u, A, B, C, cu_seqlens, block_t)
     n = A.shape[2]
     return (
@@ -184,7 +190,7 @@ def _scan_bwd(
     D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
     flags: torch.Tensor, cu_seqlens: Optional[torch.Tensor], hsave: torch.Tensor, dout: torch.Tensor,
     dlast: Optional[torch.Tensor], H: int, W: int, delta_softplus: bool, block_t: int, block_d: int,
-    deterministic: bool,
+    deterministic: bool, negative_eigenvalues: bool = False,
 ) -> list[torch.Tensor]:
     """Returns [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state], shaped like the
     inputs (empty tensors for absent optional inputs)."""
@@ -229,14 +235,15 @@ def _scan_bwd(
             BLOCK_T=block_t, BLOCK_D=bd, BLOCK_N=bn,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_DTB=delta_bias is not None, SOFTPLUS=delta_softplus,
             HAS_DLAST=dlast is not None, HAS_CU=cu_seqlens is not None, DETERMINISTIC=deterministic,
-            ADJ_ONLY=adj_only, HAS_T=H * W > 1, num_warps=warps,
+            ADJ_ONLY=adj_only, HAS_T=H * W > 1, SIGNED=negative_eigenvalues, num_warps=warps,
         )
 
     if nseg > 1:
-        dtsum = torch.empty((K, nseq * nseg, dim), dtype=torch.float32, device=dev)
+        dtsum = torch.empty((K, nseq * nseg, dim, n) if negative_eigenvalues else (K, nseq * nseg, dim),
+                            dtype=torch.float32, device=dev)
         launch(None, True)  # each segment's adjoint at its start, from a zero carry (into dh0)
         dlast = None if dlast is None else dlast.float().contiguous()
-        dlast, _ = _chain(dh0.clone(), dtsum, A, dlast, nseq, backward=True)
+        dlast, _ = _chain(dh0.clone(), dtsum, A, dlast, nseq, backward=True, signed=negative_eigenvalues)
     launch(dlast, False)
     dh0 = dh0.view(K, nseq, nseg, dim, n)[:, :, 0].contiguous()
 
@@ -258,7 +265,7 @@ def _scan_bwd(
 
 @_scan_bwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, flags, cu_seqlens, hsave, dout, dlast, H, W, delta_softplus, block_t,
-      block_d, deterministic):
+      block_d, deterministic, negative_eigenvalues=False):
     K, batch, L, dim, G, dpg, nseq, nchunk, nslots = _geometry(u, A, B, C, cu_seqlens, block_t)
     return [
         torch.empty_like(u, memory_format=torch.contiguous_format),
@@ -273,27 +280,28 @@ def _(u, delta, A, B, C, D, z, delta_bias, flags, cu_seqlens, hsave, dout, dlast
 
 def _setup_context(ctx, inputs, output):
     (u, delta, A, B, C, D, z, delta_bias, initial_state, flags, cu_seqlens, H, W, delta_softplus, save_states,
-     block_t, block_d) = inputs
+     block_t, block_d, negative_eigenvalues) = inputs
     if not save_states:
         raise RuntimeError("selective_scan: backward through a call made without save_states")
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, flags, cu_seqlens, output[2])
-    ctx.meta = (H, W, delta_softplus, block_t, block_d, None if initial_state is None else initial_state.dtype)
+    ctx.meta = (H, W, delta_softplus, block_t, block_d, None if initial_state is None else initial_state.dtype,
+                negative_eigenvalues)
 
 
 def _backward(ctx, dout, dlast, _dhsave):
     u, delta, A, B, C, D, z, delta_bias, flags, cu_seqlens, hsave = ctx.saved_tensors
-    H, W, softplus, block_t, block_d, h0_dtype = ctx.meta
+    H, W, softplus, block_t, block_d, h0_dtype, negative_eigenvalues = ctx.meta
     if dout is None:
         dout = torch.zeros((A.shape[0], *u.shape[-3:]), dtype=u.dtype, device=u.device)
     du, ddt, dA, dB, dC, dD, dz, ddtb, dh0 = _scan_bwd(
         u, delta, A, B, C, D, z, delta_bias, flags, cu_seqlens, hsave, dout, dlast, H, W, softplus, block_t,
-        block_d, torch.are_deterministic_algorithms_enabled(),
+        block_d, torch.are_deterministic_algorithms_enabled(), negative_eigenvalues,
     )
     return (
         du, ddt, dA, dB, dC,
         dD if D is not None else None, dz if z is not None else None, ddtb if delta_bias is not None else None,
         dh0.to(h0_dtype) if h0_dtype is not None else None,
-        None, None, None, None, None, None, None, None,
+        None, None, None, None, None, None, None, None, None,
     )
 
 
@@ -351,10 +359,12 @@ def selective_scan_triton(
     cu_seqlens: Optional[torch.Tensor] = None,
     block_t: Optional[int] = None,
     block_d: Optional[int] = None,
+    negative_eigenvalues: bool = False,
 ):
     """Same contract as ``zoo.core.selective_scan.selective_scan_naive`` (channels-last, any
-    strides), plus ``cu_seqlens`` for packed sequences. ``block_t``/``block_d`` override the
-    tile sizes (benchmarks). Inputs are assumed validated by the core op."""
+    strides, ``negative_eigenvalues`` included), plus ``cu_seqlens`` for packed sequences.
+    ``block_t``/``block_d`` override the tile sizes (benchmarks). Inputs are assumed validated by
+    the core op."""
     _check_device(u)
     flags = _flags_tensor((REVERSE if reverse else 0,), u.device)
     out, last = _run(
@@ -362,12 +372,13 @@ def selective_scan_triton(
         None if D is None else D[None], None if z is None else z[None],
         None if delta_bias is None else delta_bias[None],
         None if initial_state is None else initial_state[None], flags, cu_seqlens, 1, 1, delta_softplus,
-        block_t, block_d,
+        block_t, block_d, negative_eigenvalues,
     )
     return (out[0], last[0]) if return_last_state else out[0]
 
 
-def _run(u, delta, A, B, C, D, z, delta_bias, h0, flags, cu_seqlens, H, W, softplus, block_t, block_d):
+def _run(u, delta, A, B, C, D, z, delta_bias, h0, flags, cu_seqlens, H, W, softplus, block_t, block_d,
+         negative_eigenvalues=False):
     dpg = u.shape[-1] // _lcm(B.shape[3], C.shape[3])
     bt = _config(A.shape[2], dpg, False, block_t, block_d)[0]
     save = _needs_grad(u, delta, A, B, C, D, z, delta_bias, h0)
@@ -375,7 +386,7 @@ def _run(u, delta, A, B, C, D, z, delta_bias, h0, flags, cu_seqlens, H, W, softp
         cu_seqlens = cu_seqlens.to(torch.int64)
     out, last, _ = _scan_fwd(
         u, delta, A, B, C, D, z, delta_bias, h0, flags, cu_seqlens, H, W, delta_softplus=softplus,
-        save_states=save, block_t=bt, block_d=block_d or 0,
+        save_states=save, block_t=bt, block_d=block_d or 0, negative_eigenvalues=negative_eigenvalues,
     )
     return out, last
 
@@ -397,6 +408,7 @@ def selective_scan_multi_triton(
     cu_seqlens: Optional[torch.Tensor] = None,
     block_t: Optional[int] = None,
     block_d: Optional[int] = None,
+    negative_eigenvalues: bool = False,
 ):
     """K scans in one launch; see ``zoo.core.selective_scan.selective_scan_multi`` for the
     contract. Inputs with a leading K axis are per direction; without it they are shared."""
@@ -408,7 +420,7 @@ def selective_scan_multi_triton(
     H, W = hw if any(f & TRANSPOSE for f in flag_list) else (1, 1)
     out, last = _run(
         u, delta, A, _groups(B, K), _groups(C, K), D, z, delta_bias, initial_state, flags, cu_seqlens, H, W, delta_softplus,
-        block_t, block_d,
+        block_t, block_d, negative_eigenvalues,
     )
     return (out, last) if return_last_state else out
 

@@ -16,6 +16,12 @@ H x W image column-major (VMamba's cross-scan); every per-token tensor stays in 
 The backward recomputes the states of each chunk from the state saved at the chunk's start (the
 forward saves one (d, n) state per chunk when gradients are needed), runs the adjoint scan
 backwards over the chunk, and never needs the pre-gate output: y is recomputed from the states.
+
+Negative eigenvalues (SIGNED, Grazzi et al.): the transition is a = 2 exp(dt A) - 1 in (-1, 1) instead of
+exp(dt A). Everything that assumed a > 0 has a signed form compiled in only with SIGNED (the default
+kernels are unchanged): a segment's total transition is its product of transitions, kept directly
+(not exp(A sum dt)); the backward takes d a / d(dt A) = 2 exp(dt A) = a + 1 and the state before each
+step h_{s-1} itself (from a shift of the recomputed states, not (h_s - b_s) / a, as a may be 0).
 """
 import os
 
@@ -58,6 +64,23 @@ def _combine(a1, b1, a2, b2):
     # Composition of two steps x -> a x + b (the later step second). The adjoint scan runs it
     # over a flipped chunk, where the already-combined later steps come first.
     return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _shift_combine(v1, p1, f1, v2, p2, f2):
+    # Summary of a run of rows: (last value, value before the last, 1 if that one is known). A
+    # scan with it hands each row the previous row's value (row 0: its preset p), so the step
+    # axis shifts by one without leaving registers.
+    return v2, tl.where(f2 != 0.0, p2, v1), f1 + 1.0
+
+
+@triton.jit
+def _shift_down(v, first, first_row):
+    """v shifted by one row along axis 0, ``first`` (broadcast over rows) entering row 0."""
+    zero = tl.zeros(v.shape, dtype=tl.float32)
+    _, prev, _ = tl.associative_scan((v, tl.where(first_row, first[None, :, :] + zero, zero),
+                                      tl.where(first_row, 1.0 + zero, zero)), 0, _shift_combine)
+    return prev
 
 
 @triton.jit
@@ -115,13 +138,16 @@ def _fwd_kernel(
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, SAVE: tl.constexpr, HAS_CU: tl.constexpr, STORE_OUT: tl.constexpr, HAS_T: tl.constexpr,
+    SIGNED: tl.constexpr = False,
 ):
     """Program (channel block, sequence x segment, direction). A sequence may be cut into NSEG
     segments of SEGLEN steps (a multiple of BLOCK_T) to fill the GPU when there are few
     sequences and channels: pass 1 (STORE_OUT=False) scans each segment from a zero state and
     stores its end state and sum of dt (its total decay is exp(A sum dt)); _seg_combine_kernel
     chains them into true segment-start states; pass 2 (STORE_OUT) reruns every segment from its
-    true start state. With NSEG = 1 this is one plain pass."""
+    true start state. With NSEG = 1 this is one plain pass. SIGNED (transitions 2 exp(dt A) - 1, which
+    may be negative): pass 1 stores the segment's product of transitions, (d, n) per segment, in
+    dtsum_ptr instead of the sum of dt."""
     pid_d = tl.program_id(0)
     pid1 = tl.program_id(1)
     pid_b = pid1 // NSEG
@@ -173,7 +199,10 @@ def _fwd_kernel(
     s0 = seg * SEGLEN
     s_end = tl.minimum(s0 + SEGLEN, seqlen)
     if not STORE_OUT:
-        dtsum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        if SIGNED:
+            segprod = tl.full((BLOCK_N, BLOCK_D), 1.0, dtype=tl.float32)
+        else:
+            dtsum = tl.zeros((BLOCK_D,), dtype=tl.float32)
     # Software prefetch: each iteration issues the next chunk's loads before computing on the
     # current one, so their latency overlaps the scan (Triton does not pipeline these loads).
     u_n, dt_n, B_n, C_n, z_n = _fwd_loads(u_base, dt_base, B_base, C_base, z_base, s0 + rows, s_end, seqlen, start,
@@ -200,11 +229,18 @@ def _fwd_kernel(
             dt = _softplus(dt)
         dt = tl.where(m2, dt, 0.0)  # padded steps: decay 1, no input, so the state passes through
         a = _exp2_approx(dt[:, None, :] * A2[None, :, :])
+        if SIGNED:
+            a = 2.0 * a - 1.0  # padded steps: 2 exp(0) - 1 = 1 still passes the state through
         b = (dt * u)[:, None, :] * Bt[:, :, None]
         # The carried state enters as part of the first step's input, so the scan's running
-        # product of decays is never used and the compiler drops it.
+        # product of decays is never used and the compiler drops it (except in the signed
+        # first pass, which keeps the chunk's product of transitions).
         b = tl.where(first_row, b + a * h[None, :, :], b)
-        _, hs = tl.associative_scan((a, b), 0, _combine)
+        if SIGNED and not STORE_OUT:
+            aprod, hs = tl.associative_scan((a, b), 0, _combine)
+            segprod = segprod * tl.sum(tl.where(last_row, aprod, 0.0), axis=0)
+        else:
+            _, hs = tl.associative_scan((a, b), 0, _combine)
         if STORE_OUT:
             y = tl.sum(hs * Ct[:, :, None], axis=1)
             if HAS_D:
@@ -213,11 +249,15 @@ def _fwd_kernel(
                 y = y * z * _sigmoid(z)
             tl.store(o_base[None, :] + t[:, None] * s_ol, y.to(out_ptr.dtype.element_ty), mask=m2)
         else:
-            dtsum += tl.sum(dt, axis=0)
+            if not SIGNED:
+                dtsum += tl.sum(dt, axis=0)
         h = tl.sum(tl.where(last_row, hs, 0.0), axis=0)
     tl.store(hlast_ptr + seq * DIMN + dn_off, h, mask=dn_mask)
     if not STORE_OUT:
-        tl.store(dtsum_ptr + seq * (DPG * (tl.num_programs(0) // NBLK)) + d, dtsum, mask=dmask)
+        if SIGNED:
+            tl.store(dtsum_ptr + seq * DIMN + dn_off, segprod, mask=dn_mask)
+        else:
+            tl.store(dtsum_ptr + seq * (DPG * (tl.num_programs(0) // NBLK)) + d, dtsum, mask=dmask)
 
 
 @triton.jit
@@ -225,11 +265,13 @@ def _seg_combine_kernel(
     end_ptr, dtsum_ptr, A_ptr, init_ptr, start_ptr, final_ptr,
     NSEG, DIM, NSTATE, s_Ak, s_Ad, s_An,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_INIT: tl.constexpr, BACKWARD: tl.constexpr,
+    SIGNED: tl.constexpr = False,
 ):
     """Chains per-segment results computed from zero: x_start(seg) = carry;
     carry = exp(A * dtsum(seg)) * carry + end(seg), over segments in order (the states) or in
     reverse order (BACKWARD: the adjoints). Buffers are (K, seqs x NSEG, DIM, NSTATE) contiguous,
-    dtsum (K, seqs x NSEG, DIM); init and final (K, seqs, DIM, NSTATE)."""
+    dtsum (K, seqs x NSEG, DIM); init and final (K, seqs, DIM, NSTATE). SIGNED: dtsum_ptr holds each
+    segment's product of (possibly negative) transitions, (K, seqs x NSEG, DIM, NSTATE), used as is."""
     d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     n = tl.arange(0, BLOCK_N)
     dmask = d < DIM
@@ -248,8 +290,13 @@ def _seg_combine_kernel(
         else:
             j = sq * NSEG + i
         tl.store(start_ptr + j * DIM * NSTATE + off, carry, mask=m)
-        ds = tl.load(dtsum_ptr + j * DIM + d, mask=dmask, other=0.0)
-        carry = _exp2_approx(ds[:, None] * A2) * carry + tl.load(end_ptr + j * DIM * NSTATE + off, mask=m, other=0.0)
+        if SIGNED:
+            prod = tl.load(dtsum_ptr + j * DIM * NSTATE + off, mask=m, other=0.0)
+            carry = prod * carry + tl.load(end_ptr + j * DIM * NSTATE + off, mask=m, other=0.0)
+        else:
+            ds = tl.load(dtsum_ptr + j * DIM + d, mask=dmask, other=0.0)
+            carry = _exp2_approx(ds[:, None] * A2) * carry + tl.load(end_ptr + j * DIM * NSTATE + off, mask=m,
+                                                                    other=0.0)
     tl.store(final_ptr + sq * DIM * NSTATE + off, carry, mask=m)
 
 
@@ -304,7 +351,7 @@ def _bwd_kernel(
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_DLAST: tl.constexpr, HAS_CU: tl.constexpr, DETERMINISTIC: tl.constexpr, ADJ_ONLY: tl.constexpr,
-    HAS_T: tl.constexpr,
+    HAS_T: tl.constexpr, SIGNED: tl.constexpr = False,
 ):
     """Gradients. Per chunk (last to first): recompute the states from the saved chunk-start
     state, recompute y for the gate's derivative, then the adjoint g_s = C_s dy_s + a_{s+1} g_{s+1}
@@ -316,7 +363,11 @@ def _bwd_kernel(
     Segments (NSEG > 1) work as in the forward: pass 1 (ADJ_ONLY) runs only the adjoint scan of
     each segment from a zero carry and stores the adjoint at the segment's start (in dh0_ptr) and
     the sum of the shifted dt (in dtsum_ptr); _seg_combine_kernel chains them backwards; pass 2
-    starts every segment from its true carry (read through dlast_ptr)."""
+    starts every segment from its true carry (read through dlast_ptr).
+
+    SIGNED (transitions a = 2 exp(dt A) - 1): d a / d(dt A) = a + 1, applied to the state before each
+    step (a shift of the recomputed states; the default's h_s - b_s = a h_{s-1} is not enough), and
+    pass 1 stores the segment's product of transitions, (d, n), in dtsum_ptr."""
     pid_d = tl.program_id(0)
     pid1 = tl.program_id(1)
     pid_b = pid1 // NSEG
@@ -378,7 +429,10 @@ def _bwd_kernel(
     dA_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dtb_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    dt1sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if SIGNED:
+        segprod = tl.full((BLOCK_N, BLOCK_D), 1.0, dtype=tl.float32)
+    else:
+        dt1sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
     rows = tl.arange(0, BLOCK_T)
     first_row = (rows == 0)[:, None, None]
     last_row = (rows == BLOCK_T - 1)[:, None, None]
@@ -424,17 +478,25 @@ def _bwd_kernel(
         else:
             dy = dout
         an = _exp2_approx(dt1[:, None, :] * A2[None, :, :])
+        if SIGNED:
+            an = 2.0 * an - 1.0
         # The adjoint runs backwards in time: a forward scan over the flipped chunk. Triton's
         # reverse=True scan cost ~640 warp shuffles per chunk here (it goes through the lanes
         # although the step axis lies inside each thread); the flips are register renames.
         # (The carried adjoint enters with the chunk's last step, as the state does in the forward.)
         x = Ct[:, :, None] * dy[:, None, :]
         x = tl.where(last_row, x + an * gcar[None, :, :], x)
-        _, gs = tl.associative_scan((tl.flip(an, 0), tl.flip(x, 0)), 0, _combine)
+        if SIGNED and ADJ_ONLY:
+            # The flipped running product's last row is the chunk's product of transitions.
+            aprod, gs = tl.associative_scan((tl.flip(an, 0), tl.flip(x, 0)), 0, _combine)
+            segprod = segprod * tl.sum(tl.where(last_row, aprod, 0.0), axis=0)
+        else:
+            _, gs = tl.associative_scan((tl.flip(an, 0), tl.flip(x, 0)), 0, _combine)
         gs = tl.flip(gs, 0)
         gcar = tl.sum(tl.where(first_row, gs, 0.0), axis=0)
         if ADJ_ONLY:
-            dt1sum += tl.sum(dt1, axis=0)
+            if not SIGNED:
+                dt1sum += tl.sum(dt1, axis=0)
         else:
             if HAS_DTB:
                 draw += dtb[None, :]
@@ -445,6 +507,8 @@ def _bwd_kernel(
             dtu = dt * u
             b = dtu[:, None, :] * Bt[:, :, None]
             a = _exp2_approx(dt[:, None, :] * A2[None, :, :])
+            if SIGNED:
+                a = 2.0 * a - 1.0
             _, hs = tl.associative_scan((a, tl.where(first_row, b + a * h_in[None, :, :], b)), 0, _combine)
             if HAS_Z:
                 y = tl.sum(hs * Ct[:, :, None], axis=1)
@@ -452,8 +516,12 @@ def _bwd_kernel(
                     y += Dv[None, :] * u
                 dz = dout * y * sz * (1.0 + z * (1.0 - sz))
                 tl.store(dz_ptr + tok[None, :] + t[:, None] * s_gl, dz.to(dz_ptr.dtype.element_ty), mask=m2)
-            hb = hs - b  # = exp(dt A) h_{s-1}: the decayed previous state, without a shifted tile
-            gh = gs * hb
+            if SIGNED:
+                # d a / d(dt A) = 2 exp(dt A) = a + 1, times the state before the step, h_{s-1}.
+                gh = gs * (a + 1.0) * _shift_down(hs, h_in, first_row)
+            else:
+                hb = hs - b  # = exp(dt A) h_{s-1}: the decayed previous state, without a shifted tile
+                gh = gs * hb
             gB_ = tl.sum(gs * Bt[:, :, None], axis=1)
             du = dt * gB_
             if HAS_D:
@@ -478,7 +546,10 @@ def _bwd_kernel(
                 tl.atomic_add(dC_base[None, :] + t[:, None] * s_dCl, dCt, mask=mb)
     if ADJ_ONLY:
         tl.store(dh0_ptr + seq * DIMN + dn_off, gcar, mask=dn_mask)
-        tl.store(dtsum_ptr + seq * DIM + d, dt1sum, mask=dmask)
+        if SIGNED:
+            tl.store(dtsum_ptr + seq * DIMN + dn_off, segprod, mask=dn_mask)
+        else:
+            tl.store(dtsum_ptr + seq * DIM + d, dt1sum, mask=dmask)
     else:
         # Gradient of the state entering the segment: its first step's adjoint through that
         # step's decay (for segment 0 this is the initial state's gradient).
@@ -491,7 +562,10 @@ def _bwd_kernel(
         if SOFTPLUS:
             dt0 = _softplus(dt0)
         dt0 = tl.where(s_end > s0, dt0, 0.0)  # an empty sequence passes dlast straight to dh0
-        dh0 = gcar * _exp2_approx(dt0[None, :] * A2)
+        if SIGNED:
+            dh0 = gcar * (2.0 * _exp2_approx(dt0[None, :] * A2) - 1.0)
+        else:
+            dh0 = gcar * _exp2_approx(dt0[None, :] * A2)
         tl.store(dh0_ptr + seq * DIMN + dn_off, dh0, mask=dn_mask)
         tl.store(dA_ptr + seq * DIMN + dn_off, dA_acc, mask=dn_mask)
         if HAS_D:
