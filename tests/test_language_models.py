@@ -231,3 +231,19 @@ def test_model_interface():
         torch.testing.assert_close(p.grad, grads[n], msg=n)
     model.reset_classifier(7)
     assert model(ids).shape == (2, 9, 7)
+
+
+def test_hybrid_folder_roundtrip_and_folder_errors(tmp_path):
+    from zoo.models.language import from_pretrained, save_pretrained
+
+    source = _model("mamba2attn_2_7b")
+    save_pretrained(source, tmp_path / "ssm")
+    assert json.loads((tmp_path / "ssm" / "config.json").read_text())["attn_layer_idx"] == [1]
+    _same_logits(from_pretrained(tmp_path / "ssm").eval(), source)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        from_pretrained(tmp_path)
+    (tmp_path / "ssm" / "pytorch_model.bin").unlink()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors, pytorch_model.bin"):
+        from_pretrained(tmp_path / "ssm")
+    with pytest.raises(ValueError, match="layout must be 'state_spaces' or 'hf', got 'gguf'"):
+        save_pretrained(source, tmp_path / "x", layout="gguf")

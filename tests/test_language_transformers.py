@@ -82,3 +82,33 @@ def test_logits_equal_transformers_float64(name):
     again.load_state_dict(checkpoint_filter_fn(sd, again), strict=True)
     with torch.no_grad():
         torch.testing.assert_close(again(ids), ours, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["mamba_790m", "mamba2_780m"])
+def test_export_to_transformers_and_back(name, tmp_path):
+    """save_pretrained(layout='hf') writes what transformers' from_pretrained reads (same logits); from_pretrained
+    reads both layouts back. Mamba-2 with 2 groups, which the official configs do not use."""
+    from zoo.models.language import from_pretrained, save_pretrained
+
+    torch.manual_seed(0)
+    cfg = _reduced(name)
+    if name in MAMBA2:
+        cfg["ssm_cfg"]["ngroups"] = 2
+    model = zoo.create_model(name, **cfg).double().eval()
+    ids = torch.randint(0, 50277, (2, 17))
+    with torch.no_grad():
+        ours = model(ids)
+    save_pretrained(model, tmp_path / "hf", layout="hf")
+    cls = transformers.MambaForCausalLM if name in MAMBA1 else transformers.Mamba2ForCausalLM
+    hf = cls.from_pretrained(tmp_path / "hf", dtype=torch.float64).eval()
+    with torch.no_grad(), _KeepFloat64():
+        torch.testing.assert_close(hf(ids).logits, ours, rtol=1e-9, atol=1e-9)
+    save_pretrained(model, tmp_path / "ssm")
+    for folder in ("hf", "ssm"):
+        again = from_pretrained(tmp_path / folder).double().eval()
+        with torch.no_grad():
+            torch.testing.assert_close(again(ids), ours, rtol=0, atol=0)
+    hybrid = zoo.create_model("mamba2attn_2_7b", d_model=32, n_layer=2, attn_layer_idx=[1],
+                              ssm_cfg=dict(layer="Mamba2", headdim=16, d_state=16), attn_cfg=dict(causal=True, num_heads=2))
+    with pytest.raises(ValueError, match="transformers' Mamba models cannot represent attention layers"):
+        save_pretrained(hybrid, tmp_path / "x", layout="hf")

@@ -1,6 +1,8 @@
 """Language models: Mamba-1, Mamba-2 and hybrid (attention) LMs of mamba-ssm's MambaLMHeadModel, and generation."""
 from .generation import DecodeCache, Tokenizer, load_tokenizer, sample_next
-from .mamba_lm import MHA, MambaConfig, MambaLMHeadModel, checkpoint_filter_fn, model_config  # registers the entries
+# Importing mamba_lm registers the entries.
+from .mamba_lm import (MHA, MambaConfig, MambaLMHeadModel, checkpoint_filter_fn, from_pretrained, model_config,
+                       save_pretrained)
 
-__all__ = ["DecodeCache", "MHA", "MambaConfig", "MambaLMHeadModel", "Tokenizer", "checkpoint_filter_fn", "load_tokenizer",
-           "model_config", "sample_next"]
+__all__ = ["DecodeCache", "MHA", "MambaConfig", "MambaLMHeadModel", "Tokenizer", "checkpoint_filter_fn", "from_pretrained",
+           "load_tokenizer", "model_config", "sample_next", "save_pretrained"]

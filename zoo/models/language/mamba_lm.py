@@ -13,8 +13,10 @@ the first ``rotary_emb_dim`` channels, grouped kv heads, ``out_proj``) through P
 from __future__ import annotations
 
 import copy
+import json
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -432,6 +434,7 @@ class MambaLMHeadModel(nn.Module, GenerationMixin):
 
 # The Hugging Face transformers layout (MambaForCausalLM, Mamba2ForCausalLM) differs from mamba-ssm's by one name.
 _HF_RENAMES = {"backbone.embeddings.weight": "backbone.embedding.weight"}
+_HF_NAMES = {v: k for k, v in _HF_RENAMES.items()}
 
 
 def checkpoint_filter_fn(state_dict: dict, model: MambaLMHeadModel) -> dict:
@@ -450,6 +453,111 @@ def checkpoint_filter_fn(state_dict: dict, model: MambaLMHeadModel) -> dict:
             raise CheckpointError("checkpoint has an lm_head.weight that differs from its embedding, but the model ties "
                                   "them (tie_embeddings=True); create the model with tie_embeddings=False")
     return out
+
+
+# --- folders: mamba-ssm's save_pretrained layout and transformers' ----------------------------------------
+
+def _hf_config(model: MambaLMHeadModel) -> dict:
+    """transformers' config.json (MambaConfig / Mamba2Config) of a model it can represent; else a ValueError that
+    names what it cannot."""
+    cfg = model.config
+    mixers = [b.mixer for b in model.backbone.layers]
+    problems = [what for what, bad in (
+        ("attention layers", bool(cfg.attn_layer_idx)), ("an MLP in the blocks (d_intermediate)", bool(cfg.d_intermediate)),
+        ("LayerNorm (rms_norm=False)", not cfg.rms_norm)) if bad]
+    m = mixers[0]
+    common = dict(hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer, vocab_size=model.backbone.embedding.num_embeddings,
+                  layer_norm_epsilon=model.backbone.norm_f.eps, residual_in_fp32=cfg.residual_in_fp32,
+                  tie_word_embeddings=model.tie_embeddings, state_size=m.d_state, conv_kernel=m.d_conv, expand=m.expand,
+                  use_bias=m.in_proj.bias is not None, use_conv_bias=m.conv1d.bias is not None)
+    if isinstance(m, Mamba2):
+        problems += [what for what, bad in (
+            ("D per channel (D_has_hdim)", m.D_has_hdim), ("an MLP branch in the mixer (d_ssm < d_inner)", bool(m.d_mlp)),
+            ("no gated RMSNorm (rmsnorm=False)", not m.rmsnorm), ("norm_before_gate=True", m.rmsnorm and m.norm.norm_before_gate),
+            ("negative_eigenvalues", m.negative_eigenvalues), ("an RMSNorm eps other than 1e-5", common["layer_norm_epsilon"] != 1e-5),
+        ) if bad]
+        out = dict(model_type="mamba2", architectures=["Mamba2ForCausalLM"], num_heads=m.nheads, head_dim=m.headdim,
+                   n_groups=m.ngroups, chunk_size=m.chunk_size, time_step_limit=list(m.dt_limit), **common)
+    else:
+        problems += [what for what, bad in (("negative_eigenvalues", m.negative_eigenvalues),
+                                            ("token-dynamics refinements", bool(m.bc_sign or m.reorder_tokens))) if bad]
+        out = dict(model_type="mamba", architectures=["MambaForCausalLM"], time_step_rank=m.dt_rank, **common)
+    if problems:
+        raise ValueError(f"save_pretrained(layout='hf'): transformers' Mamba models cannot represent {', '.join(problems)}")
+    return out
+
+
+def _from_hf_config(hf: dict) -> dict:
+    """MambaLMHeadModel arguments of a transformers config.json (model_type "mamba" or "mamba2")."""
+    kind = hf.get("model_type")
+    if kind not in ("mamba", "mamba2"):
+        raise ValueError(f"config.json: model_type must be 'mamba' or 'mamba2' (transformers) or absent (mamba-ssm), got {kind!r}")
+    ssm = dict(d_state=hf.get("state_size", 16 if kind == "mamba" else 128), d_conv=hf.get("conv_kernel", 4),
+               expand=hf.get("expand", 2), conv_bias=hf.get("use_conv_bias", True), bias=hf.get("use_bias", False))
+    if kind == "mamba":
+        rank = hf.get("time_step_rank", "auto")
+        ssm.update(layer="Mamba1", dt_rank=rank)
+    else:
+        ssm.update(layer="Mamba2", headdim=hf.get("head_dim", 64), ngroups=hf.get("n_groups", 8),
+                   chunk_size=hf.get("chunk_size", 256), dt_limit=tuple(hf.get("time_step_limit", (0.0, float("inf")))))
+    return dict(d_model=hf["hidden_size"], n_layer=hf["num_hidden_layers"], vocab_size=hf["vocab_size"], ssm_cfg=ssm,
+                residual_in_fp32=hf.get("residual_in_fp32", True), norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+                tie_embeddings=hf.get("tie_word_embeddings", kind == "mamba"), pad_vocab_size_multiple=1)
+
+
+def save_pretrained(model: MambaLMHeadModel, folder, layout: str = "state_spaces") -> Path:
+    """Write ``model`` into ``folder``: ``layout="state_spaces"`` as mamba-ssm's save_pretrained (config.json of its
+    MambaConfig + pytorch_model.bin); ``"hf"`` as transformers' save_pretrained (config.json of MambaConfig /
+    Mamba2Config + model.safetensors, tied lm_head left out), which ``MambaForCausalLM.from_pretrained`` reads.
+    Both read back with :func:`from_pretrained`."""
+    from zoo import hub
+
+    if layout not in ("state_spaces", "hf"):
+        raise ValueError(f"save_pretrained: layout must be 'state_spaces' or 'hf', got {layout!r}")
+    rows = model.backbone.embedding.num_embeddings
+    if model.lm_head.out_features != rows:
+        raise ValueError(f"save_pretrained: the lm_head has {model.lm_head.out_features} outputs (reset_classifier) but the "
+                         f"embedding {rows} rows; neither config format can describe that")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if layout == "hf":
+        config = _hf_config(model)
+        sd = {_HF_NAMES.get(k, k): v for k, v in model.state_dict().items()
+              if not (k == "lm_head.weight" and model.tie_embeddings)}
+        hub.save_state_dict(sd, folder / "model.safetensors")
+    else:
+        config = {**model.config_dict(), "tie_embeddings": model.tie_embeddings}
+        sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        hub.atomic_write(folder / "pytorch_model.bin", lambda tmp: torch.save(sd, tmp))
+    hub.write_text_atomic(folder / "config.json", json.dumps(config, indent=1) + "\n")
+    return folder
+
+
+def from_pretrained(folder, **kwargs) -> MambaLMHeadModel:
+    """A model from a folder holding config.json and weights, in mamba-ssm's layout (its MambaConfig;
+    pytorch_model.bin) or transformers' (model_type mamba / mamba2; model.safetensors, or shards listed in
+    model.safetensors.index.json), loaded strictly. ``kwargs`` override config fields (e.g. ``dtype``)."""
+    from zoo import hub
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"from_pretrained: no config.json in {folder}")
+    config = json.loads((folder / "config.json").read_text())
+    args = _from_hf_config(config) if "model_type" in config else {k: v for k, v in config.items() if k in MambaConfig.__dataclass_fields__}
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = [next((n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).is_file()), None)]
+        if files[0] is None:
+            raise FileNotFoundError(f"from_pretrained: no model.safetensors, pytorch_model.bin or "
+                                    f"model.safetensors.index.json in {folder}")
+    state_dict = {}
+    for name in files:
+        state_dict.update(hub.load_checkpoint(folder / name))
+    model = MambaLMHeadModel(**{**args, **kwargs})
+    hub.load_state_dict(model, checkpoint_filter_fn(state_dict, model), strict=True, source=folder)
+    return model
 
 
 # --- entries --------------------------------------------------------------------------------------------
