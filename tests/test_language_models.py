@@ -7,7 +7,7 @@ import math
 import huggingface_hub
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import zoo
 from zoo.hub import CheckpointError
@@ -242,6 +242,18 @@ def test_hybrid_folder_roundtrip_and_folder_errors(tmp_path):
     _same_logits(from_pretrained(tmp_path / "ssm").eval(), source)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         from_pretrained(tmp_path)
+    # transformers' sharded layout: the tensors split over two files named by model.safetensors.index.json.
+    plain = _model("mamba_130m")
+    save_pretrained(plain, tmp_path / "hf", layout="hf")
+    sd = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    keys = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2], "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for file, names in shards.items():
+        save_file({k: sd[k] for k in names}, str(tmp_path / "hf" / file))
+    index = {"weight_map": {k: file for file, names in shards.items() for k in names}}
+    (tmp_path / "hf" / "model.safetensors.index.json").write_text(json.dumps(index))
+    _same_logits(from_pretrained(tmp_path / "hf").eval(), plain)
     (tmp_path / "ssm" / "pytorch_model.bin").unlink()
     with pytest.raises(FileNotFoundError, match="no model.safetensors, pytorch_model.bin"):
         from_pretrained(tmp_path / "ssm")
