@@ -13,7 +13,7 @@ from ..launch import cdiv, next_power_of_2
 from .kernels import _bwd_chunk_kernel, _bwd_dstate_kernel, _fwd_kernel
 
 # Chunk length Q, and the warps of each kernel (tuned on an H200: benchmarks/results/ssd_h200.json).
-BLOCK_Q = 64
+BLOCK_Q = 32
 FWD_WARPS = 4
 BWD_WARPS = 8
 # The backward's chunk kernel has (chunks x batch x groups x splits) programs; the group's heads are split
@@ -36,79 +36,109 @@ def _splits(heads_per_group: int, programs: int) -> int:
     return split
 
 
+def _segment_chunks(L: int, N: int, Q: int) -> int:
+    """Chunks per segment of the backward: a segment's chunk states and their gradients (2 x (chunks + 1)
+    states of N values per channel) take no more memory than x (L values per channel)."""
+    return max(1, min(cdiv(L, Q), L // (2 * N) - 1))
+
+
+def _common(x, B):
+    b, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    bp, bn = _blocks(P, N)
+    return b, L, H, P, G, N, bp, bn
+
+
 class _SSDFunction(torch.autograd.Function):
+    """Training keeps only the states at segment starts; the backward walks the segments from the last,
+    recomputing each one's chunk states, then the gradients of the states leaving its chunks, then every chunk's
+    gradients at once."""
+
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, z, initial_state, reverse, signed, block_q):
-        b, L, H, P = x.shape
-        G, N = B.shape[2], B.shape[3]
+        b, L, H, P, G, N, bp, bn = _common(x, B)
         Q = block_q
         NC = cdiv(L, Q)
-        bp, bn = _blocks(P, N)
         x, dt, B, C = x.contiguous(), dt.contiguous(), B.contiguous(), C.contiguous()
         z = None if z is None else z.contiguous()
         A = A.float().contiguous()
         D = None if D is None else D.float().contiguous()
         init = None if initial_state is None else initial_state.float().contiguous()
         train = any(ctx.needs_input_grad)
-        state_dtype = torch.float32 if x.dtype == torch.float32 else x.dtype
+        seg = _segment_chunks(L, N, Q)
+        nseg = cdiv(NC, seg)
         out = torch.empty_like(x)
         final = torch.empty((b, H, P, N), dtype=torch.float32, device=x.device)
-        states = torch.empty((b, NC + 1, H, P, N) if train else (1,), dtype=state_dtype, device=x.device)
+        starts = torch.empty((b, nseg + 1, H, P, N) if train else (1,), dtype=torch.float32, device=x.device)
         _fwd_kernel[(H * cdiv(P, bp), b)](
             x, dt, A, B, C, D if D is not None else x, z if z is not None else x, init if init is not None else final,
-            out, final, states, L, H, P, N, G, H // G, NC,
+            out, final, starts, L, H, P, N, G, H // G, 0, NC, seg, nseg + 1, H * P * N,
             Q=Q, BP=bp, BN=bn, HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2,
-            HAS_Z=z is not None, HAS_INIT=init is not None, STORE_STATES=train, REVERSE=reverse, SIGNED=signed,
-            IEEE=x.dtype == torch.float32, num_warps=FWD_WARPS,
+            HAS_Z=z is not None, HAS_INIT=init is not None, STORE_OUT=True, STORE_STATES=train, REVERSE=reverse,
+            SIGNED=signed, IEEE=x.dtype == torch.float32, num_warps=FWD_WARPS,
         )
         if train:
-            ctx.save_for_backward(x, dt, A, B, C, D, z, states)
-            ctx.cfg = (reverse, signed, Q, initial_state is not None)
-        ctx.mark_non_differentiable(states)
+            ctx.save_for_backward(x, dt, A, B, C, D, z, starts)
+            ctx.cfg = (reverse, signed, Q, seg, initial_state is not None)
         return out, final
 
     @staticmethod
     def backward(ctx, dout, dfinal):
-        x, dt, A, B, C, D, z, states = ctx.saved_tensors
-        reverse, signed, Q, has_init = ctx.cfg
-        b, L, H, P = x.shape
-        G, N = B.shape[2], B.shape[3]
+        x, dt, A, B, C, D, z, starts = ctx.saved_tensors
+        reverse, signed, Q, seg, has_init = ctx.cfg
+        b, L, H, P, G, N, bp, bn = _common(x, B)
         NC = cdiv(L, Q)
-        bp, bn = _blocks(P, N)
-        dout = dout.contiguous()
-        dfinal = None if dfinal is None else dfinal.float().contiguous()
-        dev = x.device
-        dstates = torch.empty((b, NC, H, P, N), dtype=states.dtype, device=dev)
-        dinit = torch.empty((b, H, P, N), dtype=torch.float32, device=dev)
-        _bwd_dstate_kernel[(H * cdiv(P, bp), b)](
-            dout, dt, A, C, z if z is not None else x, dfinal if dfinal is not None else dinit, dstates, dinit,
-            L, H, P, N, G, H // G, NC,
-            Q=Q, BP=bp, BN=bn, HAS_Z=z is not None, HAS_DFINAL=dfinal is not None, REVERSE=reverse, SIGNED=signed,
-            IEEE=x.dtype == torch.float32, num_warps=FWD_WARPS,
-        )
         hpg = H // G
-        nsplit = _splits(hpg, NC * b * G)
+        dev = x.device
+        dout = dout.contiguous()
+        state_dtype = torch.float32 if x.dtype == torch.float32 else x.dtype
+        ieee = x.dtype == torch.float32
+        dummy_D, dummy_z = (D if D is not None else x), (z if z is not None else x)
+        dcarry = torch.zeros((b, H, P, N), dtype=torch.float32, device=dev) if dfinal is None \
+            else dfinal.float().clone(memory_format=torch.contiguous_format)
+        scratch = torch.empty((b, H, P, N), dtype=torch.float32, device=dev)
+        states = torch.empty(b * (seg + 1) * H * P * N, dtype=state_dtype, device=dev)
+        dstates = torch.empty(b * seg * H * P * N, dtype=state_dtype, device=dev)
+        nsplit = _splits(hpg, seg * b * G)
+        parts = torch.empty((2, nsplit * b * seg * Q * G * N), dtype=torch.float32, device=dev)
         dx = torch.empty_like(x)
         ddt = torch.empty((b, L, H), dtype=torch.float32, device=dev)
-        dB = torch.empty((nsplit, b, L, G, N), dtype=torch.float32, device=dev)
+        dB = torch.empty((b, L, G, N), dtype=torch.float32, device=dev)
         dC = torch.empty_like(dB)
         dz = None if z is None else torch.empty_like(z)
         dA = torch.empty((b, NC, H), dtype=torch.float32, device=dev)
         dD = None if D is None else torch.empty((b, NC, H, P), dtype=torch.float32, device=dev)
-        _bwd_chunk_kernel[(NC, b, G * nsplit)](
-            x, dt, A, B, C, D if D is not None else x, z if z is not None else x, dout, states, dstates,
-            dx, ddt, dB, dC, dz if dz is not None else dx, dA, dD if dD is not None else dA,
-            L, H, P, N, G, hpg, NC, nsplit, hpg // nsplit,
-            Q=Q, BP=bp, BN=bn, HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2,
-            HAS_Z=z is not None, REVERSE=reverse, SIGNED=signed, IEEE=x.dtype == torch.float32, num_warps=BWD_WARPS,
-        )
-        dB = dB.sum(0) if nsplit > 1 else dB[0]
-        dC = dC.sum(0) if nsplit > 1 else dC[0]
+        common = dict(Q=Q, BP=bp, BN=bn, REVERSE=reverse, SIGNED=signed, IEEE=ieee)
+        for s in reversed(range(cdiv(NC, seg))):
+            c0, ncs = s * seg, min(seg, NC - s * seg)
+            _fwd_kernel[(H * cdiv(P, bp), b)](
+                x, dt, A, B, C, dummy_D, dummy_z, starts[:, s], x, scratch, states, L, H, P, N, G, hpg, c0, ncs, 1,
+                ncs + 1, starts.stride(0), HAS_D=False, D_PER_CHANNEL=False, HAS_Z=False, HAS_INIT=True,
+                STORE_OUT=False, STORE_STATES=True, num_warps=FWD_WARPS, **common,
+            )
+            _bwd_dstate_kernel[(H * cdiv(P, bp), b)](
+                dout, dt, A, C, dummy_z, dcarry, dstates, L, H, P, N, G, hpg, c0, ncs,
+                HAS_Z=z is not None, num_warps=FWD_WARPS, **common,
+            )
+            _bwd_chunk_kernel[(ncs, b, G * nsplit)](
+                x, dt, A, B, C, dummy_D, dummy_z, dout, states, dstates,
+                dx, ddt, parts[0], parts[1], dz if dz is not None else dx, dA, dD if dD is not None else dA,
+                L, H, P, N, G, hpg, NC, c0, ncs, nsplit, hpg // nsplit,
+                HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2, HAS_Z=z is not None,
+                num_warps=BWD_WARPS, **common,
+            )
+            rows = min(ncs * Q, L - c0 * Q)  # the segment's steps, in walk order
+            for part, grad in zip(parts, (dB, dC)):
+                got = part[: nsplit * b * ncs * Q * G * N].view(nsplit, b, ncs * Q, G, N)[:, :, :rows].sum(0)
+                if reverse:
+                    grad[:, L - c0 * Q - rows: L - c0 * Q] = got.flip(1)
+                else:
+                    grad[:, c0 * Q: c0 * Q + rows] = got
         if dD is not None:
             dD = dD.sum((0, 1))
             if D.dim() == 1:
                 dD = dD.sum(1)
-        return dx, ddt, dA.sum((0, 1)), dB, dC, dD, dz, dinit if has_init else None, None, None, None
+        return dx, ddt, dA.sum((0, 1)), dB, dC, dD, dz, dcarry if has_init else None, None, None, None
 
 
 def ssd_scan_triton(

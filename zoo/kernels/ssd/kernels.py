@@ -12,16 +12,15 @@ H_c the (headdim, d_state) state entering chunk c.
 - ``_bwd_dstate_kernel``: the same walk backwards over dout: dH_c, the gradient of the state leaving chunk c.
 - ``_bwd_chunk_kernel``: every chunk at once; a program owns (chunk, batch, group, a split of the group's
   heads) and loops over those heads, so the heads' dB and dC contributions sum in registers (no atomics).
-  The gradient of the cumulative log-transitions needs no extra pass: d cs_k = C_k . dC_k - B_k . dB_k (per
-  head; the first term is dout_k . y_k, the second u_k . du_k), plus dH . H at the chunk's last step, and
-  d(dt A)_t is its reverse cumulative sum.
+  The gradient of the cumulative log-transitions needs no extra pass: d cs_k = dy_k . y_k - u_k . du_k, plus
+  dH . H at the chunk's last step, and d(dt A)_t is its reverse cumulative sum.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-_TINY = 1.1754943508222875e-38  # float32's smallest normal: |transition| floor that keeps the logarithm finite
+_TINY = tl.constexpr(1.1754943508222875e-38)  # float32's smallest normal: |transition| floor that keeps the logarithm finite
 
 
 @triton.jit
@@ -86,11 +85,15 @@ def _decays(dt, A_h, Q: tl.constexpr, SIGNED: tl.constexpr):
 @triton.jit
 def _fwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, init_ptr, out_ptr, final_ptr, states_ptr,
-    L, H, P, N, G, HPG, NC,
+    L, H, P, N, G, HPG, C0, NCS, STEP, NSTORED, init_sb,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr, HAS_INIT: tl.constexpr,
-    STORE_STATES: tl.constexpr, REVERSE: tl.constexpr, SIGNED: tl.constexpr, IEEE: tl.constexpr,
+    STORE_OUT: tl.constexpr, STORE_STATES: tl.constexpr, REVERSE: tl.constexpr, SIGNED: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
+    """Walks chunks C0 .. C0 + NCS - 1 from the state init (batch stride init_sb). With STORE_STATES the state
+    entering every STEP-th chunk of the walk goes to states[b, k] (NSTORED slots), and the state leaving the walk
+    to the slot after the last one."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     npb = tl.cdiv(P, BP)
@@ -102,8 +105,9 @@ def _fwd_kernel(
     A_h = tl.load(A_ptr + h).to(tl.float32)
     dtype = x_ptr.dtype.element_ty
     sp = (b * H + h) * P * N + p[:, None] * N + n[None, :]  # (b, h, p, n) offsets of a state
+    hp = h * P * N + p[:, None] * N + n[None, :]
     if HAS_INIT:
-        state = tl.load(init_ptr + sp, mask=pm[:, None] & nm[None, :], other=0.0).to(tl.float32)
+        state = tl.load(init_ptr + b * init_sb + hp, mask=pm[:, None] & nm[None, :], other=0.0).to(tl.float32)
     else:
         state = tl.zeros((BP, BN), dtype=tl.float32)
     if HAS_D:
@@ -111,7 +115,8 @@ def _fwd_kernel(
             Dv = tl.load(D_ptr + h * P + p, mask=pm, other=0.0).to(tl.float32)
         else:
             Dv = tl.load(D_ptr + h).to(tl.float32)
-    for c in range(NC):
+    for k in range(NCS):
+        c = C0 + k
         pos, valid = _chunk_rows(c, L, Q, REVERSE)
         row = b * L + pos
         dt = tl.load(dt_ptr + row * H + h, mask=valid, other=0.0)
@@ -124,26 +129,28 @@ def _fwd_kernel(
         Bc = tl.load(B_ptr + bo, mask=bm, other=0.0)
         Cc = tl.load(C_ptr + bo, mask=bm, other=0.0)
         if STORE_STATES:
-            tl.store(states_ptr + ((b * (NC + 1) + c) * H + h) * P * N + p[:, None] * N + n[None, :], state.to(states_ptr.dtype.element_ty),
-                     mask=pm[:, None] & nm[None, :])
-        CB = _mm(Cc, tl.trans(Bc), IEEE)
-        W = (CB * Lmat * dt[None, :]).to(dtype)
-        y = _mm(W, x, IEEE)
-        y += d_in[:, None] * _mm(Cc, tl.trans(state.to(dtype)), IEEE)
-        if HAS_D:
-            if D_PER_CHANNEL:
-                y += Dv[None, :] * x.to(tl.float32)
-            else:
-                y += Dv * x.to(tl.float32)
-        if HAS_Z:
-            zv = tl.load(z_ptr + xo, mask=xm, other=0.0).to(tl.float32)
-            y = y * zv * tl.sigmoid(zv)
-        tl.store(out_ptr + xo, y.to(out_ptr.dtype.element_ty), mask=xm)
+            if k % STEP == 0:
+                tl.store(states_ptr + ((b * NSTORED + k // STEP) * H) * P * N + hp, state.to(states_ptr.dtype.element_ty),
+                         mask=pm[:, None] & nm[None, :])
+        if STORE_OUT:
+            CB = _mm(Cc, tl.trans(Bc), IEEE)
+            W = (CB * Lmat * dt[None, :]).to(dtype)
+            y = _mm(W, x, IEEE)
+            y += d_in[:, None] * _mm(Cc, tl.trans(state.to(dtype)), IEEE)
+            if HAS_D:
+                if D_PER_CHANNEL:
+                    y += Dv[None, :] * x.to(tl.float32)
+                else:
+                    y += Dv * x.to(tl.float32)
+            if HAS_Z:
+                zv = tl.load(z_ptr + xo, mask=xm, other=0.0).to(tl.float32)
+                y = y * zv * tl.sigmoid(zv)
+            tl.store(out_ptr + xo, y.to(out_ptr.dtype.element_ty), mask=xm)
         u = (x.to(tl.float32) * (dt * d_out)[:, None]).to(dtype)
         state = d_all * state + _mm(tl.trans(u), Bc, IEEE)
     tl.store(final_ptr + sp, state, mask=pm[:, None] & nm[None, :])
     if STORE_STATES:
-        tl.store(states_ptr + ((b * (NC + 1) + NC) * H + h) * P * N + p[:, None] * N + n[None, :], state.to(states_ptr.dtype.element_ty),
+        tl.store(states_ptr + ((b * NSTORED + NSTORED - 1) * H) * P * N + hp, state.to(states_ptr.dtype.element_ty),
                  mask=pm[:, None] & nm[None, :])
 
 
@@ -159,12 +166,13 @@ def _gated_dout(dout_ptr, z_ptr, xo, xm, HAS_Z: tl.constexpr):
 
 @triton.jit
 def _bwd_dstate_kernel(
-    dout_ptr, dt_ptr, A_ptr, C_ptr, z_ptr, dfinal_ptr, dstates_ptr, dinit_ptr,
-    L, H, P, N, G, HPG, NC,
+    dout_ptr, dt_ptr, A_ptr, C_ptr, z_ptr, dcarry_ptr, dstates_ptr,
+    L, H, P, N, G, HPG, C0, NCS,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-    HAS_Z: tl.constexpr, HAS_DFINAL: tl.constexpr, REVERSE: tl.constexpr, SIGNED: tl.constexpr, IEEE: tl.constexpr,
+    HAS_Z: tl.constexpr, REVERSE: tl.constexpr, SIGNED: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """dstates[b, c] = gradient of the state leaving chunk c; dinit = gradient of the initial state."""
+    """Walks chunks C0 + NCS - 1 down to C0: dstates[b, k] = gradient of the state leaving chunk C0 + k.
+    dcarry holds the gradient of the state leaving the walk and receives that of the state entering it."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     npb = tl.cdiv(P, BP)
@@ -176,13 +184,11 @@ def _bwd_dstate_kernel(
     A_h = tl.load(A_ptr + h).to(tl.float32)
     dtype = C_ptr.dtype.element_ty
     sp = (b * H + h) * P * N + p[:, None] * N + n[None, :]
-    if HAS_DFINAL:
-        dstate = tl.load(dfinal_ptr + sp, mask=pm[:, None] & nm[None, :], other=0.0).to(tl.float32)
-    else:
-        dstate = tl.zeros((BP, BN), dtype=tl.float32)
-    for i in range(NC):
-        c = NC - 1 - i
-        tl.store(dstates_ptr + ((b * NC + c) * H + h) * P * N + p[:, None] * N + n[None, :],
+    dstate = tl.load(dcarry_ptr + sp, mask=pm[:, None] & nm[None, :], other=0.0)
+    for i in range(NCS):
+        k = NCS - 1 - i
+        c = C0 + k
+        tl.store(dstates_ptr + ((b * NCS + k) * H + h) * P * N + p[:, None] * N + n[None, :],
                  dstate.to(dstates_ptr.dtype.element_ty), mask=pm[:, None] & nm[None, :])
         pos, valid = _chunk_rows(c, L, Q, REVERSE)
         row = b * L + pos
@@ -195,19 +201,23 @@ def _bwd_dstate_kernel(
         dy = _gated_dout(dout_ptr, z_ptr, xo, xm, HAS_Z)
         Cc = tl.load(C_ptr + (row[:, None] * G + g) * N + n[None, :], mask=valid[:, None] & nm[None, :], other=0.0)
         dstate = d_all * dstate + _mm(tl.trans((dy * d_in[:, None]).to(dtype)), Cc, IEEE)
-    tl.store(dinit_ptr + sp, dstate, mask=pm[:, None] & nm[None, :])
+    tl.store(dcarry_ptr + sp, dstate, mask=pm[:, None] & nm[None, :])
 
 
 @triton.jit
 def _bwd_chunk_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dout_ptr, states_ptr, dstates_ptr,
     dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dz_ptr, dA_ptr, dD_ptr,  # dA (b, NC, H) and dD (b, NC, H, P): per-chunk parts
-    L, H, P, N, G, HPG, NC, NSPLIT, HPP,
+    L, H, P, N, G, HPG, NC, C0, NCS, NSPLIT, HPP,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr,
     REVERSE: tl.constexpr, SIGNED: tl.constexpr, IEEE: tl.constexpr,
 ):
-    c = tl.program_id(0)
+    """Chunk C0 + program_id(0) of a walk of NCS chunks: states[b, k] is the state entering chunk C0 + k
+    (k = NCS: leaving the walk), dstates[b, k] the gradient of the state leaving it; dB and dC go to
+    (NSPLIT, batch, NCS * Q, G, N) parts in the walk's step order."""
+    k = tl.program_id(0)
+    c = C0 + k
     b = tl.program_id(1).to(tl.int64)
     gs = tl.program_id(2)
     g = gs // NSPLIT
@@ -244,11 +254,12 @@ def _bwd_chunk_kernel(
             dyc = dy.to(dtype)
             sm = pm[:, None] & nm[None, :]
             so = p[:, None] * N + n[None, :]
-            H_in = tl.load(states_ptr + ((b * (NC + 1) + c) * H + h) * P * N + so, mask=sm, other=0.0).to(dtype)
-            H_out = tl.load(states_ptr + ((b * (NC + 1) + c + 1) * H + h) * P * N + so, mask=sm, other=0.0)
-            dH = tl.load(dstates_ptr + ((b * NC + c) * H + h) * P * N + so, mask=sm, other=0.0)
+            H_in = tl.load(states_ptr + ((b * (NCS + 1) + k) * H + h) * P * N + so, mask=sm, other=0.0).to(dtype)
+            H_out = tl.load(states_ptr + ((b * (NCS + 1) + k + 1) * H + h) * P * N + so, mask=sm, other=0.0)
+            dH = tl.load(dstates_ptr + ((b * NCS + k) * H + h) * P * N + so, mask=sm, other=0.0)
             # du_j = sum_{i >= j} W_ij dy_i + decay_out_j dH B_j
-            du = _mm(tl.trans(W.to(dtype)), dyc, IEEE) + d_out[:, None] * _mm(Bc, tl.trans(dH.to(dtype)), IEEE)
+            BdH = _mm(Bc, tl.trans(dH.to(dtype)), IEEE)
+            du = _mm(tl.trans(W.to(dtype)), dyc, IEEE) + d_out[:, None] * BdH
             dx = dt[:, None] * du
             if HAS_D:
                 if D_PER_CHANNEL:
@@ -261,15 +272,17 @@ def _bwd_chunk_kernel(
             tl.store(dx_ptr + xo, dx.to(dx_ptr.dtype.element_ty), mask=xm)
             ddt_u += tl.sum(xf * du, 1)
             M = Lmat * _mm(dyc, tl.trans(x), IEEE)  # (i, j): dy_i . x_j times the decay from j to i
-            dB_h = dt[:, None] * _mm(tl.trans(M.to(dtype)), Cc, IEEE) \
+            dB_acc += dt[:, None] * _mm(tl.trans(M.to(dtype)), Cc, IEEE) \
                 + (dt * d_out)[:, None] * _mm(x, dH.to(dtype), IEEE)
-            dC_h = _mm((M * dt[None, :]).to(dtype), Bc, IEEE) + d_in[:, None] * _mm(dyc, H_in, IEEE)
-            dcs += tl.sum(Cc.to(tl.float32) * dC_h, 1) - tl.sum(Bc.to(tl.float32) * dB_h, 1)
+            dC_acc += _mm((M * dt[None, :]).to(dtype), Bc, IEEE) + d_in[:, None] * _mm(dyc, H_in, IEEE)
+            # d cs_k = dy_k . y_k - u_k . du_k (+ dH . H_out at the last step), each part summed in float32 from
+            # the products it is made of (C_k . dC_k summed over d_state loses the digits that cancel)
+            R = M * CB * dt[None, :]
+            CH = _mm(Cc, tl.trans(H_in), IEEE)  # (i, p): C_i H_in^T
+            dcs += tl.sum(R, 1) - tl.sum(R, 0) + d_in * tl.sum(dy * CH, 1) - dt * d_out * tl.sum(xf * BdH, 1)
             dcs += tl.where(last, tl.sum(tl.sum(dH.to(tl.float32) * H_out.to(tl.float32), 1), 0), 0.0)
-            dB_acc += dB_h
-            dC_acc += dC_h
             if HAS_Z:
-                y = _mm((W * dt[None, :]).to(dtype), x, IEEE) + d_in[:, None] * _mm(Cc, tl.trans(H_in), IEEE)
+                y = _mm((W * dt[None, :]).to(dtype), x, IEEE) + d_in[:, None] * CH
                 if HAS_D:
                     if D_PER_CHANNEL:
                         y += Dv[None, :] * xf
@@ -288,6 +301,8 @@ def _bwd_chunk_kernel(
             dA_t = dlm
         tl.store(ddt_ptr + row * H + h, ddt_u + A_h * dA_t, mask=valid)
         tl.store(dA_ptr + (b * NC + c) * H + h, tl.sum(dt * dA_t, 0))
-    off = split * (tl.num_programs(1).to(tl.int64) * L * G * N)
-    tl.store(dB_ptr + off + bo, dB_acc, mask=bm)
-    tl.store(dC_ptr + off + bo, dC_acc, mask=bm)
+    rows = NCS * Q
+    po = split * (tl.num_programs(1).to(tl.int64) * rows * G * N) \
+        + ((b * rows + k * Q + tl.arange(0, Q))[:, None] * G + g) * N + n[None, :]
+    tl.store(dB_ptr + po, dB_acc, mask=bm)
+    tl.store(dC_ptr + po, dC_acc, mask=bm)
