@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import zoo
 from zoo.hub import CheckpointError
-from zoo.models.language import MHA, checkpoint_filter_fn, model_config
+from zoo.models.language import MHA, model_config
 
 REVISION = "0" * 40
 

@@ -77,8 +77,9 @@ class DecodeCache:
 
 class _GraphedStep:
     """The decode step captured in a CUDA graph (torch.cuda.graphs): static input tokens and static states (the
-    cache's own tensors, updated in place), so a replay runs the whole step with one launch. Warm-up runs on a
-    side stream, as capture requires; the states it advanced are restored before the first real step."""
+    cache's own tensors, updated in place), so a replay runs the whole step with one launch. A warm-up step runs on a
+    side stream, as capture requires (one step: it writes one KV-cache slot, within the room of any decode); the
+    states it advanced are restored before the first real step."""
 
     def __init__(self, model, cache: DecodeCache, batch: int, device: torch.device):
         self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
@@ -86,8 +87,7 @@ class _GraphedStep:
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
-            for _ in range(2):
-                model._step_logits(self.tokens, cache)
+            model._step_logits(self.tokens, cache)
         torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):

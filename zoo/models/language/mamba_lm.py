@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from zoo.core.block import add_norm, init_mamba_weights
 from zoo.core.checks import check_int, check_sizes
-from zoo.core.mamba import Mamba, causal_conv1d
+from zoo.core.mamba import Mamba, causal_conv1d, conv_history
 from zoo.core.mamba2 import Mamba2
 from zoo.core.norm import RMSNorm
 from zoo.core.precision import compute_dtype
@@ -202,11 +202,7 @@ class MHA(nn.Module):
         else:
             kv[:, :longest, 0] = k[0, src] * valid[..., None, None]
             kv[:, :longest, 1] = v[0, src] * valid[..., None, None]
-        conv_state = None
-        if self.d_conv:
-            from zoo.core.mamba import conv_history
-
-            conv_state = conv_history(conv_in, self.d_conv, None, cu_seqlens)
+        conv_state = conv_history(conv_in, self.d_conv, None, cu_seqlens) if self.d_conv else None
         return out, [conv_state, kv, lengths.clone()]
 
     def step(self, hidden: torch.Tensor, state):
@@ -259,7 +255,7 @@ class GatedMLP(nn.Module):
 class LMBlock(nn.Module):
     """mamba-ssm's Block: Add -> Norm -> Mixer (-> Add -> Norm2 -> MLP), the residual stream passed alongside."""
 
-    def __init__(self, dim: int, mixer: nn.Module, norm: nn.Module, mlp: Optional[nn.Module], norm2: Optional[nn.Module],
+    def __init__(self, mixer: nn.Module, norm: nn.Module, mlp: Optional[nn.Module], norm2: Optional[nn.Module],
                  residual_in_fp32: bool):
         super().__init__()
         self.norm = norm
@@ -346,7 +342,7 @@ class MambaLMHeadModel(nn.Module, GenerationMixin):
             else:
                 mixer = SSM_LAYERS[layer](d_model, layer_idx=i, **ssm_cfg, **factory)
             mlp = GatedMLP(d_model, d_intermediate, d_model, **factory) if d_intermediate else None
-            return LMBlock(d_model, mixer, norm(), mlp, norm() if mlp is not None else None, residual_in_fp32)
+            return LMBlock(mixer, norm(), mlp, norm() if mlp is not None else None, residual_in_fp32)
 
         self.backbone = nn.Module()
         self.backbone.embedding = nn.Embedding(padded, d_model, **factory)
