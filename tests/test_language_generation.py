@@ -208,6 +208,7 @@ def test_cuda_graph_decode_equals_eager(kind):
     model = _model(kind, dtype=torch.float32).cuda()
     eager = model.generate(PROMPTS, max_new_tokens=12, cuda_graph=False)
     assert model.generate(PROMPTS, max_new_tokens=12, cuda_graph=True) == eager
+    assert model.generate(PROMPTS, max_new_tokens=2, cuda_graph=True) == [t[:2] for t in eager]  # the smallest cache
     # The graph replays on the cache's own tensors: logits of the graphed steps equal the eager steps'.
     from zoo.models.language.generation import _GraphedStep
 
