@@ -10,21 +10,29 @@ from typing import Optional
 import torch
 
 from ..launch import cdiv, next_power_of_2
-from .kernels import _bwd_chunk_kernel, _bwd_dstate_kernel, _fwd_kernel
+from .kernels import _bwd_chunk_kernel, _bwd_walks_kernel, _fwd_kernel
 
-# Chunk length Q, and the warps of each kernel (tuned on an H200: benchmarks/results/ssd_h200.json).
+# Chunk length Q, and the warps of each kernel (measured on an H200: benchmarks/results/ssd_h200.json).
 BLOCK_Q = 32
 FWD_WARPS = 4
 BWD_WARPS = 8
 # The backward's chunk kernel has (chunks x batch x groups x splits) programs; the group's heads are split
 # until there are about this many, each split summing its heads' dB / dC in registers.
-TARGET_PROGRAMS = 1024
+TARGET_PROGRAMS = 256
+# The backward's per-segment chunk states and their gradients: float32 (else x's dtype for half inputs), and
+# together at most SEGMENT_MEMORY times the size of x.
+STATE_FP32 = False
+SEGMENT_MEMORY = 1.0
 
 
 def _blocks(P: int, N: int):
     bn = max(16, next_power_of_2(N))
-    bp = max(16, min(next_power_of_2(P), 64 if bn <= 128 else 32))
+    bp = max(16, min(next_power_of_2(P), 64 if bn <= 128 else 16))
     return bp, bn
+
+
+def _chunk_length(N: int) -> int:
+    return BLOCK_Q if N <= 128 else 16  # d_state 256: smaller tiles fit the shared memory
 
 
 def _splits(heads_per_group: int, programs: int) -> int:
@@ -36,10 +44,14 @@ def _splits(heads_per_group: int, programs: int) -> int:
     return split
 
 
-def _segment_chunks(L: int, N: int, Q: int) -> int:
+def _state_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float32 if STATE_FP32 or x.dtype == torch.float32 else x.dtype
+
+
+def _segment_chunks(L: int, N: int, Q: int, state_bytes: int = 2, x_bytes: int = 2) -> int:
     """Chunks per segment of the backward: a segment's chunk states and their gradients (2 x (chunks + 1)
-    states of N values per channel) take no more memory than x (L values per channel)."""
-    return max(1, min(cdiv(L, Q), L // (2 * N) - 1))
+    states of N values per channel) take at most SEGMENT_MEMORY times the memory of x (L values per channel)."""
+    return max(1, min(cdiv(L, Q), int(SEGMENT_MEMORY * L * x_bytes) // (2 * N * state_bytes) - 1))
 
 
 def _common(x, B):
@@ -65,7 +77,7 @@ class _SSDFunction(torch.autograd.Function):
         D = None if D is None else D.float().contiguous()
         init = None if initial_state is None else initial_state.float().contiguous()
         train = any(ctx.needs_input_grad)
-        seg = _segment_chunks(L, N, Q)
+        seg = _segment_chunks(L, N, Q, _state_dtype(x).itemsize, x.element_size())
         nseg = cdiv(NC, seg)
         out = torch.empty_like(x)
         final = torch.empty((b, H, P, N), dtype=torch.float32, device=x.device)
@@ -74,7 +86,7 @@ class _SSDFunction(torch.autograd.Function):
             x, dt, A, B, C, D if D is not None else x, z if z is not None else x, init if init is not None else final,
             out, final, starts, L, H, P, N, G, H // G, 0, NC, seg, nseg + 1, H * P * N,
             Q=Q, BP=bp, BN=bn, HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2,
-            HAS_Z=z is not None, HAS_INIT=init is not None, STORE_OUT=True, STORE_STATES=train, REVERSE=reverse,
+            HAS_Z=z is not None, HAS_INIT=init is not None, STORE_STATES=train, REVERSE=reverse,
             SIGNED=signed, IEEE=x.dtype == torch.float32, num_warps=FWD_WARPS,
         )
         if train:
@@ -91,7 +103,7 @@ class _SSDFunction(torch.autograd.Function):
         hpg = H // G
         dev = x.device
         dout = dout.contiguous()
-        state_dtype = torch.float32 if x.dtype == torch.float32 else x.dtype
+        state_dtype = _state_dtype(x)
         ieee = x.dtype == torch.float32
         dummy_D, dummy_z = (D if D is not None else x), (z if z is not None else x)
         dcarry = torch.zeros((b, H, P, N), dtype=torch.float32, device=dev) if dfinal is None \
@@ -111,14 +123,9 @@ class _SSDFunction(torch.autograd.Function):
         common = dict(Q=Q, BP=bp, BN=bn, REVERSE=reverse, SIGNED=signed, IEEE=ieee)
         for s in reversed(range(cdiv(NC, seg))):
             c0, ncs = s * seg, min(seg, NC - s * seg)
-            _fwd_kernel[(H * cdiv(P, bp), b)](
-                x, dt, A, B, C, dummy_D, dummy_z, starts[:, s], x, scratch, states, L, H, P, N, G, hpg, c0, ncs, 1,
-                ncs + 1, starts.stride(0), HAS_D=False, D_PER_CHANNEL=False, HAS_Z=False, HAS_INIT=True,
-                STORE_OUT=False, STORE_STATES=True, num_warps=FWD_WARPS, **common,
-            )
-            _bwd_dstate_kernel[(H * cdiv(P, bp), b)](
-                dout, dt, A, C, dummy_z, dcarry, dstates, L, H, P, N, G, hpg, c0, ncs,
-                HAS_Z=z is not None, num_warps=FWD_WARPS, **common,
+            _bwd_walks_kernel[(H * cdiv(P, bp), b, 2)](
+                x, dt, A, B, C, starts[:, s], scratch, states, starts.stride(0), dout, dummy_z, dcarry, dstates,
+                L, H, P, N, G, hpg, c0, ncs, HAS_Z=z is not None, num_warps=FWD_WARPS, **common,
             )
             _bwd_chunk_kernel[(ncs, b, G * nsplit)](
                 x, dt, A, B, C, dummy_D, dummy_z, dout, states, dstates,
@@ -158,5 +165,5 @@ def ssd_scan_triton(
     state (batch, nheads, headdim, d_state)). Arguments are checked by ``zoo.core.ssd.ssd_scan``; ``block_q``
     (a power of two, at least 16) overrides the chunk length."""
     out, final = _SSDFunction.apply(x, dt, A, B, C, D, z, initial_state, reverse, negative_eigenvalues,
-                                    block_q or BLOCK_Q)
+                                    block_q or _chunk_length(B.shape[-1]))
     return out, final

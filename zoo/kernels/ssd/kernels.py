@@ -1,4 +1,4 @@
-"""Triton kernels of the SSD (Mamba-2) scan: one forward kernel and two backward kernels.
+"""Triton kernels of the SSD (Mamba-2) scan: one forward kernel and two backward kernels per backward segment.
 
 Notation (see zoo/core/ssd/chunked.py for the same algebra in PyTorch): time is cut into chunks of Q
 steps; within a chunk cs_i is the cumulative sum of log-transitions (dt_i * A, or log|2 exp(dt_i A) - 1| with
@@ -6,10 +6,11 @@ negative eigenvalues, whose signs are carried as a running count of negative fac
 H_c the (headdim, d_state) state entering chunk c.
 
 - ``_fwd_kernel``: a program owns one (batch, head, headdim block) and walks the chunks in order with the
-  state in registers, so the states never go to memory (they are written at chunk starts only when the
-  backward will need them). Per chunk: y = (C B^T o decay) u + decay_in * C H_c, then
-  H_{c+1} = decay_all H_c + (decay_out u)^T B.
-- ``_bwd_dstate_kernel``: the same walk backwards over dout: dH_c, the gradient of the state leaving chunk c.
+  state in registers, so the states never go to memory (in training it writes those at segment starts).
+  Per chunk: y = (C B^T o decay) u + decay_in * C H_c, then H_{c+1} = decay_all H_c + (decay_out u)^T B.
+- ``_bwd_walks_kernel``: for one segment of chunks, the same walk from the stored segment start writing the
+  state entering every chunk, and beside it the walk backwards over dout: dH_c, the gradient of the state
+  leaving chunk c.
 - ``_bwd_chunk_kernel``: every chunk at once; a program owns (chunk, batch, group, a split of the group's
   heads) and loops over those heads, so the heads' dB and dC contributions sum in registers (no atomics).
   The gradient of the cumulative log-transitions needs no extra pass: d cs_k = dy_k . y_k - u_k . du_k, plus
@@ -88,14 +89,25 @@ def _fwd_kernel(
     L, H, P, N, G, HPG, C0, NCS, STEP, NSTORED, init_sb,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr, HAS_INIT: tl.constexpr,
+    STORE_STATES: tl.constexpr, REVERSE: tl.constexpr, SIGNED: tl.constexpr, IEEE: tl.constexpr,
+):
+    _state_walk(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, init_ptr, out_ptr, final_ptr, states_ptr,
+                L, H, P, N, G, HPG, C0, NCS, STEP, NSTORED, init_sb, tl.program_id(0), tl.program_id(1).to(tl.int64),
+                Q, BP, BN, HAS_D, D_PER_CHANNEL, HAS_Z, HAS_INIT, True, STORE_STATES, REVERSE, SIGNED, IEEE)
+
+
+@triton.jit
+def _state_walk(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, init_ptr, out_ptr, final_ptr, states_ptr,
+    L, H, P, N, G, HPG, C0, NCS, STEP, NSTORED, init_sb, pid, b,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr, HAS_INIT: tl.constexpr,
     STORE_OUT: tl.constexpr, STORE_STATES: tl.constexpr, REVERSE: tl.constexpr, SIGNED: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    """Walks chunks C0 .. C0 + NCS - 1 from the state init (batch stride init_sb). With STORE_STATES the state
-    entering every STEP-th chunk of the walk goes to states[b, k] (NSTORED slots), and the state leaving the walk
-    to the slot after the last one."""
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    """Program (pid = head x headdim block, b) walks chunks C0 .. C0 + NCS - 1 from the state init (batch
+    stride init_sb). With STORE_STATES the state entering every STEP-th chunk of the walk goes to states[b, k]
+    (NSTORED slots), and the state leaving the walk to the slot after the last one."""
     npb = tl.cdiv(P, BP)
     h = pid // npb
     p = (pid % npb) * BP + tl.arange(0, BP)
@@ -165,16 +177,35 @@ def _gated_dout(dout_ptr, z_ptr, xo, xm, HAS_Z: tl.constexpr):
 
 
 @triton.jit
-def _bwd_dstate_kernel(
-    dout_ptr, dt_ptr, A_ptr, C_ptr, z_ptr, dcarry_ptr, dstates_ptr,
+def _bwd_walks_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, starts_ptr, scratch_ptr, states_ptr, starts_sb,
+    dout_ptr, z_ptr, dcarry_ptr, dstates_ptr,
     L, H, P, N, G, HPG, C0, NCS,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    HAS_Z: tl.constexpr, REVERSE: tl.constexpr, SIGNED: tl.constexpr, IEEE: tl.constexpr,
+):
+    """The two walks of a backward segment, independent of each other, in one launch (program_id(2) picks):
+    its chunk states from the stored segment start, and the gradients of the states leaving its chunks."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    if tl.program_id(2) == 0:
+        _state_walk(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, x_ptr, x_ptr, starts_ptr, x_ptr, scratch_ptr, states_ptr,
+                    L, H, P, N, G, HPG, C0, NCS, 1, NCS + 1, starts_sb, pid, b,
+                    Q, BP, BN, False, False, False, True, False, True, REVERSE, SIGNED, IEEE)
+    else:
+        _dstate_walk(dout_ptr, dt_ptr, A_ptr, C_ptr, z_ptr, dcarry_ptr, dstates_ptr, L, H, P, N, G, HPG, C0, NCS,
+                     pid, b, Q, BP, BN, HAS_Z, REVERSE, SIGNED, IEEE)
+
+
+@triton.jit
+def _dstate_walk(
+    dout_ptr, dt_ptr, A_ptr, C_ptr, z_ptr, dcarry_ptr, dstates_ptr,
+    L, H, P, N, G, HPG, C0, NCS, pid, b,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_Z: tl.constexpr, REVERSE: tl.constexpr, SIGNED: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Walks chunks C0 + NCS - 1 down to C0: dstates[b, k] = gradient of the state leaving chunk C0 + k.
     dcarry holds the gradient of the state leaving the walk and receives that of the state entering it."""
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
     npb = tl.cdiv(P, BP)
     h = pid // npb
     p = (pid % npb) * BP + tl.arange(0, BP)
