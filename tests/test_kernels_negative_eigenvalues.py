@@ -195,3 +195,51 @@ def test_core_op_takes_negative_eigenvalues_on_the_kernels(monkeypatch):
     assert rel(out, ref) < TOL
     assert op._resolve("auto", torch.device("cuda"), True) is op._resolve("auto", torch.device("cuda"), False)
     assert op._resolve("triton", torch.device("cpu"), True) is selective_scan_triton
+
+
+def long_sequence_check(dev, L, tol):
+    """Both directions over one long sequence with the launcher's own tiles and segment counts (few
+    programs: the sequence is cut into many segments), transitions near +-1 so the chaining matters,
+    against the float64 chunked path (itself checked against the oracle in test_selective_scan)."""
+    from zoo.core.selective_scan import selective_scan_chunked
+    from zoo.kernels.selective_scan import function
+
+    t = near_unit(make(1, L, 32, 16, seed=31), seed=31)
+    t = {k: v.to(dev) for k, v in t.items()}
+    t["initial_state"] = torch.randn(1, 32, 16).to(dev)
+    dpg_blocks = 32 // function._config(16, 32, False)[1]
+    assert function._segments(dpg_blocks, L, function._config(16, 32, False)[0], False)[0] > 4
+    for reverse in (False, True):
+        kw = dict(delta_softplus=True, return_last_state=True, reverse=reverse, negative_eigenvalues=True)
+        compare(lambda **x: selective_scan_triton(**x, **kw), lambda **x: selective_scan_chunked(**x, **kw), t, tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the compiled kernels' own tile sizes at length 4096")
+def test_signed_long_sequence_cuda_compiled_tiles():
+    long_sequence_check("cuda", 4096, 1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the mixer dispatches to the kernels only for CUDA tensors")
+def test_signed_bimamba_mixer_cuda_matches_cpu_float64():
+    """BiMamba with negative eigenvalues on CUDA (dispatch picks the kernels) against the same weights on
+    the CPU path in float64: output and every parameter gradient."""
+    from zoo.core import BiMamba
+
+    torch.manual_seed(0)
+    ref = BiMamba(40, d_state=12, divide_out=True, negative_eigenvalues=True).double()
+    with torch.no_grad():  # steps near 0.7 against A in (-2.5, -0.3): transitions of both signs
+        for name in ("A_log", "A_b_log"):
+            getattr(ref, name).copy_(torch.log(0.3 + 2.2 * torch.rand(ref.A_log.shape, dtype=torch.float64)))
+        ref.dt_proj.bias.fill_(0.0)
+        ref.dt_proj_b.bias.fill_(0.0)
+    fast = BiMamba(40, d_state=12, divide_out=True, negative_eigenvalues=True).cuda()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 77, 40, dtype=torch.float64)
+    y_ref = ref(x)
+    y_ref.square().sum().backward()
+    y = fast(x.float().cuda())
+    y.square().sum().backward()
+    assert rel(y.cpu(), y_ref) < 1e-5
+    grads = dict(ref.named_parameters())
+    for name, p in fast.named_parameters():
+        assert rel(p.grad.cpu(), grads[name].grad) < 1e-4, name
