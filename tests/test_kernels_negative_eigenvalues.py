@@ -197,6 +197,33 @@ def test_core_op_takes_negative_eigenvalues_on_the_kernels(monkeypatch):
     assert op._resolve("triton", torch.device("cpu"), True) is selective_scan_triton
 
 
+def test_signed_custom_op_registration_and_compile():
+    """The custom op with negative_eigenvalues=True passes torch.library's checks (schema, fake tensors,
+    autograd registration), and torch.compile(fullgraph=True) keeps the option on the op."""
+    from zoo.kernels.selective_scan.function import _scan_fwd
+
+    t = make(1, 9, 4, 2, seed=10)
+    args = (t["u"][None], t["delta"][None], t["A"][None], t["B"][None, :, :, None], t["C"][None, :, :, None],
+            t["D"][None], t["z"][None], t["delta_bias"][None], None,
+            torch.zeros(1, dtype=torch.int32, device=DEV), None, 1, 1, True, True, 8, 0)
+    for a in args[:8]:
+        a.requires_grad_(True)
+    torch.library.opcheck(_scan_fwd, args, {"negative_eigenvalues": True},
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(u, delta, A, B, C):
+        return selective_scan_triton(u, delta, A, B, C, delta_softplus=True, negative_eigenvalues=True) * 2
+
+    ins = {k: t[k].detach().clone().requires_grad_(True) for k in ("u", "delta", "A", "B", "C")}
+    out = f(**ins)
+    ref = selective_scan_naive(**{k: v.detach().double() for k, v in ins.items()}, delta_softplus=True,
+                               negative_eigenvalues=True) * 2
+    assert rel(out, ref) < TOL
+    out.sum().backward()
+    assert all(torch.isfinite(v.grad).all() for v in ins.values())
+
+
 def long_sequence_check(dev, L, tol):
     """Both directions over one long sequence with the launcher's own tiles and segment counts (few
     programs: the sequence is cut into many segments), transitions near +-1 so the chaining matters,
