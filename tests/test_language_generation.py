@@ -218,3 +218,19 @@ def test_cuda_graph_decode_equals_eager(kind):
     step = _GraphedStep(model, cache_b, len(PROMPTS), torch.device("cuda"))
     for _ in range(3):
         torch.testing.assert_close(step(tokens).clone(), model.decode_step(tokens, cache_a), rtol=1e-4, atol=1e-4)
+
+
+def test_cli_tokenizer_sources(tmp_path):
+    """--tokenizer wins; then the file beside --checkpoint-path; then the -hf repository of the tag; then GPT-NeoX's."""
+    import argparse
+
+    from zoo.tasks.generate import DEFAULT_TOKENIZER, _tokenizer_source
+
+    folder = _tiny_tokenizer(tmp_path / "ckpt")
+    args = lambda **kw: argparse.Namespace(**{"tokenizer": None, "checkpoint_path": None, **kw})  # noqa: E731
+    hf_cfg = zoo.model_info("mamba_130m.hf")["pretrained_cfgs"]["mamba_130m.hf"]
+    assert _tokenizer_source(args(tokenizer="t.json"), hf_cfg) == "t.json"
+    assert _tokenizer_source(args(checkpoint_path=str(folder / "w.bin")), hf_cfg) == str(folder / "tokenizer.json")
+    assert _tokenizer_source(args(checkpoint_path=str(tmp_path / "w.bin")), hf_cfg) == DEFAULT_TOKENIZER
+    assert _tokenizer_source(args(), hf_cfg) == "hf-hub:state-spaces/mamba-130m-hf/tokenizer.json"
+    assert _tokenizer_source(args(), zoo.model_info("mamba_130m")["default_cfg"]) == DEFAULT_TOKENIZER

@@ -36,7 +36,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--checkpoint-path", default=None, help="weights file (state-spaces or transformers layout) instead "
                    "of the entry's pretrained weights")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json or a folder holding one (default: the one beside "
-                   f"--checkpoint-path, else {DEFAULT_TOKENIZER} from the Hugging Face cache)")
+                   "--checkpoint-path, else the one of the weights' -hf repository, else "
+                   f"{DEFAULT_TOKENIZER}; hf-hub files come from the Hugging Face cache)")
     p.add_argument("--model-kwargs", nargs="+", default=[], metavar="KEY=VALUE",
                    help="more create_model arguments, e.g. n_layer=2 d_model=64 (for a file of another size)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
@@ -44,11 +45,16 @@ def add_cli(subparsers) -> None:
     p.set_defaults(func=_cli_generate)
 
 
-def _tokenizer_source(args) -> str:
+def _tokenizer_source(args, cfg: dict) -> str:
+    """--tokenizer; else the tokenizer.json beside --checkpoint-path; else the one in the weights' repository
+    (transformers' -hf repositories carry it); else GPT-NeoX's."""
     if args.tokenizer:
         return args.tokenizer
-    if args.checkpoint_path and (Path(args.checkpoint_path).parent / "tokenizer.json").is_file():
-        return str(Path(args.checkpoint_path).parent / "tokenizer.json")
+    if args.checkpoint_path:
+        beside = Path(args.checkpoint_path).parent / "tokenizer.json"
+        return str(beside) if beside.is_file() else DEFAULT_TOKENIZER
+    if str(cfg.get("hf_hub_id", "")).endswith("-hf"):
+        return f"hf-hub:{cfg['hf_hub_id']}/tokenizer.json"
     return DEFAULT_TOKENIZER
 
 
@@ -58,10 +64,11 @@ def _cli_generate(args: argparse.Namespace) -> int:
     from zoo.tasks.classification import parse_model_kwargs
 
     device = torch.device(args.device)  # a bad device name fails here, before any loading
-    module = zoo.model_info(args.name)["module"]
-    if not module.startswith("zoo.models.language"):
-        raise ValueError(f"'{args.name}' is not a language model (it comes from {module}); see `zoo list 'mamba*'`")
-    tokenizer = load_tokenizer(_tokenizer_source(args))
+    info = zoo.model_info(args.name)
+    if not info["module"].startswith("zoo.models.language"):
+        raise ValueError(f"'{args.name}' is not a language model (it comes from {info['module']}); see `zoo list 'mamba*'`")
+    cfg = info["pretrained_cfgs"].get(f"{info['architecture']}.{info['tag']}", {}) if info["tag"] else {}
+    tokenizer = load_tokenizer(_tokenizer_source(args, cfg))
     model = zoo.create_model(args.name, pretrained=args.checkpoint_path is None, checkpoint_path=args.checkpoint_path,
                              **parse_model_kwargs(args.model_kwargs))
     model = model.to(device=device, dtype=getattr(torch, args.dtype)).eval()
