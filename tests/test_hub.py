@@ -292,3 +292,117 @@ def test_without_a_network_the_hub_is_not_retried_and_the_message_says_what_to_d
     assert_same(load_checkpoint("hf-hub:org/cached/w.safetensors"), sd)
     with pytest.raises(FileNotFoundError, match=r"not reachable from here \(DNS lookup of huggingface.co failed.*checkpoint_path="):
         load_checkpoint("hf-hub:org/absent/w.safetensors")
+
+
+# --- timm's hf-hub / local-dir routes (issue 21): an export in push_to_hf_hub's layout, loaded by timm.create_model
+
+def _img(size):
+    return lambda g: (torch.randn(2, 3, size, size, generator=g),)
+
+
+# One entry of every family, at a small non-default architecture (kept in the export's model_args) and num_classes.
+EXPORTS = {
+    "vim_tiny": (dict(depth=2, embed_dim=32, img_size=32, patch_size=8, stride=8, num_classes=7), _img(32)),
+    "vmamba_tiny": (dict(depths=(1, 1, 1, 1), dims=16, num_classes=7), _img(32)),
+    "efficient_vmamba_tiny": (dict(depths=(1, 1, 1, 1), dims=16, num_classes=7), _img(64)),
+    "pointmamba_tiny": (dict(num_group=16, group_size=8, depth=1, num_classes=7), lambda g: (torch.randn(2, 256, 3, generator=g),)),
+    "pcm_tiny_modelnet40": (dict(num_classes=7, embed_dim=16, dim_expansion=(1, 2), pre_blocks=(1, 1), mamba_blocks=(1, 2),
+                                 k_neighbors=(4, 4), reducers=(1, 2), orders=("xyz", "hilbert", "zyx"),
+                                 prompt_num_per_order=2, prompt_dim=8), lambda g: (torch.randn(2, 64, 3, generator=g),)),
+    "mambamil": (dict(in_dim=64, embed_dim=32, num_classes=7),
+                 lambda g: ([torch.randn(12, 64, generator=g), torch.randn(9, 64, generator=g)],)),
+    "smamba_classifier": (dict(seq_len=96, num_classes=7, d_model=16, d_ff=16, e_layers=1),
+                          lambda g: (torch.randn(2, 96, 7, generator=g),)),
+    "smamba_etth1": (dict(d_model=16, d_ff=16, e_layers=1, pred_len=24), lambda g: (torch.randn(2, 96, 7, generator=g),)),
+    "mamba_kws_tiny": (dict(depth=1, num_classes=7), lambda g: (torch.randn(2, 4000, generator=g), torch.tensor([4000, 3000]))),
+    "mamba_130m": (dict(d_model=64, n_layer=2), lambda g: (torch.randint(0, 50277, (2, 16), generator=g),)),
+}
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _put_export_in_hf_cache(cache, repo_id, folder):
+    """An exported folder as hf_hub_download leaves a repo: snapshots/<revision>/<files> plus refs/main."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "snapshots" / REVISION).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(REVISION)
+    for f in folder.iterdir():
+        (repo / "snapshots" / REVISION / f.name).write_bytes(f.read_bytes())
+
+
+@pytest.mark.parametrize("route", ["local-dir", "hf-hub"])
+@pytest.mark.parametrize("name", list(EXPORTS))
+def test_timm_loads_an_export_of_every_family(name, route, tmp_path, offline):
+    import timm
+    from zoo.registry import save_for_hf
+
+    kwargs, inputs = EXPORTS[name]
+    torch.manual_seed(0)
+    model = zoo.create_model(name, **kwargs).eval()
+    folder = save_for_hf(model, tmp_path / "export")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == name
+    saved = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items() if k != "num_classes"}
+    assert saved.items() <= config["model_args"].items()
+    if route == "hf-hub":
+        _put_export_in_hf_cache(offline, "org/exported", folder)
+        spec = "hf-hub:org/exported"
+    else:
+        spec = f"local-dir:{folder}"
+    torch.manual_seed(1)  # another random init: equal outputs must come from the loaded weights
+    loaded = timm.create_model(spec, pretrained=True).eval()
+    assert type(loaded) is type(model)
+    assert loaded.pretrained_model_args == config["model_args"]
+    assert loaded.pretrained_cfg["source"] == route
+    for key in ("input_size", "mean", "std", "first_conv", "classifier"):  # the entry's own data config
+        assert loaded.pretrained_cfg.get(key) == model.pretrained_cfg.get(key) or \
+            list(loaded.pretrained_cfg.get(key)) == list(model.pretrained_cfg.get(key)), key
+    x = inputs(torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(_first(loaded(*x)), _first(model(*x)))
+
+
+def test_timm_writer_and_a_tagged_architecture(tmp_path):
+    """timm's own save_for_hf on a vision entry; the digits Vim (a tag whose model_kwargs make another architecture,
+    loaded from its package file with a sha256) exported and loaded back: its architecture, its weights."""
+    import timm
+    from timm.models._hub import save_for_hf as timm_save_for_hf
+
+    digits = zoo.create_model("vim_tiny.digits", pretrained=True).eval()
+    timm_save_for_hf(digits, tmp_path / "digits", safe_serialization=True)
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'digits'}", pretrained=True).eval()
+    assert loaded.patch_embed.proj.weight.shape == digits.patch_embed.proj.weight.shape
+    assert len(loaded.layers) == len(digits.layers)
+    assert "sha256" not in loaded.pretrained_cfg  # it named the package file, not the export
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), digits(x))
+    # A timm-created model with its kwargs: timm records them, zoo's loader takes them.
+    small = timm.create_model("vmamba_tiny", depths=(1, 1, 1, 1), dims=16, num_classes=3).eval()
+    timm_save_for_hf(small, tmp_path / "small", safe_serialization=True)
+    again = timm.create_model(f"local-dir:{tmp_path / 'small'}", pretrained=True).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(again(x), small(x))
+    # Another num_classes on loading: the backbone loads, the head is new.
+    five = timm.create_model(f"local-dir:{tmp_path / 'small'}", pretrained=True, num_classes=5).eval()
+    assert five.get_classifier().out_features == 5
+    stem = small.pretrained_cfg["first_conv"] + ".weight"
+    torch.testing.assert_close(five.state_dict()[stem], small.state_dict()[stem], rtol=0, atol=0)
+
+
+def test_timm_export_errors(tmp_path, offline):
+    import timm
+    from zoo.registry import save_for_hf
+
+    folder = save_for_hf(zoo.create_model("vim_tiny", depth=1, embed_dim=32, num_classes=3), tmp_path / "e")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors or pytorch_model.bin in the folder"):
+        timm.create_model(f"local-dir:{folder}", pretrained=True)
+    _put_export_in_hf_cache(offline, "org/no-weights", folder)
+    with pytest.raises(FileNotFoundError, match="could not get 'model.safetensors'.*could not get 'pytorch_model.bin'"):
+        timm.create_model("hf-hub:org/no-weights", pretrained=True)

@@ -190,11 +190,15 @@ def resolve_pretrained(cfg: Mapping, cache_dir=None) -> Path:
 
     Sources in order of preference: ``file`` (relative paths are package data inside ``zoo``; absolute
     paths are used as they are), then ``hf_hub_id`` + ``hf_hub_filename`` (+ ``hf_hub_revision``), then ``url``.
-    A ``file`` that is not installed falls through to the remote sources.
+    A ``file`` that is not installed falls through to the remote sources. A cfg with timm's ``source``
+    "hf-hub" or "local-dir" (what timm.create_model("hf-hub:..." / "local-dir:...") passes) names a repo or
+    folder written by timm's save_for_hf / push_to_hf_hub instead: its weight file is found in it.
     """
     name = cfg.get("architecture") or "model"
     if cfg.get("tag"):
         name = f"{name}.{cfg['tag']}"
+    if cfg.get("source") in ("hf-hub", "local-dir"):
+        return _timm_export_weights(cfg, name, cache_dir)
     sha256 = cfg.get("sha256")
     if cfg.get("file"):
         path = resolve_pretrained_file(cfg["file"])
@@ -210,6 +214,32 @@ def resolve_pretrained(cfg: Mapping, cache_dir=None) -> Path:
     if cfg.get("url"):
         return resolve_source(cfg["url"], sha256, cache_dir)
     raise ValueError(f"pretrained cfg of '{name}' has no weights: expected one of file, hf_hub_id, url")
+
+
+# The weight files timm's save_for_hf / push_to_hf_hub write, in the order timm's loaders prefer them.
+_TIMM_EXPORT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _timm_export_weights(cfg: Mapping, name: str, cache_dir=None) -> Path:
+    """The weights of a cfg that timm.create_model made for "hf-hub:<org>/<name>[@<revision>]" (``source``
+    "hf-hub", ``hf_hub_id`` the repo) or "local-dir:<folder>" (``source`` "local-dir", ``file`` the folder):
+    the folder's or repo's model.safetensors, else its pytorch_model.bin."""
+    if cfg["source"] == "local-dir":
+        folder = Path(cfg.get("file") or "")
+        for filename in _TIMM_EXPORT_FILES:
+            if (folder / filename).is_file():
+                return folder / filename
+        raise FileNotFoundError(f"weights of '{name}': no {' or '.join(_TIMM_EXPORT_FILES)} in the folder {folder}")
+    repo_id, _, revision = str(cfg.get("hf_hub_id") or "").partition("@")
+    if not repo_id:
+        raise ValueError(f"pretrained cfg of '{name}' has source 'hf-hub' but no hf_hub_id")
+    errors = []
+    for filename in [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else _TIMM_EXPORT_FILES:
+        try:
+            return _hf_download(repo_id, filename, revision or None, cache_dir)
+        except FileNotFoundError as e:
+            errors.append(str(e))
+    raise FileNotFoundError("; ".join(errors))
 
 
 def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:

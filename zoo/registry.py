@@ -25,6 +25,7 @@ import difflib
 import fnmatch
 import functools
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
@@ -38,7 +39,7 @@ from zoo import hub
 
 __all__ = [
     "register_model", "register_pretrained_cfgs", "build_model", "create_model", "list_models", "model_info",
-    "split_model_name",
+    "split_model_name", "save_for_hf",
 ]
 
 # Fields a pretrained cfg may set: zoo's own plus timm's (data config and weight sources), so timm-style
@@ -53,6 +54,12 @@ _CFG_FIELDS = _ZOO_FIELDS | _TIMM_FIELDS
 _TIMM_RENAMES = {"paper": "paper_name", "source": "origin_url"}
 # Arguments timm.create_model passes to every entrypoint; build_model consumes them.
 _TIMM_ARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+# Entrypoint arguments that say where weights come from or where the model runs, not what it is (timm leaves
+# device, dtype and pretrained_model_args out of the model_args it records, and passes the others separately).
+_NOT_MODEL_ARGS = _TIMM_ARGS + ("checkpoint_path", "pretrained_model_args", "device", "dtype")
+# The cfg fields of timm's hf-hub / local-dir sources (timm.create_model("hf-hub:org/name")): the cfg is the one
+# save_for_hf exported, so a checksum or revision in it described the weights the export started from.
+_TIMM_SOURCES = ("hf-hub", "local-dir")
 
 _entrypoints: dict[str, Callable[..., nn.Module]] = {}
 _pretrained_cfgs: dict[str, dict[str, dict[str, Any]]] = {}  # arch -> {tag ("" for a bare arch): cfg}, in order
@@ -173,7 +180,12 @@ def _with_tag_kwargs(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     @functools.wraps(fn)
     def entrypoint(pretrained: bool = False, **kwargs):
         extra = _tag_model_kwargs(arch, pretrained, kwargs.get("pretrained_cfg"))
-        return fn(pretrained=pretrained, **{**extra, **kwargs})
+        model = fn(pretrained=pretrained, **{**extra, **kwargs})
+        # The architecture arguments of this call, the tag's model_kwargs included, as timm.create_model records
+        # them: timm's save_for_hf / push_to_hf_hub export them as model_args, so the export rebuilds this model.
+        args = {k: v for k, v in {**extra, **kwargs}.items() if k not in _NOT_MODEL_ARGS}
+        model._model_args = {**getattr(model, "_model_args", {}), **args}
+        return model
 
     entrypoint.__zoo_entrypoint__ = fn
     return entrypoint
@@ -258,7 +270,10 @@ def build_model(
     (the cfg dict with "architecture" and "tag"). Weights come from the cfg's source when ``pretrained``,
     or from ``checkpoint_path`` when given; either way through ``checkpoint_filter_fn(state_dict, model)``.
     Also accepts the arguments timm.create_model passes: ``pretrained_cfg`` (a tag, a cfg dict or a timm
-    PretrainedCfg), ``pretrained_cfg_overlay`` (fields to override) and ``cache_dir``.
+    PretrainedCfg), ``pretrained_cfg_overlay`` (fields to override), ``cache_dir``, and for "hf-hub:<org>/<name>"
+    or "local-dir:<folder>" (an export written by timm's save_for_hf / push_to_hf_hub) the cfg of the export with
+    timm's ``source``, and ``pretrained_model_args``, the saved model_args (timm has already made them defaults of
+    the call; kept on the model as timm's build_model_with_cfg does).
 
     ``features_only=True`` returns, as timm's ``build_model_with_cfg``, the loaded model wrapped in timm's
     ``FeatureGetterNet``: a module returning the (b, c, h, w) maps of ``out_indices`` (indices into the
@@ -276,6 +291,7 @@ def build_model(
     overlay = kwargs.pop("pretrained_cfg_overlay", None)
     cache_dir = kwargs.pop("cache_dir", None)
     checkpoint_path = kwargs.pop("checkpoint_path", None)
+    pretrained_model_args = kwargs.pop("pretrained_model_args", None)
 
     arch, tag = split_model_name(variant)
     if isinstance(pretrained_cfg, str):
@@ -286,6 +302,9 @@ def build_model(
         cfg = {**copy.deepcopy(dict(pretrained_cfg)), "architecture": arch, "tag": tag}
     else:
         cfg = _resolve_cfg(arch, tag)
+    if cfg.get("source") in _TIMM_SOURCES:
+        cfg.pop("sha256", None)
+        cfg.pop("hf_hub_revision", None)
     cfg.update(overlay or {})
     if pretrained and not checkpoint_path and not _has_weights(cfg):
         with_weights = list_models(arch, pretrained=True)
@@ -293,12 +312,14 @@ def build_model(
             f"'{_full_name(arch, cfg['tag'] or '')}' has no pretrained weights (its pretrained cfg sets none of "
             f"file, hf_hub_id, url); names with weights: {', '.join(with_weights) or 'none for this architecture'}"
         )
-    if cfg.get("num_classes") is not None:
+    takes = _init_parameters(model_cls)
+    if cfg.get("num_classes") is not None and (takes is None or "num_classes" in takes):  # not the LMs': a vocabulary
         kwargs.setdefault("num_classes", cfg["num_classes"])
 
     model = model_cls(**kwargs)
     model.pretrained_cfg = cfg
     model.default_cfg = cfg  # timm's older name for the same dict
+    model.pretrained_model_args = dict(pretrained_model_args or {})  # the saved model_args of an hf-hub export
 
     if checkpoint_path or pretrained:
         source = checkpoint_path or hub.resolve_pretrained(cfg, cache_dir=cache_dir)
@@ -380,6 +401,75 @@ def _feature_model(model: nn.Module, feature_cfg: Mapping[str, Any]) -> nn.Modul
     model = feature_cls(model, **feature_cfg)
     model.pretrained_cfg = model.default_cfg = cfg
     return model
+
+
+# The data-config fields timm's export rewrites as those of an image model.
+_DATA_FIELDS = ("input_size", "test_input_size", "min_input_size", "fixed_input_size", "pool_size", "mean", "std",
+                "crop_pct", "test_crop_pct", "crop_mode", "interpolation")
+
+
+_TIMM_TRAIT_ARGS = ("in_chans", "num_classes", "global_pool", "img_size")
+
+
+def _init_parameters(model_cls: type) -> set[str] | None:
+    """The keyword arguments ``model_cls`` takes; None when it takes any (``**kwargs``)."""
+    import inspect
+
+    params = inspect.signature(model_cls).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def save_for_hf(model: nn.Module, save_directory, model_args: Mapping[str, Any] | None = None) -> Path:
+    """Write ``model`` as timm's ``save_for_hf`` / ``push_to_hf_hub`` do: ``config.json`` (architecture, num_classes,
+    ``model_args``: the architecture arguments it was created with, and its pretrained cfg) and ``model.safetensors``;
+    ``timm.create_model("local-dir:<folder>")``, or ``"hf-hub:<org>/<name>"`` once uploaded, rebuilds it (zoo's
+    loader: ``pretrained=True`` loads the weights). ``model_args`` adds or replaces arguments, as in timm.
+
+    timm's own writer works on the vision entries; it assumes an image model, so for the others this one differs:
+    an entry whose cfg has no (C, H, W) input_size (points, bags, series, audio, tokens) keeps its own data config
+    (timm's would write an image size and ImageNet normalisation, or fail), and a tensor shared by two modules (a
+    language model's lm_head tied to its embedding; safetensors refuses shared tensors) is written once under its
+    first name, which the entry's checkpoint filter ties again on loading.
+    """
+    import json
+
+    from safetensors.torch import save_file
+    from timm.models._hub import save_config_for_hf
+
+    folder = Path(save_directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = model.pretrained_cfg
+    image = len(cfg.get("input_size") or ()) == 3
+    if not image:  # timm's writer reads an image size; the entry's own data config replaces what it writes
+        model.pretrained_cfg = {**cfg, "input_size": (3, 224, 224)}
+    try:
+        save_config_for_hf(model, str(folder / "config.json"), model_args=dict(model_args or {}))
+    finally:
+        model.pretrained_cfg = cfg
+    config = json.loads((folder / "config.json").read_text())
+    if not image:
+        for key in _DATA_FIELDS:
+            config["pretrained_cfg"].pop(key, None)
+            if cfg.get(key) is not None:
+                config["pretrained_cfg"][key] = cfg[key]
+    # timm adds the model's current in_chans / num_classes / global_pool / img_size to model_args; a class that does
+    # not take one derives it from its other arguments (the language models' num_classes is the padded vocabulary).
+    takes = _init_parameters(type(model))
+    if takes is not None:
+        for key in _TIMM_TRAIT_ARGS:
+            if key not in takes and key not in (model_args or {}):
+                config.get("model_args", {}).pop(key, None)
+    hub.write_text_atomic(folder / "config.json", json.dumps(config, indent=2))
+    tensors, seen = {}, set()
+    for key, value in model.state_dict().items():
+        same = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.stride())
+        if value.numel() == 0 or same not in seen:
+            seen.add(same)
+            tensors[key] = value.contiguous()
+    save_file(tensors, str(folder / "model.safetensors"))
+    return folder
 
 
 def create_model(

@@ -170,10 +170,17 @@ class SMamba(nn.Module):
         """The projection to the horizon (``head``: d_model -> pred_len per variate token)."""
         return self.head
 
+    @property
+    def num_classes(self) -> int:
+        """timm's name for the head's width: the horizon."""
+        return self.pred_len
+
     def reset_classifier(self, pred_len: int, global_pool: Optional[str] = None) -> None:
         """Replace the projection with a fresh one to a new horizon (the forecaster's 'classifier')."""
         self.pred_len = pred_len
         self.head = nn.Linear(self.num_features, pred_len)
+        # The horizon is a constructor argument: recorded where timm's export (zoo.registry.save_for_hf) reads them.
+        self._model_args = {**getattr(self, "_model_args", {}), "pred_len": pred_len}
 
     def forward_features(self, x: torch.Tensor, x_mark: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Encoded tokens (batch, n_variates + n_marks, d_model) of an already normalised input."""
