@@ -18,7 +18,8 @@ KINDS = {
     "hybrid": ("mamba2attn_2_7b", dict(d_model=32, n_layer=3, attn_layer_idx=[0, 2],
                                        ssm_cfg=dict(layer="Mamba2", headdim=8, d_state=16, chunk_size=4),
                                        attn_cfg=dict(causal=True, d_conv=4, head_dim=8, num_heads=4, num_heads_kv=2,
-                                                     rotary_emb_dim=4, out_proj_bias=False, qkv_proj_bias=False))),
+                                                     rotary_emb_dim=4, out_proj_bias=False, qkv_proj_bias=False,
+                                                     mlp_dim=20))),  # mamba-ssm's MHA option: a gated MLP beside
 }
 
 

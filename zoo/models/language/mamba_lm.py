@@ -110,7 +110,7 @@ class MHA(nn.Module):
             self.conv1d = nn.Conv1d(self.qkv_dim, self.qkv_dim, d_conv, padding=d_conv - 1, groups=self.qkv_dim, **factory)
         self.out_proj = nn.Linear(self.head_dim * num_heads + self.mlp_dim // 2, embed_dim, bias=out_proj_bias, **factory)
 
-    def _qkv(self, hidden, cu_seqlens=None, conv_state=None):
+    def _qkv(self, hidden, cu_seqlens=None):
         """in_proj (+ conv) -> q (b, l, h, d), k and v (b, l, hkv, d), the gated MLP branch (or None), the conv input."""
         qkv = self.in_proj(hidden)
         mlp = None
@@ -119,7 +119,7 @@ class MHA(nn.Module):
             mlp = up * F.silu(gate)
         conv_in = qkv
         if self.d_conv:
-            qkv = causal_conv1d(qkv, self.conv1d.weight, self.conv1d.bias, cu_seqlens=cu_seqlens, conv_state=conv_state)
+            qkv = causal_conv1d(qkv, self.conv1d.weight, self.conv1d.bias, cu_seqlens=cu_seqlens)
         b, length = qkv.shape[:2]
         q, k, v = qkv.split([self.num_heads * self.head_dim, self.num_heads_kv * self.head_dim,
                              self.num_heads_kv * self.head_dim], dim=-1)
