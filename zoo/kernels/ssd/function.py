@@ -18,7 +18,7 @@ FWD_WARPS = 4
 BWD_WARPS = 8
 # The backward's chunk kernel has (chunks x batch x groups x splits) programs; the group's heads are split
 # until there are about this many, each split summing its heads' dB / dC in registers.
-TARGET_PROGRAMS = 256
+TARGET_PROGRAMS = 128
 # The backward's per-segment chunk states and their gradients: float32 (else x's dtype for half inputs), and
 # together at most SEGMENT_MEMORY times the size of x.
 STATE_FP32 = False
