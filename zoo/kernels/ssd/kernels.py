@@ -84,6 +84,18 @@ def _decays(dt, A_h, Q: tl.constexpr, SIGNED: tl.constexpr):
 
 
 @triton.jit
+def _walk_program(pid, b, A_ptr, H, P, N, HPG, BP: tl.constexpr, BN: tl.constexpr):
+    """A walk program's head h, headdim block p, states n, their masks, group, A[h], and the (b, h, p, n)
+    offsets of its part of a state."""
+    npb = tl.cdiv(P, BP)
+    h = pid // npb
+    p = (pid % npb) * BP + tl.arange(0, BP)
+    n = tl.arange(0, BN)
+    sp = (b * H + h) * P * N + p[:, None] * N + n[None, :]
+    return h, p, n, p < P, n < N, h // HPG, tl.load(A_ptr + h).to(tl.float32), sp
+
+
+@triton.jit
 def _fwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, init_ptr, out_ptr, final_ptr, states_ptr,
     L, H, P, N, G, HPG, C0, NCS, STEP, NSTORED, init_sb,
@@ -108,15 +120,8 @@ def _state_walk(
     """Program (pid = head x headdim block, b) walks chunks C0 .. C0 + NCS - 1 from the state init (batch
     stride init_sb). With STORE_STATES the state entering every STEP-th chunk of the walk goes to states[b, k]
     (NSTORED slots), and the state leaving the walk to the slot after the last one."""
-    npb = tl.cdiv(P, BP)
-    h = pid // npb
-    p = (pid % npb) * BP + tl.arange(0, BP)
-    n = tl.arange(0, BN)
-    pm, nm = p < P, n < N
-    g = h // HPG
-    A_h = tl.load(A_ptr + h).to(tl.float32)
+    h, p, n, pm, nm, g, A_h, sp = _walk_program(pid, b, A_ptr, H, P, N, HPG, BP, BN)
     dtype = x_ptr.dtype.element_ty
-    sp = (b * H + h) * P * N + p[:, None] * N + n[None, :]  # (b, h, p, n) offsets of a state
     hp = h * P * N + p[:, None] * N + n[None, :]
     if HAS_INIT:
         state = tl.load(init_ptr + b * init_sb + hp, mask=pm[:, None] & nm[None, :], other=0.0).to(tl.float32)
@@ -206,15 +211,8 @@ def _dstate_walk(
 ):
     """Walks chunks C0 + NCS - 1 down to C0: dstates[b, k] = gradient of the state leaving chunk C0 + k.
     dcarry holds the gradient of the state leaving the walk and receives that of the state entering it."""
-    npb = tl.cdiv(P, BP)
-    h = pid // npb
-    p = (pid % npb) * BP + tl.arange(0, BP)
-    n = tl.arange(0, BN)
-    pm, nm = p < P, n < N
-    g = h // HPG
-    A_h = tl.load(A_ptr + h).to(tl.float32)
+    h, p, n, pm, nm, g, A_h, sp = _walk_program(pid, b, A_ptr, H, P, N, HPG, BP, BN)
     dtype = C_ptr.dtype.element_ty
-    sp = (b * H + h) * P * N + p[:, None] * N + n[None, :]
     dstate = tl.load(dcarry_ptr + sp, mask=pm[:, None] & nm[None, :], other=0.0)
     for i in range(NCS):
         k = NCS - 1 - i
