@@ -124,3 +124,13 @@ def test_auto_dispatch():
         torch.testing.assert_close(ssd_scan(**a), ssd_scan(**a, impl="chunked"), rtol=0, atol=0)
     with pytest.raises(ValueError, match="impl='triton' needs CUDA tensors of dtype float16, bfloat16 or float32"):
         ssd_scan(**{k: v.double() for k, v in a.items()}, impl="triton")
+
+
+def test_length_zero_passes_the_initial_state_through():
+    a = {k: v.float().to(DEV) for k, v in inputs(2, 0, 2, 4, 1, 4).items()}
+    h0 = torch.randn(2, 2, 4, 4, device=DEV, requires_grad=True)
+    out, last = ssd_scan(**a, initial_state=h0, return_final_state=True, impl="triton")
+    assert out.shape == (2, 0, 2, 4)
+    torch.testing.assert_close(last, h0.detach(), rtol=0, atol=0)
+    (grad,) = torch.autograd.grad(last.sum(), h0)
+    torch.testing.assert_close(grad, torch.ones_like(h0), rtol=0, atol=0)
