@@ -37,6 +37,7 @@ def mamba_ssm():
             stand_ins[name] = types.ModuleType(name)
         stand_ins["flash_attn.layers.rotary"].RotaryEmbedding = _RotaryStandIn
     saved = {k: sys.modules.get(k) for k in stand_ins}
+    before = set(sys.modules)
     sys.modules.update(stand_ins)
     try:
         from mamba_ssm.models import mixer_seq_simple
@@ -48,6 +49,11 @@ def mamba_ssm():
         yield types.SimpleNamespace(LM=mixer_seq_simple.MambaLMHeadModel, Config=MambaConfig, mamba_simple=mamba_simple,
                                     selective_scan_ref=selective_scan_ref, layer_norm=layer_norm)
     finally:
+        # mamba-ssm imported on stand-ins must not stay importable: transformers would take its kernels for its own
+        # models (tests/test_language_transformers.py) and run them on the CPU.
+        for k in set(sys.modules) - before:
+            if k.split(".")[0] == "mamba_ssm":
+                del sys.modules[k]
         for k, v in saved.items():
             if v is None:
                 sys.modules.pop(k, None)
