@@ -214,3 +214,306 @@ def test_speech_forward_head_pre_logits(name):
         assert pre.shape[0] == 2
         pre2 = model.forward_head(x, frames, pre_logits=True)
         assert pre2.shape == pre.shape
+
+
+# ---------------------------------------------------------------- timm's own model tests, restated
+# timm's tests/test_models.py is not part of the installed package, so its functions are restated here, over every
+# registered entry created through timm.create_model, with the same names and checks: test_model_forward,
+# test_model_backward, test_model_default_cfgs (spatial feature maps), test_model_default_cfgs_non_std (the others),
+# test_model_forward_intermediates and test_model_forward_intermediates_features. Differences, all for speed on a
+# 2-core CI: entries are built small (TIMM_TINY: fewer, narrower layers, the entry's other options kept) and the
+# non-image inputs are short (TIMM_INPUT); images use timm's _get_input_size with its targets.
+# timm's torchscript / FX tests: see EXCLUDE_JIT_FILTERS / EXCLUDE_FX_FILTERS in test_timm_features_compile.py.
+import fnmatch  # noqa: E402
+import math  # noqa: E402
+
+from timm.layers import get_channel_dim, get_spatial_dim  # noqa: E402
+
+TARGET_FWD_SIZE = MAX_FWD_SIZE = 384  # timm's constants
+TARGET_BWD_SIZE = 128
+MAX_FWD_OUT_SIZE = 448
+TARGET_FFEAT_SIZE = 96
+
+TIMM_TINY = {  # by the entry's module
+    "vim": dict(depth=2, embed_dim=32),
+    "vmamba": dict(depths=(1, 1, 1, 1), dims=16),
+    "efficient_vmamba": dict(depths=(1, 1, 1, 1), dims=16),
+    "pointmamba": dict(trans_dim=32, depth=1, num_group=16, group_size=8),
+    "pcm": dict(embed_dim=16, dim_expansion=(1, 2), pre_blocks=(1, 1), mamba_blocks=(1, 2), k_neighbors=(4, 4),
+                reducers=(1, 2), orders=("xyz", "hilbert", "zyx"), prompt_num_per_order=2, prompt_dim=8),
+    "mambamil": dict(embed_dim=32),
+    "baselines": dict(embed_dim=32),
+    "smamba": dict(d_model=16, d_ff=16, e_layers=1),
+    "mamba_asr": dict(d_model=32, depth=1, d_ffn=32),
+}
+TIMM_ENTRIES = zoo.list_models()
+VISION_MODULES = ("vim", "vmamba", "efficient_vmamba")
+
+# timm's NON_STD_FILTERS: models whose forward_features is not a (B, C, H, W)-style map of the cfg's pool_size. Vim
+# is a ViT (tokens), and no non-image family has a spatial map. VMamba and EfficientVMamba are the standard ones.
+NON_STD_FILTERS = ["vim_*", "pointmamba_*", "pcm_*", "mambamil*", "abmil*", "transmil", "smamba*", "mamba_*",
+                   "mamba2*", "conmamba_*"]
+# timm's FEAT_INTER_FILTERS (models with forward_intermediates and the getter features_only wrapper): the vision ones.
+FEAT_INTER_FILTERS = ["vim_*", "vmamba_*", "efficient_vmamba_*"]
+# test_model_backward builds the model with num_classes=42 and checks the logits' last dimension. Excluded: the
+# language models (the head's width is the padded vocabulary, vocab_size, not num_classes), the S-Mamba forecasters
+# (the head is the horizon pred_len; outputs (batch, pred_len, variates)) and pointmamba_mpm (masked point
+# modelling: it returns its loss and has no classifier).
+# pointmamba_partseg: its classes are num_parts, per point (num_classes is not its argument).
+LM_FILTERS = ["mamba_*m", "mamba_*b", "mamba2*"]
+FORECASTER_FILTERS = ["smamba", "smamba_[!c]*"]
+EXCLUDE_BWD_FILTERS = LM_FILTERS + FORECASTER_FILTERS + ["pointmamba_mpm", "pointmamba_partseg"]
+# test_model_default_cfgs_non_std resets the classifier to nothing (reset_classifier(0), num_classes=0) and expects
+# pooled pre-logits out of forward. Excluded: pointmamba_mpm (no classifier), pointmamba_partseg (per-point part
+# logits: it refuses 0 parts, there is no pooled output), the language models (the head is the vocabulary
+# projection, which they refuse to drop: num_classes >= 1) and the forecasters (reset_classifier(0) is a horizon of
+# 0 steps, (batch, 0, variates), not pre-logits).
+EXCLUDE_CFG_FILTERS = list(NO_CLASSIFIER) + ["pointmamba_partseg"] + LM_FILTERS + FORECASTER_FILTERS
+
+
+def _module_of(name):
+    return registry._entrypoints[registry.split_model_name(name)[0]].__module__.split(".")[-1]
+
+
+def _timm_tiny(name):
+    module = _module_of(name)
+    if module == "mamba_lm":
+        from zoo.models.language import model_config
+        return dict(d_model=64, n_layer=3, attn_layer_idx=[1]) if model_config(name)["attn_layer_idx"] else dict(d_model=64, n_layer=2)
+    kwargs = {**TIMM_TINY.get(module, {}), **cards._extra_kwargs(name)}
+    if name == "pointmamba_partseg":
+        kwargs["fetch_idx"] = (0,)  # its feature taps, one per block kept
+    return kwargs
+
+
+# Image entries at 64 x 64 instead of their cfg's 224 (a tenth of the tokens): the cfg says so through
+# pretrained_cfg_overlay, with the pooled grid at that size (7 x 7 at 224: 2 x 2), so the tests read a true cfg.
+SMALL_IMAGE = 64
+
+
+def _create(name, **kwargs):
+    torch.manual_seed(0)
+    kwargs = {**_timm_tiny(name), **kwargs}
+    if _module_of(name) in VISION_MODULES:
+        cfg = timm.models.get_pretrained_cfg(name)
+        pool = tuple(p * SMALL_IMAGE // cfg.input_size[-1] for p in cfg.pool_size)
+        kwargs["pretrained_cfg_overlay"] = dict(input_size=(3, SMALL_IMAGE, SMALL_IMAGE), pool_size=pool)
+        if _module_of(name) == "vim":
+            kwargs["img_size"] = SMALL_IMAGE  # its position embedding has one entry per patch
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def _matches(name, filters):
+    return any(fnmatch.fnmatch(name, f) for f in filters)
+
+
+def _get_input_size(model, target=None):
+    """timm's _get_input_size(model=...) for image cfgs."""
+    cfg = model.default_cfg
+    input_size = cfg["input_size"]
+    if cfg.get("fixed_input_size"):
+        return input_size
+    if cfg.get("min_input_size"):
+        if target and max(input_size) > target:
+            return cfg["min_input_size"]
+    elif target and max(input_size) > target:
+        return tuple(min(x, target) for x in input_size)
+    return input_size
+
+
+def TIMM_INPUT(model, batch_size, target=None):
+    """The inputs of a batch: timm's image size; a short sample of the other modalities' inputs."""
+    g = torch.Generator().manual_seed(batch_size)
+    cls = type(model).__name__
+    if cls in VISION:
+        return (torch.randn(batch_size, *_get_input_size(model, target), generator=g),)
+    if cls == "PointMambaPartSeg":
+        return torch.randn(batch_size, 256, 3, generator=g), torch.arange(batch_size) % 16
+    if cls.startswith("Point"):
+        return (torch.randn(batch_size, 256, 3, generator=g),)
+    if cls in ("MambaMIL", "ABMIL", "TransMIL"):
+        return ([torch.randn(20 + 7 * i, model.in_dim, generator=g) for i in range(batch_size)],)
+    if cls in ("SMamba", "SMambaClassifier"):
+        return (torch.randn(batch_size, model.seq_len, model.enc_in or 7, generator=g),)
+    if cls == "MambaSpeechEncoder":
+        return torch.randn(batch_size, 4000, generator=g), torch.full((batch_size,), 4000)
+    if cls == "MambaLMHeadModel":
+        return (torch.randint(0, model.vocab_size, (batch_size, 24), generator=g),)
+    raise AssertionError(f"no input for {cls}")
+
+
+def _out(outputs):
+    return outputs[0] if isinstance(outputs, tuple) else outputs  # speech: (logits, frame counts)
+
+
+@pytest.mark.parametrize("batch_size", [1])
+@pytest.mark.parametrize("model_name", TIMM_ENTRIES)
+def test_model_forward(model_name, batch_size):
+    """timm's test_model_forward: a forward of batch 1, finite; grad checkpointing does not change it."""
+    model = _create(model_name).eval()
+    inputs = TIMM_INPUT(model, batch_size, TARGET_FWD_SIZE)
+    with torch.no_grad():
+        outputs = _out(model(*inputs))
+    assert model_name in NO_CLASSIFIER or outputs.shape[0] == batch_size  # pointmamba_mpm: its loss
+    assert not torch.isnan(outputs).any(), "Output included NaNs"
+    # Grad checkpointing, where supported (as timm: a model without it passes), does not change the output.
+    try:
+        model.set_grad_checkpointing()
+    except Exception:
+        return
+    with torch.no_grad():
+        outputs2 = _out(model(*inputs))
+    assert torch.allclose(outputs, outputs2, rtol=1e-4, atol=1e-5), "Output does not match"
+
+
+@pytest.mark.parametrize("batch_size", [2])
+@pytest.mark.parametrize("model_name", [n for n in TIMM_ENTRIES if not _matches(n, EXCLUDE_BWD_FILTERS)])
+def test_model_backward(model_name, batch_size):
+    """timm's test_model_backward: num_classes=42, training mode; every parameter gets a gradient."""
+    model = _create(model_name, num_classes=42)
+    num_params = sum(x.numel() for x in model.parameters())
+    model.train()
+    inputs = TIMM_INPUT(model, batch_size, TARGET_BWD_SIZE)
+    outputs = _out(model(*inputs))
+    outputs.mean().backward()
+    for n, x in model.named_parameters():
+        assert x.grad is not None, f"No gradient for {n}"
+    num_grad = sum(x.grad.numel() for x in model.parameters() if x.grad is not None)
+    assert outputs.shape[-1] == 42
+    assert num_params == num_grad, "Some parameters are missing gradients"
+    assert not torch.isnan(outputs).any(), "Output included NaNs"
+
+
+def _check_cfg_names(cfg, state_dict):
+    """The end of timm's default-cfg tests: classifier and first_conv name parameters."""
+    if cfg.get("num_classes", None):
+        classifier = cfg["classifier"]
+        for c in (classifier,) if isinstance(classifier, str) else classifier:
+            assert c + ".weight" in state_dict, f"{c} not in model params"
+    first_conv = cfg["first_conv"]
+    first_conv = (first_conv,) if isinstance(first_conv, str) else first_conv
+    assert isinstance(first_conv, (tuple, list))
+    for fc in first_conv:
+        assert fc + ".weight" in state_dict, f"{fc} not in model params"
+
+
+@pytest.mark.parametrize("batch_size", [1])
+@pytest.mark.parametrize("model_name", [n for n in TIMM_ENTRIES if not _matches(n, NON_STD_FILTERS)])
+def test_model_default_cfgs(model_name, batch_size):
+    """timm's test_model_default_cfgs: spatial features of the cfg's pool_size, pre-logits of head_hidden_size,
+    reset_classifier(0) and (0, '') and num_classes=0, global_pool='' at creation."""
+    model = _create(model_name).eval()
+    assert model.num_classes >= 0 and model.num_features > 0 and model.head_hidden_size > 0
+    state_dict = model.state_dict()
+    cfg = model.default_cfg
+    pool_size = cfg["pool_size"]
+    input_size = cfg["input_size"]
+    output_fmt = getattr(model, "output_fmt", "NCHW")
+    spatial_axis = get_spatial_dim(output_fmt)
+    assert len(spatial_axis) == 2
+    feat_axis = get_channel_dim(output_fmt)
+    assert all(x <= MAX_FWD_OUT_SIZE for x in input_size)
+    input_tensor = torch.randn((batch_size, *input_size))
+    with torch.no_grad():
+        outputs = model.forward_features(input_tensor)
+        outputs_pre = model.forward_head(outputs, pre_logits=True)
+        assert outputs.shape[spatial_axis[0]] == pool_size[0] and outputs.shape[spatial_axis[1]] == pool_size[1]
+        assert outputs.shape[feat_axis] == model.num_features
+        assert outputs_pre.shape[1] == model.head_hidden_size
+        model.reset_classifier(0)
+        assert model.num_classes == 0
+        outputs = model(input_tensor)
+        assert len(outputs.shape) == 2 and outputs.shape[1] == model.head_hidden_size
+        assert outputs.shape == outputs_pre.shape
+        model.reset_classifier(0, "")
+        outputs = model(input_tensor)
+        assert len(outputs.shape) == 4
+        assert outputs.shape[spatial_axis[0]] == pool_size[0] and outputs.shape[spatial_axis[1]] == pool_size[1]
+        model = _create(model_name, num_classes=0, global_pool="").eval()
+        outputs = model(input_tensor)
+        assert len(outputs.shape) == 4
+        assert outputs.shape[spatial_axis[0]] == pool_size[0] and outputs.shape[spatial_axis[1]] == pool_size[1]
+    _check_cfg_names(cfg, state_dict)
+
+
+@pytest.mark.parametrize("batch_size", [1])
+@pytest.mark.parametrize("model_name", [n for n in TIMM_ENTRIES if _matches(n, NON_STD_FILTERS)
+                                        and not _matches(n, EXCLUDE_CFG_FILTERS)])
+def test_model_default_cfgs_non_std(model_name, batch_size):
+    """timm's test_model_default_cfgs_non_std: features of num_features, pre-logits of head_hidden_size, equal to
+    the output after reset_classifier(0); num_classes=0 at creation."""
+    model = _create(model_name).eval()
+    assert model.num_classes >= 0 and model.num_features > 0 and model.head_hidden_size > 0
+    state_dict = model.state_dict()
+    cfg = model.default_cfg
+    inputs = TIMM_INPUT(model, batch_size, TARGET_FWD_SIZE)
+    feat_dim = getattr(model, "feature_dim", None)
+    with torch.no_grad():
+        outputs = model.forward_features(*inputs)
+        outputs = _out(outputs)  # speech: (features, frame counts)
+        outputs_pre = model.forward_head(outputs, pre_logits=True)
+        if feat_dim is None:
+            feat_dim = -1 if outputs.ndim == 3 else 1
+        assert outputs.shape[feat_dim] == model.num_features
+        assert outputs_pre.shape[1 if outputs_pre.ndim == 2 else -1] == model.head_hidden_size
+        model.reset_classifier(0)
+        assert model.num_classes == 0
+        outputs = _out(model(*inputs))
+        assert outputs.shape[-1 if outputs.ndim == 3 else 1] == model.head_hidden_size, "pooled num_features != config"
+        assert outputs.shape == outputs_pre.shape
+        model = _create(model_name, num_classes=0).eval()
+        outputs = _out(model(*inputs))
+        assert outputs.shape[-1 if outputs.ndim == 3 else 1] == model.num_features
+    _check_cfg_names(cfg, state_dict)
+
+
+@pytest.mark.parametrize("batch_size", [1])
+@pytest.mark.parametrize("model_name", [n for n in TIMM_ENTRIES if _matches(n, FEAT_INTER_FILTERS)])
+def test_model_forward_intermediates_features(model_name, batch_size):
+    """timm's test_model_forward_intermediates_features: features_only with feature_cls='getter'."""
+    model = _create(model_name, features_only=True, feature_cls="getter").eval()
+    expected_channels = model.feature_info.channels()
+    expected_reduction = model.feature_info.reduction()
+    input_size = _get_input_size(model, TARGET_FFEAT_SIZE)
+    output_fmt = getattr(model, "output_fmt", "NCHW")
+    feat_axis, spatial_axis = get_channel_dim(output_fmt), get_spatial_dim(output_fmt)
+    with torch.no_grad():
+        outputs = model(torch.randn((batch_size, *input_size)))
+    assert len(expected_channels) == len(outputs)
+    for e, r, o in zip(expected_channels, expected_reduction, outputs):
+        assert e == o.shape[feat_axis]
+        assert o.shape[spatial_axis[0]] <= math.ceil(input_size[-2] / r) + 1
+        assert o.shape[spatial_axis[1]] <= math.ceil(input_size[-1] / r) + 1
+        assert o.shape[0] == batch_size
+        assert not torch.isnan(o).any()
+
+
+@pytest.mark.parametrize("batch_size", [1])
+@pytest.mark.parametrize("model_name", [n for n in TIMM_ENTRIES if _matches(n, FEAT_INTER_FILTERS)])
+def test_model_forward_intermediates(model_name, batch_size):
+    """timm's test_model_forward_intermediates: NCHW intermediates of feature_info's channels and reductions, the
+    final output equal to forward_features, also with grad checkpointing."""
+    model = _create(model_name).eval()
+    feature_info = timm.models.FeatureInfo(model.feature_info, len(model.feature_info))
+    expected_channels = feature_info.channels()
+    expected_reduction = feature_info.reduction()
+    # timm asks for at least 3 levels; Vim is a plain ViT (one level per block, all at the patch stride), with depth 2
+    # here; VMamba and EfficientVMamba have 4 stages.
+    assert len(expected_channels) >= (2 if type(model).__name__ == "VisionMamba" else 3)
+    input_size = _get_input_size(model, TARGET_FFEAT_SIZE)
+    feat_axis, spatial_axis = get_channel_dim("NCHW"), get_spatial_dim("NCHW")
+    inpt = torch.randn((batch_size, *input_size))
+    with torch.no_grad():
+        output, intermediates = model.forward_intermediates(inpt, output_fmt="NCHW")
+        assert len(expected_channels) == len(intermediates)
+        for e, r, o in zip(expected_channels, expected_reduction, intermediates):
+            assert e == o.shape[feat_axis]
+            assert o.shape[spatial_axis[0]] <= math.ceil(input_size[-2] / r) + 1
+            assert o.shape[spatial_axis[1]] <= math.ceil(input_size[-1] / r) + 1
+            assert o.shape[0] == batch_size
+            assert not torch.isnan(o).any()
+        output2 = model.forward_features(inpt)
+        assert torch.allclose(output, output2)
+        model.set_grad_checkpointing()
+        output3, _ = model.forward_intermediates(inpt, output_fmt="NCHW")
+        assert torch.allclose(output, output3, rtol=1e-4, atol=1e-5), "Output does not match"
