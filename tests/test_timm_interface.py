@@ -2,10 +2,13 @@
 classifier (and the pooled grid for images), as zoo and timm see them; get_classifier, head_hidden_size,
 reset_classifier, grad checkpointing and forward_head(pre_logits=True)."""
 import copy
+import fnmatch
+import math
 
 import pytest
 import timm
 import torch
+from timm.layers import get_channel_dim, get_spatial_dim
 from torch import nn
 
 import zoo
@@ -217,18 +220,16 @@ def test_speech_forward_head_pre_logits(name):
 
 
 # ---------------------------------------------------------------- timm's own model tests, restated
-# timm's tests/test_models.py is not part of the installed package, so its functions are restated here, over every
-# registered entry created through timm.create_model, with the same names and checks: test_model_forward,
-# test_model_backward, test_model_default_cfgs (spatial feature maps), test_model_default_cfgs_non_std (the others),
+# timm's tests/test_models.py is not part of the installed package (pip's timm ships no tests), so its functions are
+# restated here from timm's repository (main, 1.0.29.dev0, the newest stored), over every registered entry created
+# through timm.create_model, with the same names and checks: test_model_forward, test_model_backward,
+# test_model_default_cfgs (spatial feature maps), test_model_default_cfgs_non_std (the others),
 # test_model_forward_intermediates and test_model_forward_intermediates_features. Differences, all for speed on a
-# 2-core CI: entries are built small (TIMM_TINY: fewer, narrower layers, the entry's other options kept) and the
-# non-image inputs are short (TIMM_INPUT); images use timm's _get_input_size with its targets.
-# timm's torchscript / FX tests: see EXCLUDE_JIT_FILTERS / EXCLUDE_FX_FILTERS in test_timm_features_compile.py.
-import fnmatch  # noqa: E402
-import math  # noqa: E402
-
-from timm.layers import get_channel_dim, get_spatial_dim  # noqa: E402
-
+# 2-core CI: entries are built small (TIMM_TINY: fewer, narrower layers, the entry's other options kept), images are
+# 64 px (SMALL_IMAGE) and the other modalities' inputs short (TIMM_INPUT). timm's test_model_load_pretrained
+# (in_chans=1, num_classes=5) is test_official_file_into_another_in_chans_and_num_classes in
+# test_official_checkpoints.py; its torchscript / FX tests are in test_timm_features_compile.py
+# (EXCLUDE_JIT_FILTERS / EXCLUDE_FX_FILTERS).
 TARGET_FWD_SIZE = MAX_FWD_SIZE = 384  # timm's constants
 TARGET_BWD_SIZE = 128
 MAX_FWD_OUT_SIZE = 448
