@@ -80,11 +80,13 @@ def _compiled_matches_eager(model, *inputs, atol=1e-5):
     torch._dynamo.reset()
     model.eval()  # no dropout / drop-path draws: compiled and eager outputs comparable
     ref = model(*inputs)
-    out = torch.compile(model, fullgraph=True, backend="aot_eager")(*inputs)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(*inputs)
     assert out.shape == ref.shape and torch.allclose(out, ref, atol=atol), (out - ref).abs().max()
     out.float().square().sum().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    return compiled
 
 
 @pytest.mark.parametrize("name", VISION_ENTRIES)
@@ -108,23 +110,30 @@ def test_smamba_compiles_fullgraph():
     _compiled_matches_eager(model, torch.randn(2, 12, 7))  # 7 variate tokens: a short sequence
 
 
-# Families that cannot be traced as one graph; each reason starts at the first graph break dynamo reports.
 _POINTS = torch.randn(2, 64, 3)
-
-
-@pytest.mark.xfail(strict=True, raises=Exception, reason=(
-    "values read from the tensor decide Python control flow: check_points (point counts, finiteness), then Hilbert "
-    "serialization, whose curve depth per cloud is the bit length of the cloud's grid extent (int(d.max())), the "
-    "loop count of hilbert_encode: data-dependent graph breaks"))
-@pytest.mark.parametrize("name, kwargs", [
+POINT_COMPILE = [
     ("pointmamba_tiny", dict(num_classes=5, trans_dim=32, depth=2, num_group=8, group_size=8, head_hidden=16)),
     ("pcm_tiny_modelnet40", dict(num_classes=4, embed_dim=16, dim_expansion=(1, 2), pre_blocks=(1, 1),
                                  mamba_blocks=(1, 2), k_neighbors=(4, 4), reducers=(1, 2), orders=("xyz", "hilbert", "zyx"),
                                  prompt_num_per_order=2, prompt_dim=8)),
-])
-def test_point_models_do_not_compile_fullgraph(name, kwargs):
+]
+
+
+@pytest.mark.parametrize("name, kwargs", POINT_COMPILE)
+def test_point_models_compile_fullgraph(name, kwargs):
+    """Point counts and finiteness are asserted inside the graph under torch.compile (the eager checks read values
+    to word their errors), and the Hilbert curve's loops run to MAX_DEPTH there (the per-cloud depth masks the
+    levels above a cloud's own: the same codes): no data-dependent graph break is left. The compiled model still
+    refuses a non-finite point."""
     torch.manual_seed(0)
-    _compiled_matches_eager(zoo.create_model(name, **kwargs), _POINTS)
+    model = zoo.create_model(name, **kwargs)
+    compiled = _compiled_matches_eager(model, _POINTS)
+    bad = _POINTS.clone()
+    bad[1, 5, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="expected finite coordinates"):
+        compiled(bad)
+    with pytest.raises(ValueError, match="expected finite coordinates, got .* at cloud 1, point 5"):
+        model(bad)  # eager: the detailed message
 
 
 @pytest.mark.xfail(strict=True, raises=Exception, reason=(

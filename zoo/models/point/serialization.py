@@ -57,6 +57,12 @@ def hilbert_encode(grid: torch.Tensor, depth: Union[int, torch.Tensor]) -> torch
     _check_grid(grid, "hilbert_encode")
     if isinstance(depth, int):
         max_depth, depth_t = depth, torch.tensor(depth, device=grid.device)
+    elif torch.compiler.is_compiling():
+        # The loops run to the largest depth, and the bits at or above an element's own depth are skipped, so any
+        # larger bound gives the same codes: under torch.compile it is MAX_DEPTH, as a loop count cannot be read
+        # from a tensor inside the graph.
+        depth_t, max_depth = depth.long(), MAX_DEPTH
+        torch._assert_async((depth_t <= MAX_DEPTH).all(), f"hilbert_encode: depth must be <= {MAX_DEPTH} (63-bit codes)")
     else:
         depth_t = depth.long()
         max_depth = int(depth_t.max()) if depth_t.numel() else 0
@@ -179,9 +185,12 @@ def check_points(xyz: torch.Tensor, lengths: Optional[torch.Tensor], name: str, 
     if not xyz.dtype.is_floating_point:
         raise TypeError(f"{name}: expected floating-point coordinates, got dtype {xyz.dtype}")
     b, n = xyz.shape[:2]
+    if lengths is not None and lengths.shape != (b,):
+        raise ValueError(f"{name}: expected lengths of shape ({b},), got {tuple(lengths.shape)}")
+    if torch.compiler.is_compiling():
+        _assert_points_in_graph(xyz, lengths, name, min_points)
+        return
     if lengths is not None:
-        if lengths.shape != (b,):
-            raise ValueError(f"{name}: expected lengths of shape ({b},), got {tuple(lengths.shape)}")
         if b and (int(lengths.min()) < 0 or int(lengths.max()) > n):
             raise ValueError(f"{name}: lengths must lie in [0, {n}], got min {int(lengths.min())}, max {int(lengths.max())}")
     counts = lengths if lengths is not None else torch.full((b,), n, device=xyz.device)
@@ -194,6 +203,19 @@ def check_points(xyz: torch.Tensor, lengths: Optional[torch.Tensor], name: str, 
         i, j = (int(v) for v in bad.nonzero()[0])
         raise ValueError(f"{name}: expected finite coordinates, got {xyz[i, j].tolist()} at cloud {i}, point {j} "
                          f"({int(bad.sum())} non-finite point(s) in all)")
+
+
+def _assert_points_in_graph(xyz: torch.Tensor, lengths: Optional[torch.Tensor], name: str, min_points: int) -> None:
+    """check_points' value checks under torch.compile: the eager ones read values to the host to word their message
+    (a data-dependent graph break), so here the same conditions are asserted inside the graph (RuntimeError)."""
+    b, n = xyz.shape[:2]
+    if not b:
+        return
+    counts = lengths if lengths is not None else torch.full((b,), n, device=xyz.device)
+    torch._assert_async(((counts >= min_points) & (counts <= n)).all(),
+                        f"{name}: expected lengths in [{min_points}, {n}] (at least {min_points} point(s) per cloud)")
+    bad = ~torch.isfinite(xyz).all(-1) & _valid_mask(xyz, lengths)
+    torch._assert_async(~bad.any(), f"{name}: expected finite coordinates")
 
 
 def serialization_codes(
@@ -233,8 +255,11 @@ def serialization_codes(
             need = int(bit_length(grid.max()).item()) if grid.numel() else 0
             if need > d:
                 raise ValueError(f"serialization: depth {d} covers 2**{d} cells per axis, the cloud needs depth {need}")
-        if (d if isinstance(d, int) else int(d.max()) if d.numel() else 0) > MAX_DEPTH:
-            raise ValueError(f"serialization: the clouds span more than 2**{MAX_DEPTH} cells per axis; use a larger grid_size")
+        too_big = f"serialization: the clouds span more than 2**{MAX_DEPTH} cells per axis; use a larger grid_size"
+        if isinstance(d, torch.Tensor) and torch.compiler.is_compiling():  # the check inside the graph
+            torch._assert_async((d <= MAX_DEPTH).all(), too_big)
+        elif (d if isinstance(d, int) else int(d.max()) if d.numel() else 0) > MAX_DEPTH:
+            raise ValueError(too_big)
         code = hilbert_encode(grid, d)
     elif order in Z_ORDERS:
         code = z_order_encode(grid)
