@@ -146,13 +146,34 @@ def test_mambamil_does_not_compile_fullgraph():
     _compiled_matches_eager(model, torch.randn(2, 5, 12))
 
 
-@pytest.mark.xfail(strict=True, raises=Exception, reason=(
-    "the speech front end reads per-utterance frame counts from the tensor (int(frames.min()) check, padded "
-    "length T = int(frames.max())): data-dependent control flow and shapes"))
-def test_mamba_kws_does_not_compile_fullgraph():
+def test_mamba_kws_compiles_fullgraph():
+    """Whole waveforms (no num_samples): frame counts come from the shape and the Mamba layers run on the batch as it
+    is, not packed by frame counts, so nothing reads a value."""
     torch.manual_seed(0)
     model = zoo.create_model("mamba_kws_tiny", depth=2)
     _compiled_matches_eager(model, torch.randn(2, 4000))
+
+
+_SPEECH_LENGTHS = (torch.randn(2, 4000), torch.tensor([4000, 3000]))
+
+
+@pytest.mark.xfail(strict=True, raises=Exception, reason=(
+    "with num_samples the output's length is the longest utterance's frame count, int(frames.max()), and the Mamba "
+    "layers run on the valid frames packed by cu_seqlens (x[mask]): data-dependent output and intermediate shapes"))
+def test_mamba_kws_with_lengths_does_not_compile_fullgraph():
+    torch.manual_seed(0)
+    _compiled_matches_eager(zoo.create_model("mamba_kws_tiny", depth=2), *_SPEECH_LENGTHS)
+
+
+def test_mamba_kws_with_lengths_compiles_with_graph_breaks():
+    torch.manual_seed(0)
+    model = zoo.create_model("mamba_kws_tiny", depth=2).eval()
+    torch._dynamo.reset()
+    ref = model(*_SPEECH_LENGTHS)
+    out = torch.compile(model, backend="aot_eager")(*_SPEECH_LENGTHS)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    out.square().sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 # ---------------------------------------------------------------- TorchScript and torch.fx

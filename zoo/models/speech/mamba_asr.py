@@ -88,17 +88,21 @@ class SpeechFrontend(nn.Module):
     def forward(self, wave: torch.Tensor, num_samples: Optional[torch.Tensor] = None):
         if wave.dim() != 2:
             raise ValueError(f"SpeechFrontend: expected waveforms (batch, samples), got shape {tuple(wave.shape)}")
+        b, n = wave.shape
         if num_samples is None:
-            num_samples = torch.full((wave.shape[0],), wave.shape[1], dtype=torch.long, device=wave.device)
-        frames = self.num_frames(num_samples)
-        if int(frames.min()) < 1:
-            raise ValueError(f"SpeechFrontend: every waveform needs at least {self.win} samples (25 ms), got lengths {num_samples.tolist()}")
-        T = int(frames.max())
+            # Whole waveforms: the frame count comes from the shape, so no value is read (one torch.compile graph).
+            T, lengths = max((n - self.win) // self.hop + 1, 0), [n] * b
+            frames = torch.full((b,), T, dtype=torch.long, device=wave.device)
+        else:
+            frames = self.num_frames(num_samples)
+            T, lengths = int(frames.max()) if b else 0, num_samples.tolist()
+        if b and (T < 1 if num_samples is None else int(frames.min()) < 1):
+            raise ValueError(f"SpeechFrontend: every waveform needs at least {self.win} samples (25 ms), got lengths {lengths}")
         if self.kind == "fbank":
             import torchaudio.compliance.kaldi as kaldi
 
-            feats = wave.new_zeros(wave.shape[0], T, self.n_mels)
-            for i, (w, n) in enumerate(zip(wave, num_samples.tolist())):
+            feats = wave.new_zeros(b, T, self.n_mels)
+            for i, (w, n) in enumerate(zip(wave, lengths)):
                 f = kaldi.fbank(upcast(w[None, :n]) * 32768, num_mel_bins=self.n_mels, sample_frequency=self.sample_rate, dither=0.0)
                 feats[i, : f.shape[0]] = f
         else:
@@ -175,8 +179,11 @@ class ConvSubsampling(nn.Module):
         return x * lengths_to_mask(f, x.shape[1])[..., None], f
 
 
-def packed_mamba(mixer: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Run a Mamba mixer over the valid frames of each utterance only, packed into one sequence."""
+def packed_mamba(mixer: nn.Module, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Run a Mamba mixer over the valid frames of each utterance only, packed into one sequence (mask None: every
+    frame is valid, the batch runs as it is)."""
+    if mask is None:
+        return mixer(x)
     lengths = mask.sum(1)
     cu = F.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
     out = torch.zeros_like(x)
@@ -229,9 +236,9 @@ class ConMambaLayer(nn.Module):
         self.ffn2 = FeedForward(d_model, d_ffn, dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, x, mask):
+    def forward(self, x, mask, packed: bool = True):
         x = x + 0.5 * self.ffn1(x)
-        x = x + packed_mamba(self.mamba, self.norm1(x), mask)
+        x = x + packed_mamba(self.mamba, self.norm1(x), mask if packed else None)
         x = x + self.conv(x, mask)
         return self.norm2(x + 0.5 * self.ffn2(x))
 
@@ -303,22 +310,24 @@ class MambaSpeechEncoder(nn.Module):
         feats, frames = self.frontend(wave, num_samples)
         if isinstance(self.spec_augment, SpecAugment):
             feats = self.spec_augment(feats, frames)
-        return self.encode(feats, frames)
+        return self.encode(feats, frames, padded=num_samples is not None)
 
-    def encode(self, feats: torch.Tensor, frames: torch.Tensor):
-        """Features (b, T, n_mels) with valid frame counts -> (b, T/4, d_model), counts."""
+    def encode(self, feats: torch.Tensor, frames: torch.Tensor, padded: bool = True):
+        """Features (b, T, n_mels) with valid frame counts -> (b, T/4, d_model), counts. ``padded=False`` says every
+        utterance fills all T frames: the Mamba layers then run on the batch as it is, not packed by frame counts
+        (shapes that do not depend on values: one torch.compile graph)."""
         x, frames = self.subsample(feats, frames)
         mask = lengths_to_mask(frames, x.shape[1])
         x = self.drop(x)
         if self.layer_type == "conmamba":
             for layer in self.layers:
-                x = layer(x, mask)
+                x = layer(x, mask, packed=padded)
             x = self.norm(x)
         else:
             residual = None
             for block in self.layers:
                 x, residual = add_norm(x, residual, block.norm, block.drop_path, block.residual_in_fp32)
-                x = packed_mamba(block.mixer, x, mask)
+                x = packed_mamba(block.mixer, x, mask if padded else None)
             x, _ = add_norm(x, residual, self.norm)
         return x * mask[..., None], frames
 
