@@ -72,6 +72,8 @@ class FinetuneConfig:
     save_every: int = 0  # write <output>/checkpoint-epochN.pt every this many epochs (0: none)
     resume: Optional[str] = None  # continue from a checkpoint-epochN.pt
     overwrite: bool = False  # replace the result of an earlier run in ``output``
+    lora_rank: Optional[int] = None  # LoRA adapters of this rank on the mixer projections, the rest frozen (zoo.lora)
+    lora_alpha: Optional[float] = None  # LoRA scale alpha / rank (None: alpha = 2 * rank)
 
 
 # What each numeric field allows (number_arg / check_fields keywords): checked by finetune() and by the CLI's parser.
@@ -84,6 +86,7 @@ LIMITS: Dict[str, Dict[str, Any]] = dict(
     limit_train_batches=dict(kind=int, low=1, optional=True),
     layer_decay=dict(kind=float, low=0, high=1, low_open=True, optional=True),
     ema_decay=dict(kind=float, low=0, high=1, high_open=True, optional=True), save_every=dict(kind=int, low=0),
+    lora_rank=dict(kind=int, low=1, optional=True), lora_alpha=dict(kind=float, low=0, low_open=True, optional=True),
 )
 # An earlier run's files in --output: refused without --overwrite (checkpoints are expected when resuming).
 RESULT_FILES = ("result.json", "model.safetensors")
@@ -197,6 +200,11 @@ def finetune(cfg: FinetuneConfig, command: Optional[str] = None) -> Dict[str, An
         raise ValueError(f"finetune: strategy must be one of {STRATEGIES}, got {cfg.strategy!r}")
     if cfg.save_every and not cfg.output:
         raise ValueError("finetune: --save-every writes checkpoints into --output, which is not set")
+    if cfg.lora_rank is not None and cfg.layer_decay is not None:
+        raise ValueError("finetune: --lora-rank cannot be combined with --layer-decay (the adapters are not in the "
+                         "model's block groups)")
+    if cfg.lora_alpha is not None and cfg.lora_rank is None:
+        raise ValueError("finetune: --lora-alpha needs --lora-rank")
     ctx = init_distributed(cfg.device)
     try:
         if cfg.output:  # before any work: a run is not thrown away because its results cannot be written
@@ -219,9 +227,14 @@ def _finetune(cfg: FinetuneConfig, ctx: DistContext, command: Optional[str]) -> 
     torch.manual_seed(cfg.seed)  # the same initialisation on every rank (FSDP shards it without a broadcast)
 
     kwargs = model_kwargs_for(cfg, dataset_class(cfg.data).num_classes)
-    if state is not None and (state["extra"].get("model") != cfg.model or state["extra"].get("model_kwargs") != kwargs):
-        raise ValueError(f"resume: {cfg.resume} holds {state['extra'].get('model')} with {state['extra'].get('model_kwargs')}, "
-                         f"but the arguments build {cfg.model} with {kwargs}")
+    lora = None if cfg.lora_rank is None else dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha or 2.0 * cfg.lora_rank)
+    if state is not None and (state["extra"].get("model") != cfg.model or state["extra"].get("model_kwargs") != kwargs
+                              or state["extra"].get("lora") != lora):
+        raise ValueError(f"resume: {cfg.resume} holds {state['extra'].get('model')} with {state['extra'].get('model_kwargs')} "
+                         f"and LoRA {state['extra'].get('lora')}, but the arguments build {cfg.model} with {kwargs} "
+                         f"and LoRA {lora}")
+    if lora is not None and ctx.distributed and cfg.strategy == "fsdp":
+        raise ValueError("finetune: --lora-rank runs with --strategy ddp, not fsdp")
     model = zoo.create_model(cfg.model, pretrained=cfg.pretrained, checkpoint_path=cfg.checkpoint_path, **kwargs)
     model.to(device)
     if cfg.grad_checkpointing:
@@ -229,6 +242,9 @@ def _finetune(cfg: FinetuneConfig, ctx: DistContext, command: Optional[str]) -> 
             raise ValueError(f"finetune: --grad-checkpointing needs set_grad_checkpointing(); {cfg.model} has none")
         model.set_grad_checkpointing(True)
     data_cfg = resolve_data_config({}, model=model)  # mean / std from the entry's pretrained_cfg
+    if lora is not None:
+        from zoo.lora import add_lora
+        model = add_lora(model, lora["rank"], lora["alpha"])
     train_set = create_dataset(cfg.data, "train", img_size=cfg.img_size, mean=data_cfg["mean"], std=data_cfg["std"], seed=cfg.seed)
     test_set = create_dataset(cfg.data, "test", img_size=cfg.img_size, mean=data_cfg["mean"], std=data_cfg["std"], seed=cfg.seed)
     eval_batch = max(cfg.batch_size, 128)
@@ -252,6 +268,10 @@ def _finetune(cfg: FinetuneConfig, ctx: DistContext, command: Optional[str]) -> 
         test_loader = DataLoader(test_set, batch_size=eval_batch)
 
     params = sum(p.numel() for p in model.parameters())
+    if lora is not None:
+        named = dict(model.named_parameters())
+        lora["trainable_params"] = sum(p.numel() for p in named.values() if p.requires_grad)
+        params = sum(p.numel() for n, p in named.items() if ".lora_" not in n and "modules_to_save" not in n)
     if ctx.is_main:
         print(describe_run(cfg, kwargs, params, len(train_set), len(test_set), ctx), flush=True)
 
@@ -291,7 +311,7 @@ def _finetune(cfg: FinetuneConfig, ctx: DistContext, command: Optional[str]) -> 
         train_seconds += all_reduce_max(stats["seconds"], ctx)
         history.append({"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": correct / seen})
         if cfg.save_every and ((epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs):
-            extra = dict(model=cfg.model, model_kwargs=kwargs, history=history, train_images=train_images,
+            extra = dict(model=cfg.model, model_kwargs=kwargs, lora=lora, history=history, train_images=train_images,
                          train_seconds=train_seconds, config=asdict(cfg))
             save_training_state(out / f"checkpoint-epoch{epoch + 1}.pt", ctx, model=model, optimizer=optimizer, scheduler=scheduler,
                                 epoch=epoch + 1, ema=ema, scaler=scaler, generator=generator, extra=extra)
@@ -311,6 +331,10 @@ def _finetune(cfg: FinetuneConfig, ctx: DistContext, command: Optional[str]) -> 
         result.update(world_size=ctx.world_size, strategy=cfg.strategy, global_batch_size=cfg.batch_size * ctx.world_size)
     if ema is not None:
         result["evaluated_weights"] = f"EMA (decay {cfg.ema_decay})"
+    if lora is not None:  # the adapters folded into the weights: the export has the entry's own layout
+        from zoo.lora import merge_lora
+        result["lora"] = lora
+        eval_model = merge_lora(unwrap_model(eval_model))
     weights = full_model_state_dict(eval_model, ctx) if out is not None else None  # collective under FSDP
     result["wall_seconds"] = time.perf_counter() - wall_start
     if out is not None and ctx.is_main:
@@ -428,6 +452,11 @@ def add_cli(subparsers) -> None:
                         "after the last; 0: none")
     g.add_argument("--resume", default=None, metavar="PATH",
                    help="continue from a checkpoint-epochN.pt written by --save-every (same model arguments and --epochs)")
+    g = p.add_argument_group("adapters", "parameter-efficient fine-tuning (needs peft: pip install 'mamba-zoo[peft]')")
+    g.add_argument("--lora-rank", type=limit("lora_rank"), default=None,
+                   help="train LoRA adapters of this rank on the mixer projections and the head, the rest frozen; "
+                        "the exported model.safetensors has them merged (zoo.lora)")
+    g.add_argument("--lora-alpha", type=limit("lora_alpha"), default=None, help="LoRA scale alpha / rank (default: alpha = 2 x rank)")
     p.add_argument("--json", action="store_true", help="print the result dict as JSON")
     p.set_defaults(func=_cli_finetune)
 
@@ -444,6 +473,7 @@ def _cli_finetune(args: argparse.Namespace) -> int:
         limit_train_batches=args.limit_train_batches, output=args.output, progress=not args.no_progress,
         strategy=args.strategy, grad_checkpointing=args.grad_checkpointing, layer_decay=args.layer_decay,
         ema_decay=args.ema_decay, save_every=args.save_every, resume=args.resume, overwrite=args.overwrite,
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
     )
     result = finetune(cfg, command=args.command_line)
     if not is_main_process():
