@@ -1,7 +1,8 @@
 """The selective-scan op: argument checks, packed sequences, and dispatch to an implementation.
 
-``impl`` picks the path: "auto" (Triton kernels for CUDA tensors when available, else the chunked
-PyTorch path), "chunked", "naive" (the sequential oracle), or "triton".
+``impl`` picks the path: "auto" (Triton kernels for CUDA tensors when available; on the CPU the fused numba
+scan when numba is installed, else the chunked PyTorch path), "cpu" (the fused numba scan), "chunked",
+"naive" (the sequential oracle), or "triton".
 """
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import torch
 from ..packing import Packing
 from ..precision import upcast
 from ._checks import check_scan_args
+from . import cpu_fused
 from .chunked import selective_scan_chunked
+from .cpu_fused import selective_scan_cpu
 from .naive import selective_scan_naive
 
-IMPLS = ("auto", "chunked", "naive", "triton")
+IMPLS = ("auto", "chunked", "naive", "triton", "cpu")
 
 
 def _triton_scan():
@@ -36,9 +39,16 @@ def _resolve(impl: str, device: torch.device, negative_eigenvalues: bool = False
                 return _triton_scan()
             except ImportError:
                 return selective_scan_chunked
+        # torch.compile traces the chunked path: dynamo cannot see into the numba kernels.
+        if device.type == "cpu" and cpu_fused.available() and not torch.compiler.is_compiling():
+            return selective_scan_cpu
         return selective_scan_chunked
     if impl == "triton":
         return _triton_scan()
+    if impl == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"selective_scan: impl='cpu' takes CPU tensors, got {device.type} tensors")
+        return selective_scan_cpu
     return selective_scan_chunked if impl == "chunked" else selective_scan_naive
 
 
@@ -95,7 +105,7 @@ def selective_scan(
     torch_path = fn in (selective_scan_chunked, selective_scan_naive)
     if cu_seqlens is None or not torch_path:
         if cu_seqlens is not None:
-            kwargs["cu_seqlens"] = cu_seqlens  # the kernels handle packed sequences natively
+            kwargs["cu_seqlens"] = cu_seqlens  # the kernels and the fused CPU scan handle packed sequences natively
         return fn(u, delta, A, B, C, z=z, return_last_state=return_last_state, initial_state=initial_state, **kwargs)
     return _packed_torch_scan(fn, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse,
                               initial_state, cu_seqlens, negative_eigenvalues)
@@ -221,7 +231,7 @@ def selective_scan_multi(
                         None if delta_bias is None else delta_bias[k],
                         None if initial_state is None else initial_state[k], cu_seqlens)
     fn = _resolve(impl, u.device, negative_eigenvalues)
-    if fn not in (selective_scan_chunked, selective_scan_naive):
+    if fn not in (selective_scan_chunked, selective_scan_naive, selective_scan_cpu):
         from zoo.kernels.selective_scan import selective_scan_multi_triton
 
         return selective_scan_multi_triton(
