@@ -136,14 +136,41 @@ def test_point_models_compile_fullgraph(name, kwargs):
         model(bad)  # eager: the detailed message
 
 
+_BAGS = torch.randn(2, 5, 12)  # 5 instances, SR-Mamba rate 3: each bag is padded to 6 for its reordered scan
+
+
+def test_mambamil_equal_size_bags_compile_fullgraph():
+    """Equal-size bags (b, n, feat) run through the layers as a batch (SR-Mamba's reordering a reshape), not packed
+    by cu_seqlens: the same outputs as the packed path, and one graph."""
+    torch.manual_seed(0)
+    model = zoo.create_model("mambamil", in_dim=12, embed_dim=16, rate=3, num_classes=3).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(_BAGS), model(list(_BAGS)), rtol=1e-5, atol=1e-6)  # batched == packed
+    _compiled_matches_eager(model, _BAGS)
+
+
+_UNEQUAL_BAGS = [torch.randn(5, 12), torch.randn(7, 12)]
+
+
 @pytest.mark.xfail(strict=True, raises=Exception, reason=(
-    "bags are packed with cu_seqlens whose values set shapes: pack_bags checks the bag sizes read from the tensor, "
-    "and MambaMIL's SR-Mamba reorder pads each bag to a multiple of rate, total length int(cu_padded[-1]): "
-    "data-dependent shapes"))
-def test_mambamil_does_not_compile_fullgraph():
+    "bags of different sizes are packed with cu_seqlens: the core scan reads the boundaries to the host "
+    "(check_scan_args: cu_seqlens.tolist()) and SR-Mamba's reordering pads each bag to a multiple of rate, its "
+    "total length int(cu_padded[-1]) read from them: data-dependent shapes"))
+def test_mambamil_packed_bags_do_not_compile_fullgraph():
     torch.manual_seed(0)
     model = zoo.create_model("mambamil", in_dim=12, embed_dim=16, rate=3, num_classes=3)
-    _compiled_matches_eager(model, torch.randn(2, 5, 12))
+    _compiled_matches_eager(model, _UNEQUAL_BAGS)
+
+
+def test_mambamil_packed_bags_compile_with_graph_breaks():
+    torch.manual_seed(0)
+    model = zoo.create_model("mambamil", in_dim=12, embed_dim=16, rate=3, num_classes=3, depth=1).eval()
+    torch._dynamo.reset()
+    ref = model(_UNEQUAL_BAGS)
+    out = torch.compile(model, backend="aot_eager")(_UNEQUAL_BAGS)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    out.square().sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 def test_mamba_kws_compiles_fullgraph():
@@ -167,7 +194,7 @@ def test_mamba_kws_with_lengths_does_not_compile_fullgraph():
 
 def test_mamba_kws_with_lengths_compiles_with_graph_breaks():
     torch.manual_seed(0)
-    model = zoo.create_model("mamba_kws_tiny", depth=2).eval()
+    model = zoo.create_model("mamba_kws_tiny", depth=1).eval()
     torch._dynamo.reset()
     ref = model(*_SPEECH_LENGTHS)
     out = torch.compile(model, backend="aot_eager")(*_SPEECH_LENGTHS)

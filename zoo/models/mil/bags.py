@@ -57,7 +57,10 @@ def pack_bags(bags: Bags, cu_seqlens: Optional[torch.Tensor] = None, in_dim: Opt
     else:
         raise TypeError(f"{who}: expected a tensor or a list of tensors, got {type(bags).__name__}")
     lens = cu[1:] - cu[:-1]
-    if bool((lens <= 0).any()):
+    if torch.is_tensor(bags) and bags.dim() == 3 and cu_seqlens is None:
+        if bags.shape[1] == 0:  # equal-size bags: the size is the shape's, no value is read
+            raise ValueError(f"{who}: every bag needs at least one instance; got bags of shape {tuple(bags.shape)}")
+    elif bool((lens <= 0).any()):
         empty = torch.nonzero(lens <= 0).flatten().tolist()
         raise ValueError(f"{who}: every bag needs at least one instance; bags {empty} are empty (sizes {lens.tolist()[:16]})")
     if in_dim is not None and x.shape[-1] != in_dim:

@@ -91,8 +91,17 @@ class SRMamba(Mamba):
         b, n, _ = hidden.shape
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
         y = self._scan_direction(x, z, cu_seqlens=cu_seqlens)
-        cu = cu_seqlens if cu_seqlens is not None else torch.arange(b + 1, device=hidden.device) * n
-        gather, scatter, cu_padded = reorder_index(cu, self.rate)
+        if cu_seqlens is None:
+            # Rows of one length n: the reordering is a reshape of each row zero-padded to K * rate (K = ceil(n /
+            # rate)), position r * K + k reading instance k * rate + r: the same as reorder_index, with shapes
+            # that do not depend on values.
+            k = -(-n // self.rate)
+            order = lambda t: F.pad(t, (0, 0, 0, k * self.rate - n)).reshape(b, k, self.rate, -1).transpose(1, 2)  # noqa: E731
+            y_b = self._scan_direction(order(x).reshape(b, k * self.rate, -1), order(z).reshape(b, k * self.rate, -1),
+                                       suffix="_b")
+            y_b = y_b.reshape(b, self.rate, k, -1).transpose(1, 2).reshape(b, k * self.rate, -1)[:, :n]
+            return self.out_proj(y + y_b)
+        gather, scatter, cu_padded = reorder_index(cu_seqlens, self.rate)
         # Rows of the batch are flattened into one packed sequence; a zero row serves as padding.
         flat = lambda t: F.pad(t.reshape(1, b * n, -1), (0, 0, 0, 1))[:, gather]  # noqa: E731
         one_seq = cu_padded.numel() == 2  # a single sequence needs no boundary handling
@@ -193,14 +202,19 @@ class MambaMIL(nn.Module):
     def forward_instances(self, bags: Bags, cu_seqlens: Optional[torch.Tensor] = None):
         """Instance features after the Mamba layers and the final norm: ((total, embed_dim), cu_seqlens)."""
         x, cu = pack_bags(bags, cu_seqlens, self.in_dim, "MambaMIL")
-        h = self._fc1(x.to(self._fc1[0].weight.dtype))[None]
-        packed = cu if cu.numel() > 2 else None  # one bag: the plain (faster) path
+        h = self._fc1(x.to(self._fc1[0].weight.dtype))
+        if torch.is_tensor(bags) and bags.dim() == 3 and cu_seqlens is None:
+            # Equal-size bags (b, n, feat): the layers run on the batch as it is, not packed (shapes that do not
+            # depend on values: one torch.compile graph)
+            h, packed = h.reshape(*bags.shape[:2], -1), None
+        else:
+            h, packed = h[None], (cu if cu.numel() > 2 else None)  # one bag: the plain (faster) path
         for layer in self.layers:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 h = h + torch.utils.checkpoint.checkpoint(layer, h, packed, use_reentrant=False)
             else:
                 h = h + layer(h, cu_seqlens=packed)
-        return self.norm(h[0]), cu
+        return self.norm(h.reshape(-1, h.shape[-1])), cu
 
     def forward_features(self, bags: Bags, cu_seqlens: Optional[torch.Tensor] = None, return_attention: bool = False):
         """Attention-pooled bag embeddings (num_bags, embed_dim) [, attention weights (total,)]."""
