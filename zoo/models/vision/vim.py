@@ -39,6 +39,7 @@ from torch.utils.checkpoint import checkpoint
 
 from zoo.core import ResidualBlock, RMSNorm, add_norm, init_mamba_weights
 from zoo.core.mixers import check_mixer, create_mixer
+from zoo.core.shuffle import layer_shuffle_rates, shuffled
 from zoo.core.checks import check_input_dtype, check_int, check_num_classes, check_rates, check_sizes
 from zoo.registry import build_model, register_model, register_pretrained_cfgs
 
@@ -168,10 +169,12 @@ class VisionMamba(nn.Module):
         residual_in_fp32: bool = True,
         mixer: str = "bimamba",
         mixer_cfg: Optional[dict] = None,
+        layer_shuffle: float = 0.0,
     ):
         """``mixer``: the block's mixer by name (``zoo.core.mixers.MIXERS``; "bimamba" is the official Vim's,
         "bimamba2", "hydra", ... build Vim with Mamba-2 / Hydra blocks); ``mixer_cfg``: its other arguments
-        (e.g. ``{"headdim": 32}``)."""
+        (e.g. ``{"headdim": 32}``). ``layer_shuffle``: the last block's probability of the stochastic layer-wise
+        token shuffle in training (ShuffleMamba, ``zoo.core.shuffle``; 0: off)."""
         super().__init__()
         check_mixer("VisionMamba", mixer)
         check_sizes("VisionMamba", depth=depth, embed_dim=embed_dim, in_chans=in_chans)
@@ -184,6 +187,7 @@ class VisionMamba(nn.Module):
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.residual_in_fp32 = residual_in_fp32
         self.grad_checkpointing = False
+        self.shuffle_rates = layer_shuffle_rates(depth, layer_shuffle)
 
         self.patch_embed = PatchEmbed(img_size, patch_size, stride, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -256,10 +260,13 @@ class VisionMamba(nn.Module):
         x = torch.cat([x[:, :mid], self.cls_token.expand(x.shape[0], -1, -1), x[:, mid:]], dim=1)
         return self.pos_drop(x + resample_pos_embed(self.pos_embed, grid, self.patch_embed.grid_size))
 
-    def _run_layer(self, layer: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor]):
+    def _run_layer(self, i: int, x: torch.Tensor, residual: Optional[torch.Tensor]):
+        layer = self.layers[i]
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint(layer, x, residual, use_reentrant=False)
-        return layer(x, residual)
+            run = lambda x, residual: checkpoint(layer, x, residual, use_reentrant=False)  # noqa: E731
+        else:
+            run = layer
+        return shuffled(run, x, residual, prob=self.shuffle_rates[i], training=self.training)
 
     def forward_intermediates(
         self,
@@ -285,8 +292,8 @@ class VisionMamba(nn.Module):
         tokens, grid = self.patch_embed(x)
         hidden, residual = self._pos_embed(tokens, grid), None
         intermediates = []
-        for i, layer in enumerate(layers):
-            hidden, residual = self._run_layer(layer, hidden, residual)
+        for i in range(len(layers)):
+            hidden, residual = self._run_layer(i, hidden, residual)
             if i in take_indices:
                 stream = residual + hidden  # what the next block's add computes
                 feat = (self.norm_f(stream) if norm else stream).to(hidden.dtype)
@@ -317,8 +324,8 @@ class VisionMamba(nn.Module):
         """Images (b, c, h, w) -> normed tokens (b, 1 + n, d), class token at index n // 2."""
         x = self._pos_embed(*self.patch_embed(x))
         residual = None
-        for layer in self.layers:
-            x, residual = self._run_layer(layer, x, residual)
+        for i in range(len(self.layers)):
+            x, residual = self._run_layer(i, x, residual)
         x, _ = add_norm(x, residual, self.norm_f, self.drop_path, self.residual_in_fp32)
         return x
 
