@@ -51,3 +51,47 @@ def test_vim_layer_shuffle_changes_training_only():
     assert all(p.grad is not None for p in shuffling.parameters() if p.requires_grad)
     with pytest.raises(ValueError, match="layer_shuffle"):
         zoo.create_model("vim_tiny", **kwargs, layer_shuffle=-0.1)
+
+
+def test_packed_sequences_shuffle_among_themselves():
+    cu = torch.tensor([0, 3, 3, 8, 10])
+    x = torch.arange(10.0)[None, :, None]
+    torch.manual_seed(0)
+    got = []
+    shuffled(lambda t: got.append(t) or t, x, prob=1.0, training=True, cu_seqlens=cu)
+    order = got[0][0, :, 0].long()
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        assert sorted(order[s:e].tolist()) == list(range(s, e))
+    assert not torch.equal(order, torch.arange(10))
+
+
+@pytest.mark.parametrize("name", ["pointmamba_tiny", "smamba", "mambamil"])
+def test_stacked_entries_take_layer_shuffle(name):
+    kwargs, inputs = SMALL[name]
+    torch.manual_seed(0)
+    plain = zoo.create_model(name, **kwargs)
+    shuffling = zoo.create_model(name, **kwargs, layer_shuffle=1.0)
+    shuffling.load_state_dict(plain.state_dict())
+    plain.eval(), shuffling.eval()
+    x = inputs()
+    torch.testing.assert_close(shuffling(*x), plain(*x), rtol=0, atol=0)
+    # training: dropout off, so the only difference left is the shuffle of the last layer's tokens
+    for m in (plain, shuffling):
+        m.train()
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.Dropout):
+                mod.p = 0.0
+    torch.manual_seed(1)
+    a = shuffling(*x)
+    torch.manual_seed(1)
+    assert not torch.allclose(a, plain(*x))
+    a.sum().backward()
+
+
+def test_finetune_option():
+    from zoo.tasks.classification import FinetuneConfig, model_kwargs_for
+
+    assert model_kwargs_for(FinetuneConfig(layer_shuffle=0.3), 10)["layer_shuffle"] == 0.3
+    assert "layer_shuffle" not in model_kwargs_for(FinetuneConfig(), 10)
+    with pytest.raises(ValueError, match="--layer-shuffle needs an entry with stacked scan blocks"):
+        model_kwargs_for(FinetuneConfig(model="vmamba_tiny", layer_shuffle=0.3), 10)

@@ -12,19 +12,29 @@ import torch
 from .checks import check_float
 
 
+def _random_order(length: int, device: torch.device, cu_seqlens: Optional[torch.Tensor]) -> torch.Tensor:
+    if cu_seqlens is None:
+        return torch.randperm(length, device=device)
+    # a random key in [s, s + 1) for every token of sequence s: sorting keeps sequences in place
+    sequence = torch.repeat_interleave(torch.arange(cu_seqlens.numel() - 1, device=device), cu_seqlens.diff().to(device))
+    return torch.argsort(sequence.double() + torch.rand(length, device=device, dtype=torch.float64))
+
+
 def layer_shuffle_rates(depth: int, rate: float) -> List[float]:
     """Per-block shuffle probabilities, 0 at the first block rising linearly to ``rate`` at the last."""
     check_float("layer_shuffle", rate, 0.0, 1.0)
     return torch.linspace(0, rate, depth, device="cpu").tolist()
 
 
-def shuffled(fn: Callable, *tokens: Optional[torch.Tensor], prob: float, training: bool):
+def shuffled(fn: Callable, *tokens: Optional[torch.Tensor], prob: float, training: bool,
+             cu_seqlens: Optional[torch.Tensor] = None):
     """``fn(*tokens)``, with probability ``prob`` in training on the tokens (axis 1; None passes through) in one
-    random order, its output(s) restored to the original order."""
+    random order, its output(s) restored to the original order. With ``cu_seqlens`` (packed sequences along
+    axis 1) each sequence's tokens are shuffled among themselves, so the packing stays valid."""
     if not training or prob <= 0.0 or torch.rand(()).item() >= prob:
         return fn(*tokens)
     first = next(t for t in tokens if t is not None)
-    order = torch.randperm(first.shape[1], device=first.device)
+    order = _random_order(first.shape[1], first.device, cu_seqlens)
     back = torch.argsort(order)
     out = fn(*(None if t is None else t[:, order] for t in tokens))
     if isinstance(out, tuple):

@@ -56,6 +56,7 @@ class FinetuneConfig:
     patch_size: Optional[int] = 8
     depth: Optional[int] = 6
     drop_path: float = 0.0
+    layer_shuffle: float = 0.0  # the last block's probability of the stochastic layer-wise token shuffle (ShuffleMamba)
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
     pretrained: bool = False
     checkpoint_path: Optional[str] = None
@@ -83,6 +84,7 @@ LIMITS: Dict[str, Dict[str, Any]] = dict(
     label_smoothing=dict(kind=float, low=0, high=1, high_open=True), clip_grad=dict(kind=float, low=0, optional=True),
     img_size=dict(kind=int, low=1), patch_size=dict(kind=int, low=1, optional=True), depth=dict(kind=int, low=1, optional=True),
     drop_path=dict(kind=float, low=0, high=1, high_open=True), seed=dict(kind=int, low=0),
+    layer_shuffle=dict(kind=float, low=0, high=1),
     limit_train_batches=dict(kind=int, low=1, optional=True),
     layer_decay=dict(kind=float, low=0, high=1, low_open=True, optional=True),
     ema_decay=dict(kind=float, low=0, high=1, high_open=True, optional=True), save_every=dict(kind=int, low=0),
@@ -107,6 +109,11 @@ def model_kwargs_for(cfg: FinetuneConfig, num_classes: int) -> Dict[str, Any]:
         kwargs.update(patch_size=cfg.patch_size, stride=cfg.patch_size)
     if cfg.depth is not None and "depth" in takes:
         kwargs["depth"] = cfg.depth
+    if cfg.layer_shuffle:
+        if "layer_shuffle" not in takes:
+            raise ValueError(f"finetune: --layer-shuffle needs an entry with stacked scan blocks that takes "
+                             f"layer_shuffle (Vim, PointMamba, S-Mamba, MambaMIL); {cfg.model} does not")
+        kwargs["layer_shuffle"] = cfg.layer_shuffle
     kwargs.update(cfg.model_kwargs)
     return kwargs
 
@@ -421,6 +428,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--depth", type=limit("depth"), default=d.depth,
                    help="number of blocks (overrides the entry's; entries with one stack: Vim)")
     p.add_argument("--drop-path", type=limit("drop_path"), default=d.drop_path, help="stochastic depth rate")
+    p.add_argument("--layer-shuffle", type=limit("layer_shuffle"), default=d.layer_shuffle,
+                   help="stochastic layer-wise token shuffle in training (ShuffleMamba): the last block's probability, "
+                        "rising linearly from 0 at the first; 0: off")
     p.add_argument("--model-kwargs", nargs="+", default=[], metavar="KEY=VALUE",
                    help="more keyword arguments for create_model, e.g. embed_dim=96 d_state=8")
     p.add_argument("--pretrained", action="store_true", help="start from the entry's pretrained weights (needs them cached or a network)")
@@ -468,7 +478,8 @@ def _cli_finetune(args: argparse.Namespace) -> int:
         model=args.model, data=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
         warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
         clip_grad=args.clip_grad, img_size=args.img_size, patch_size=args.patch_size, depth=args.depth,
-        drop_path=args.drop_path, model_kwargs=parse_model_kwargs(args.model_kwargs), pretrained=args.pretrained,
+        drop_path=args.drop_path, layer_shuffle=args.layer_shuffle, model_kwargs=parse_model_kwargs(args.model_kwargs),
+        pretrained=args.pretrained,
         checkpoint_path=args.checkpoint_path, device=args.device, amp=args.amp or False, seed=args.seed,
         limit_train_batches=args.limit_train_batches, output=args.output, progress=not args.no_progress,
         strategy=args.strategy, grad_checkpointing=args.grad_checkpointing, layer_decay=args.layer_decay,

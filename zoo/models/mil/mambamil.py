@@ -37,6 +37,7 @@ from torch import nn
 from zoo.core import Mamba
 from zoo.core.mixers import MIXERS as CORE_MIXERS
 from zoo.core.mixers import check_mixer, create_mixer
+from zoo.core.shuffle import layer_shuffle_rates, shuffled
 from zoo.core.checks import check_num_classes, check_rates, check_sizes
 from zoo.registry import build_model, register_model, register_pretrained_cfgs
 
@@ -176,7 +177,10 @@ class MambaMIL(nn.Module):
         drop_rate: float = 0.25,
         attn_dim: int = 128,
         mixer_cfg: Optional[dict] = None,
+        layer_shuffle: float = 0.0,
     ):
+        """``layer_shuffle``: the last layer's probability of the stochastic layer-wise shuffle of each bag's
+        instances in training (ShuffleMamba, ``zoo.core.shuffle``; 0: off)."""
         super().__init__()
         check_mixer("MambaMIL", mixer, MIXERS)
         check_num_classes("MambaMIL", num_classes)
@@ -193,6 +197,7 @@ class MambaMIL(nn.Module):
             make = lambda: create_mixer(mixer, embed_dim, d_state, d_conv, expand, divide_out=False,  # noqa: E731
                                         mixer_cfg=mixer_cfg)
         self.layers = nn.ModuleList([_PreNormMixer(nn.LayerNorm(embed_dim), make()) for _ in range(depth)])
+        self.shuffle_rates = layer_shuffle_rates(depth, layer_shuffle)
         self.norm = nn.LayerNorm(embed_dim)
         self.attention = nn.Sequential(nn.Linear(embed_dim, attn_dim), nn.Tanh(), nn.Linear(attn_dim, 1))
         self.classifier = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -209,11 +214,12 @@ class MambaMIL(nn.Module):
             h, packed = h.reshape(*bags.shape[:2], -1), None
         else:
             h, packed = h[None], (cu if cu.numel() > 2 else None)  # one bag: the plain (faster) path
-        for layer in self.layers:
+        for layer, prob in zip(self.layers, self.shuffle_rates):
             if self.grad_checkpointing and torch.is_grad_enabled():
-                h = h + torch.utils.checkpoint.checkpoint(layer, h, packed, use_reentrant=False)
+                run = lambda t, layer=layer: torch.utils.checkpoint.checkpoint(layer, t, packed, use_reentrant=False)  # noqa: E731
             else:
-                h = h + layer(h, cu_seqlens=packed)
+                run = lambda t, layer=layer: layer(t, cu_seqlens=packed)  # noqa: E731
+            h = h + shuffled(run, h, prob=prob, training=self.training, cu_seqlens=packed)
         return self.norm(h.reshape(-1, h.shape[-1])), cu
 
     def forward_features(self, bags: Bags, cu_seqlens: Optional[torch.Tensor] = None, return_attention: bool = False):

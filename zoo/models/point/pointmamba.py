@@ -42,6 +42,7 @@ from torch import nn
 
 from zoo.core import ResidualBlock, RMSNorm, init_mamba_weights
 from zoo.core.mixers import check_mixer, create_mixer
+from zoo.core.shuffle import layer_shuffle_rates, shuffled
 from zoo.core.checks import check_float, check_num_classes, check_rates, check_sizes
 from zoo.core.precision import upcast
 from zoo.registry import build_model, register_model, register_pretrained_cfgs
@@ -82,8 +83,9 @@ class MambaEncoder(nn.Module):
     mamba-ssm's residual_in_fp32 left False), and the final norm's input is cast to its weight dtype."""
 
     def __init__(self, dim: int, depth: int, drop_path: Sequence[float], rms_norm: bool = False, ssm_cfg: Optional[dict] = None,
-                 mixer: str = "mamba"):
+                 mixer: str = "mamba", layer_shuffle: float = 0.0):
         super().__init__()
+        self.shuffle_rates = layer_shuffle_rates(depth, layer_shuffle)
         norm = partial(RMSNorm, eps=1e-5) if rms_norm else partial(nn.LayerNorm, eps=1e-5)
         rates = [0.0] + list(drop_path[:-1])
         self.layers = nn.ModuleList([
@@ -107,9 +109,10 @@ class MambaEncoder(nn.Module):
         hidden, residual, out = x + pos, None, []
         for i, layer in enumerate(self.layers):
             if self.grad_checkpointing and self.training:
-                hidden, residual = torch.utils.checkpoint.checkpoint(layer, hidden, residual, use_reentrant=False)
+                run = partial(torch.utils.checkpoint.checkpoint, layer, use_reentrant=False)
             else:
-                hidden, residual = layer(hidden, residual)
+                run = layer
+            hidden, residual = shuffled(run, hidden, residual, prob=self.shuffle_rates[i], training=self.training)
             if i in indices:
                 stream = hidden if residual is None else residual + self.drop_path_f(hidden)
                 out.append(self.norm_f(stream.to(self.norm_f.weight.dtype)))
@@ -145,9 +148,12 @@ class PointMamba(nn.Module):
         head_drop: float = 0.5,
         ssm_cfg: Optional[dict] = None,
         mixer: str = "mamba",
+        layer_shuffle: float = 0.0,
     ):
         """``mixer``: the blocks' mixer by name (``zoo.core.mixers.MIXERS``; the official "mamba", or "mamba2",
-        "hydra", ...); ``ssm_cfg``: its arguments (the official name)."""
+        "hydra", ...); ``ssm_cfg``: its arguments (the official name). ``layer_shuffle``: the last block's
+        probability of the stochastic layer-wise shuffle of the patch tokens in training (ShuffleMamba,
+        ``zoo.core.shuffle``; 0: off)."""
         super().__init__()
         if global_pool not in ("avg", "max", "avg_max"):
             raise ValueError(f"PointMamba: global_pool must be 'avg', 'max' or 'avg_max', got {global_pool!r}")
@@ -170,7 +176,8 @@ class PointMamba(nn.Module):
         self.pos_embed = nn.Sequential(nn.Linear(3, 128), nn.GELU(), nn.Linear(128, trans_dim))
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linspace; plain floats for meta init
         check_mixer("PointMamba", mixer)
-        self.blocks = MambaEncoder(trans_dim, depth, dpr, rms_norm=rms_norm, ssm_cfg=ssm_cfg, mixer=mixer)
+        self.blocks = MambaEncoder(trans_dim, depth, dpr, rms_norm=rms_norm, ssm_cfg=ssm_cfg, mixer=mixer,
+                                   layer_shuffle=layer_shuffle)
         # Order indicators: one scale/shift pair per serialization order (official names).
         for i, _ in enumerate(self.orders, start=1):
             gamma, beta = _order_scale(trans_dim)

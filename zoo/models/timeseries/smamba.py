@@ -17,6 +17,7 @@ carry the published hyper-parameters per data set and horizon, not weights.
 from __future__ import annotations
 
 import re
+from functools import partial
 from typing import Optional
 
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 
 from zoo.core.checks import check_int, check_num_classes, check_rates, check_sizes
 from zoo.core.mixers import check_mixer, create_mixer
+from zoo.core.shuffle import layer_shuffle_rates, shuffled
 from zoo.registry import build_model, register_model, register_pretrained_cfgs
 
 __all__ = ["SMamba", "SMambaClassifier", "SMambaEncoder", "SMambaLayer", "checkpoint_filter_fn", "instance_norm"]
@@ -82,9 +84,11 @@ class SMambaEncoder(nn.Module):
     def __init__(
         self, seq_len: int, d_model: int, e_layers: int, d_state: int, d_ff: Optional[int], d_conv: int,
         expand: float, dropout: float, activation: str, mixer: str = "mamba", mixer_cfg: Optional[dict] = None,
+        layer_shuffle: float = 0.0,
     ):
         super().__init__()
         check_sizes("S-Mamba", seq_len=seq_len, d_model=d_model, e_layers=e_layers)
+        self.shuffle_rates = layer_shuffle_rates(e_layers, layer_shuffle)
         check_int("S-Mamba: d_ff", d_ff, 1, optional=True)
         check_rates("S-Mamba", dropout=dropout)
         self.seq_len = seq_len
@@ -104,11 +108,12 @@ class SMambaEncoder(nn.Module):
     def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """(b, tokens, token_len) raw tokens (a variate's window, or a patch of it) -> (b, tokens, d)."""
         x = self.embed_drop(self.embed(tokens))
-        for layer in self.layers:
+        for layer, prob in zip(self.layers, self.shuffle_rates):
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+                run = partial(torch.utils.checkpoint.checkpoint, layer, use_reentrant=False)
             else:
-                x = layer(x)
+                run = layer
+            x = shuffled(run, x, prob=prob, training=self.training)
         return self.norm(x)
 
 
@@ -143,14 +148,17 @@ class SMamba(nn.Module):
         use_norm: bool = True,
         mixer: str = "mamba",
         mixer_cfg: Optional[dict] = None,
+        layer_shuffle: float = 0.0,
     ):
+        """``layer_shuffle``: the last layer's probability of the stochastic layer-wise shuffle of the variate
+        tokens in training (ShuffleMamba, ``zoo.core.shuffle``; 0: off)."""
         super().__init__()
         check_sizes("SMamba", seq_len=seq_len, pred_len=pred_len)
         check_int("SMamba: enc_in", enc_in, 1, optional=True)
         self.seq_len, self.pred_len, self.enc_in, self.use_norm = seq_len, pred_len, enc_in, use_norm
         self.num_features = self.head_hidden_size = d_model
         self.encoder = SMambaEncoder(seq_len, d_model, e_layers, d_state, d_ff, d_conv, expand, dropout, activation,
-                                     mixer, mixer_cfg)
+                                     mixer, mixer_cfg, layer_shuffle)
         self.head = nn.Linear(d_model, pred_len)
         self.pretrained_cfg: dict = {}  # build_model sets the entry's cfg
 
@@ -225,7 +233,10 @@ class SMambaClassifier(nn.Module):
         patch_len: Optional[int] = None,
         mixer: str = "mamba",
         mixer_cfg: Optional[dict] = None,
+        layer_shuffle: float = 0.0,
     ):
+        """``layer_shuffle``: the last layer's probability of the stochastic layer-wise token shuffle in training
+        (ShuffleMamba, ``zoo.core.shuffle``; 0: off)."""
         super().__init__()
         check_sizes("SMambaClassifier", seq_len=seq_len)
         check_num_classes("SMambaClassifier", num_classes)
@@ -236,7 +247,7 @@ class SMambaClassifier(nn.Module):
         self.num_classes, self.num_features = num_classes, d_model
         token_len = patch_len or seq_len
         self.encoder = SMambaEncoder(token_len, d_model, e_layers, d_state, d_ff, d_conv, expand, dropout, activation,
-                                     mixer, mixer_cfg)
+                                     mixer, mixer_cfg, layer_shuffle)
         self.head = nn.Linear(d_model, num_classes) if num_classes > 0 else nn.Identity()
         self.head_hidden_size = d_model
         self.pretrained_cfg: dict = {}
