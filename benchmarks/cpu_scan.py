@@ -1,74 +1,92 @@
-"""CPU timing of the chunked selective scan against the sequential loop (the oracle).
+"""CPU timing of the selective-scan paths: the chunked PyTorch path (the CPU default before the fused scan)
+against the fused numba scan (impl="cpu"), optionally the sequential loop (impl="naive").
 
-    python benchmarks/cpu_scan.py [--threads 2] [--out benchmarks/results/cpu_scan.json]
+    python benchmarks/cpu_scan.py [--threads 1 2] [--rounds 5] [--out benchmarks/results/cpu_scan.json]
 
-Median of --repeats runs, forward and forward+backward, at length 1024 and a Vim-S-like shape.
+Every feature of a Vim / Mamba block is on (D, z gate, delta_bias + softplus, float32). The machine may be
+shared, so the paths run in interleaved rounds in one process (chunked, fused, chunked, fused, ...), each
+round on the same inputs; reported: the median time of each path and the median of the per-round ratios.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
 
-from zoo.core.selective_scan import selective_scan_chunked, selective_scan_naive
+from zoo.core.selective_scan import selective_scan
 
-SHAPES = [  # (batch, length, dim, d_state)
-    (1, 1024, 64, 16),
-    (2, 1024, 256, 16),
-    (4, 1024, 384, 16),
-    (8, 1024, 768, 16),
-    (8, 197, 768, 16),
+SHAPES = [  # (batch, length, dim, d_state): issue 19's main-job block, length 1024, length 4096
+    (64, 17, 384, 16),
+    (2, 1024, 768, 16),
+    (1, 4096, 1536, 16),
 ]
 
 
-def inputs(b, l, d, n, grad):
+def inputs(b, l, d, n):
     g = torch.Generator().manual_seed(0)
-    t = [torch.randn(b, l, d, generator=g), torch.randn(b, l, d, generator=g) * 0.5, -torch.rand(d, n, generator=g) - 0.1,
-         torch.randn(b, l, n, generator=g), torch.randn(b, l, n, generator=g), torch.randn(d, generator=g),
-         torch.randn(b, l, d, generator=g), torch.randn(d, generator=g)]
-    if grad:
-        for i in (0, 1, 3, 4, 6):
-            t[i].requires_grad_(True)
-    return t
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    t = [r(b, l, d), r(b, l, d) * 0.5, -torch.rand(d, n, generator=g) - 0.1, r(b, l, n), r(b, l, n), r(d), r(b, l, d), r(d)]
+    return [x.requires_grad_(True) for x in t]
 
 
-def bench(fn, b, l, d, n, backward, repeats):
-    times = []
-    for _ in range(repeats + 1):  # first run warms up
-        u, dl, A, B, C, D, z, db = inputs(b, l, d, n, backward)
-        t0 = time.perf_counter()
-        out = fn(u, dl, A, B, C, D, z, db, True)
-        if backward:
-            out.sum().backward()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
+def timed(impl, args, backward):
+    t0 = time.perf_counter()
+    if backward:
+        out = selective_scan(*args, True, impl=impl)
+        torch.autograd.grad(out.sum(), args)
+    else:
+        with torch.no_grad():
+            selective_scan(*args, True, impl=impl)
+    return time.perf_counter() - t0
+
+
+def _numba_version():
+    try:
+        import numba
+    except ImportError:
+        return None
+    return numba.__version__
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--impls", nargs="+", default=["chunked", "cpu"], help="first one is the baseline of the ratios")
+    ap.add_argument("--shapes", nargs="+", default=None, help="batch,length,dim,d_state (default: the issue's three)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     rows = []
-    for shape in SHAPES:
-        for backward in (False, True):
-            seq = bench(selective_scan_naive, *shape, backward, args.repeats)
-            chk = bench(selective_scan_chunked, *shape, backward, args.repeats)
-            rows.append(dict(shape=list(shape), mode="fwd+bwd" if backward else "fwd", sequential_ms=seq * 1e3,
-                             chunked_ms=chk * 1e3, speedup=seq / chk))
-            r = rows[-1]
-            print(f"{str(tuple(shape)):22s} {r['mode']:8s} sequential {r['sequential_ms']:9.1f} ms  "
-                  f"chunked {r['chunked_ms']:9.1f} ms  x{r['speedup']:.1f}", flush=True)
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for shape in [tuple(map(int, s.split(","))) for s in args.shapes] if args.shapes else SHAPES:
+            x = inputs(*shape)
+            for backward in (False, True):
+                for impl in args.impls:  # warm-up (and numba's compile or cache load)
+                    timed(impl, x, backward)
+                times = {impl: [] for impl in args.impls}
+                for _ in range(args.rounds):
+                    for impl in args.impls:
+                        times[impl].append(timed(impl, x, backward))
+                base = args.impls[0]
+                row = dict(threads=threads, shape=list(shape), mode="fwd+bwd" if backward else "fwd",
+                           ms={k: statistics.median(v) * 1e3 for k, v in times.items()},
+                           speedup_vs_baseline={k: statistics.median(b / t for b, t in zip(times[base], v))
+                                                for k, v in times.items() if k != base})
+                rows.append(row)
+                print(f"threads {threads}  {str(tuple(shape)):20s} {row['mode']:8s} "
+                      + "  ".join(f"{k} {v:9.1f} ms" for k, v in row["ms"].items()) + "  "
+                      + "  ".join(f"{k} x{v:.1f}" for k, v in row["speedup_vs_baseline"].items()), flush=True)
     if args.out:
-        meta = dict(command="python benchmarks/cpu_scan.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v is not None),
-                    torch=torch.__version__, threads=args.threads, processor=platform.processor() or platform.machine(),
-                    cpu_count=torch.get_num_threads())
+        meta = dict(command="python " + " ".join(sys.argv), torch=torch.__version__, numba=_numba_version(),
+                    processor=platform.processor() or platform.machine(), logical_cpus=os.cpu_count(),
+                    baseline=args.impls[0], rounds=args.rounds)
         with open(args.out, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
 

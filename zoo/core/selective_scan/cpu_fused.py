@@ -1,14 +1,17 @@
-"""Fused CPU selective scan (numba): the state stays in a small per-channel buffer, never (b, l, d, n).
+"""Fused CPU selective scan (numba): the state stays in a small per-block buffer, never (b, l, d, n).
 
-One compiled loop per channel walks the sequence with the d_state-wide state in L1 and reads out y in
-the same step. With gradients the forward also keeps the state every ``CHECKPOINT`` steps; the backward
-reruns each CHECKPOINT-step span from its saved state (transitions and states into a CHECKPOINT x
-d_state buffer) and then walks it backwards. Memory beyond the inputs and outputs: the checkpoints
-(b, d, l / CHECKPOINT, n) and, in the backward, B and C gradient partials (splits, b, l, groups, n).
+One compiled loop per (sequence, block of W channels) walks the time steps with the block's
+d_state x W state in L1 and reads out y in the same step; the inner loop runs over the W channels, which
+are contiguous in the (batch, length, dim) layout, so it vectorizes (exp included) and needs no transpose.
+With gradients the forward also keeps the state every ``CHECKPOINT`` steps; the backward reruns each
+CHECKPOINT-step span from its saved state (its transitions and states into a CHECKPOINT x d_state x W
+buffer) and walks it backwards. Memory beyond the inputs and outputs: the checkpoints
+(b, l / CHECKPOINT, n, d) and, in the backward, B and C gradient partials (splits, b, l, groups, n).
 
 numba ships prebuilt wheels, so this needs no C++ compiler; without numba (``pip install mamba-zoo``
 without the ``cpu`` extra) ``available()`` is False and the op keeps the chunked PyTorch path.
-Kernels compile on first use (seconds) and are cached on disk.
+Kernels compile on first use (about 10-20 s) and are cached on disk beside this file (or in numba's
+user cache directory when that is not writable).
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ try:
 except ImportError:  # the optional 'cpu' extra is not installed
     numba = None
 
-CHECKPOINT = 64  # steps between saved states: the backward's per-channel buffer is CHECKPOINT x d_state
+CHECKPOINT = 64  # steps between saved states: the backward's buffer is CHECKPOINT x d_state x W
+W = 16  # channels per block: the vectorized inner loop
 
 
 def available() -> bool:
@@ -73,137 +77,187 @@ if numba is not None:
 
     _FLAGS = {"contract", "reassoc", "nsz", "arcp", "afn"}  # no nnan / ninf: infinities stay honest
 
+    # Channel indices are unsigned (the block table is uint64): a signed index goes through numba's
+    # negative-index wraparound, which turns the inner loops' vector loads into gathers. ``one`` carries
+    # the float type, so that no integer constant promotes float32 arithmetic to float64.
+
     @njit(parallel=True, cache=True, fastmath=_FLAGS)
-    def _forward(u, dts_in, z, A, D, B, C, h0, segs, chunk0, out, last, chk, reverse, signed, has_D, has_z, save):
-        batch, dim, _ = u.shape
-        n = A.shape[1]
-        nseg = segs.shape[0]
-        per_b, per_c = dim // B.shape[2], dim // C.shape[2]
-        sa, sb = (2, -1) if signed else (1, 0)  # transition sa * exp(dt A) + sb
-        for w in prange(batch * dim):
-            bi, d = w // dim, w % dim
-            gb, gc = d // per_b, d // per_c
-            h = np.empty(n, u.dtype)
-            Ad = A[d]
+    def _forward(u, dt, z, At, D, B, C, h0, segs, chunk0, blocks, out, last, chk,
+                 reverse, signed, has_D, has_z, save, one):
+        batch, n = u.shape[0], At.shape[0]
+        nseg, nblk = segs.shape[0], blocks.shape[0]
+        zero = one - one
+        sa, sb = (one + one, -one) if signed else (one, zero)  # transition sa * exp(dt A) + sb
+        for w in prange(batch * nblk):
+            bi, q = w // nblk, w % nblk
+            c0, wd, gb, gc = blocks[q, 0], blocks[q, 1], blocks[q, 2], blocks[q, 3]
+            h = np.empty((n, W), u.dtype)
+            y = np.empty(W, u.dtype)
+            dtu = np.empty(W, u.dtype)
             for s in range(nseg):
                 st = bi * nseg + s
-                h[:] = h0[st, d]
+                for k in range(n):
+                    for c in range(wd):
+                        h[k, c] = h0[st, c0 + c, k]
                 start, end = segs[s, 0], segs[s, 1]
                 for i in range(end - start):
                     t = end - 1 - i if reverse else start + i
                     if save and i % CHECKPOINT == 0:
-                        chk[bi, d, chunk0[s] + i // CHECKPOINT] = h
-                    dt = dts_in[bi, d, t]
-                    ut = u[bi, d, t]
-                    dtu = dt * ut
-                    Bt, Ct = B[bi, t, gb], C[bi, t, gc]
-                    y = ut * 0
+                        ck = chk[bi, chunk0[s] + i // CHECKPOINT]
+                        for k in range(n):
+                            for c in range(wd):
+                                ck[k, c0 + c] = h[k, c]
+                    ut, dtt, Bt, Ct = u[bi, t], dt[bi, t], B[bi, t, gb], C[bi, t, gc]
+                    for c in range(wd):
+                        dtu[c] = dtt[c0 + c] * ut[c0 + c]
+                        y[c] = zero
                     for k in range(n):
-                        a = sa * fast_exp(dt * Ad[k]) + sb
-                        hk = a * h[k] + dtu * Bt[k]
-                        h[k] = hk
-                        y += Ct[k] * hk
+                        bk, ck_, hk, Ak = Bt[k], Ct[k], h[k], At[k]
+                        for c in range(wd):
+                            v = (sa * fast_exp(dtt[c0 + c] * Ak[c0 + c]) + sb) * hk[c] + dtu[c] * bk
+                            hk[c] = v
+                            y[c] += ck_ * v
                     if has_D:
-                        y += D[d] * ut
+                        for c in range(wd):
+                            y[c] += D[c0 + c] * ut[c0 + c]
                     if has_z:
-                        zt = z[bi, d, t]
-                        y *= zt / (1 + math.exp(-zt))
-                    out[bi, d, t] = y
-                last[st, d] = h
+                        zt = z[bi, t]
+                        for c in range(wd):
+                            y[c] *= zt[c0 + c] / (one + math.exp(-zt[c0 + c]))
+                    ot = out[bi, t]
+                    for c in range(wd):
+                        ot[c0 + c] = y[c]
+                for k in range(n):
+                    for c in range(wd):
+                        last[st, c0 + c, k] = h[k, c]
 
     @njit(parallel=True, cache=True, fastmath=_FLAGS)
-    def _backward(u, dts_in, z, A, D, B, C, segs, chunk0, chk, gout, glast,
-                  gu, gdt_out, gz, gA, gD, gB, gC, gh0, reverse, signed, has_D, has_z):
-        batch, dim, _ = u.shape
-        n = A.shape[1]
-        nseg = segs.shape[0]
+    def _backward(u, dt, z, At, D, B, C, segs, chunk0, blocks, chk, gout, glast,
+                  gu, gdt, gz, gAt, gD, gB, gC, gh0, reverse, signed, has_D, has_z, one):
+        batch, n = u.shape[0], At.shape[0]
+        nseg, nblk = segs.shape[0], blocks.shape[0]
         nsplit = gB.shape[0]
-        span = (dim + nsplit - 1) // nsplit
-        per_b, per_c = dim // B.shape[2], dim // C.shape[2]
-        sa, sb = (2, -1) if signed else (1, 0)
+        zero = one - one
+        sa, sb = (one + one, -one) if signed else (one, zero)
         for w in prange(batch * nsplit):
             bi, j = w // nsplit, w % nsplit
-            hs = np.empty((CHECKPOINT + 1, n), u.dtype)  # states of one span, hs[0] its start
-            As = np.empty((CHECKPOINT, n), u.dtype)      # transitions of one span
-            dts = np.empty(CHECKPOINT, u.dtype)
-            carry = np.empty(n, u.dtype)                 # a_{t+1} dh_{t+1}, arriving at step t
-            gAd = np.empty(n, u.dtype)
-            for d in range(j * span, min(dim, (j + 1) * span)):
-                gb, gc = d // per_b, d // per_c
-                Ad = A[d]
-                gAd[:] = 0
-                gDd = Ad[0] * 0
-                Dd = D[d] if has_D else gDd
+            hs = np.empty((CHECKPOINT + 1, n, W), u.dtype)  # states of one span, hs[0] its start
+            As = np.empty((CHECKPOINT, n, W), u.dtype)      # transitions of one span
+            carry = np.empty((n, W), u.dtype)               # a_{t+1} dh_{t+1}, arriving at step t
+            gAk = np.empty((n, W), u.dtype)
+            vec = np.empty((5, W), u.dtype)                 # per-channel rows
+            g, dtu, gdtu, gdtv, gDv = vec[0], vec[1], vec[2], vec[3], vec[4]
+            for q in range(j, nblk, nsplit):  # this split's blocks; it alone writes gB[j], gC[j]
+                c0, wd, gb, gc = blocks[q, 0], blocks[q, 1], blocks[q, 2], blocks[q, 3]
+                gAk[:] = zero
+                gDv[:] = zero
                 for s in range(nseg - 1, -1, -1):
                     st = bi * nseg + s
                     start, end = segs[s, 0], segs[s, 1]
                     L = end - start
-                    carry[:] = glast[st, d]
-                    for c in range((L + CHECKPOINT - 1) // CHECKPOINT - 1, -1, -1):
-                        i0 = c * CHECKPOINT
+                    for k in range(n):
+                        for c in range(wd):
+                            carry[k, c] = glast[st, c0 + c, k]
+                    for sp in range((L + CHECKPOINT - 1) // CHECKPOINT - 1, -1, -1):
+                        i0 = sp * CHECKPOINT
                         i1 = min(L, i0 + CHECKPOINT)
-                        hs[0] = chk[bi, d, chunk0[s] + c]
+                        ck = chk[bi, chunk0[s] + sp]
+                        for k in range(n):
+                            for c in range(wd):
+                                hs[0, k, c] = ck[k, c0 + c]
                         for i in range(i0, i1):  # rerun the span from its saved state
                             t = end - 1 - i if reverse else start + i
-                            dt = dts_in[bi, d, t]
-                            dts[i - i0] = dt
-                            dtu = dt * u[bi, d, t]
-                            Bt = B[bi, t, gb]
+                            r = i - i0
+                            ut, dtt, Bt = u[bi, t], dt[bi, t], B[bi, t, gb]
+                            for c in range(wd):
+                                dtu[c] = dtt[c0 + c] * ut[c0 + c]
                             for k in range(n):
-                                a = sa * fast_exp(dt * Ad[k]) + sb
-                                As[i - i0, k] = a
-                                hs[i - i0 + 1, k] = a * hs[i - i0, k] + dtu * Bt[k]
+                                bk, Ak, ak, hp, hn = Bt[k], At[k], As[r, k], hs[r, k], hs[r + 1, k]
+                                for c in range(wd):
+                                    a = sa * fast_exp(dtt[c0 + c] * Ak[c0 + c]) + sb
+                                    ak[c] = a
+                                    hn[c] = a * hp[c] + dtu[c] * bk
                         for i in range(i1 - 1, i0 - 1, -1):  # and walk it backwards
                             t = end - 1 - i if reverse else start + i
                             r = i - i0
-                            dt, ut, g = dts[r], u[bi, d, t], gout[bi, d, t]
-                            dtu = dt * ut
-                            Bt, Ct = B[bi, t, gb], C[bi, t, gc]
-                            gBt, gCt = gB[j, bi, t, gb], gC[j, bi, t, gc]
-                            h, hp, a = hs[r + 1], hs[r], As[r]
-                            if has_z:
-                                y = Dd * ut
+                            ut, dtt, Bt, Ct, got = u[bi, t], dt[bi, t], B[bi, t, gb], C[bi, t, gc], gout[bi, t]
+                            for c in range(wd):
+                                g[c] = got[c0 + c]
+                                dtu[c] = dtt[c0 + c] * ut[c0 + c]
+                                gdtu[c] = zero
+                                gdtv[c] = zero
+                            if has_z:  # the gate needs y before it, C . h + D u (in gdtv for now)
+                                if has_D:
+                                    for c in range(wd):
+                                        gdtv[c] = D[c0 + c] * ut[c0 + c]
                                 for k in range(n):
-                                    y += Ct[k] * h[k]
-                                zt = z[bi, d, t]
-                                sz = 1 / (1 + math.exp(-zt))
-                                gz[bi, d, t] = g * y * sz * (1 + zt * (1 - sz))
-                                g = g * zt * sz
-                            gDd += g * ut
-                            gdtu = g * 0
-                            gdt = g * 0
+                                    ck_, hn = Ct[k], hs[r + 1, k]
+                                    for c in range(wd):
+                                        gdtv[c] += ck_ * hn[c]
+                                zt, gzt = z[bi, t], gz[bi, t]
+                                for c in range(wd):
+                                    zc = zt[c0 + c]
+                                    sz = one / (one + math.exp(-zc))
+                                    gzt[c0 + c] = g[c] * gdtv[c] * sz * (one + zc * (one - sz))
+                                    g[c] *= zc * sz
+                                    gdtv[c] = zero
+                            for c in range(wd):
+                                gDv[c] += g[c] * ut[c0 + c]
+                            gBt, gCt = gB[j, bi, t, gb], gC[j, bi, t, gc]
                             for k in range(n):
-                                dh = carry[k] + Ct[k] * g
-                                gCt[k] += h[k] * g
-                                gBt[k] += dh * dtu
-                                gdtu += dh * Bt[k]
-                                gdtA = dh * hp[k] * (a[k] - sb)
-                                gdt += gdtA * Ad[k]
-                                gAd[k] += gdtA * dt
-                                carry[k] = a[k] * dh
-                            gu[bi, d, t] = g * Dd + gdtu * dt
-                            gdt_out[bi, d, t] = gdt + gdtu * ut
-                    gh0[st, d] = carry
-                gA[bi, d] = gAd
-                gD[bi, d] = gDd
+                                bk, ck_, Ak, ak = Bt[k], Ct[k], At[k], As[r, k]
+                                hp, hn, ca, gA_ = hs[r, k], hs[r + 1, k], carry[k], gAk[k]
+                                sB = zero
+                                sC = zero
+                                for c in range(wd):
+                                    dh = ca[c] + ck_ * g[c]
+                                    sC += hn[c] * g[c]
+                                    sB += dh * dtu[c]
+                                    gdtu[c] += dh * bk
+                                    gdtA = dh * hp[c] * (ak[c] - sb)
+                                    gdtv[c] += gdtA * Ak[c0 + c]
+                                    gA_[c] += gdtA * dtt[c0 + c]
+                                    ca[c] = ak[c] * dh
+                                gBt[k] += sB
+                                gCt[k] += sC
+                            gut, gdtt = gu[bi, t], gdt[bi, t]
+                            for c in range(wd):
+                                gut[c0 + c] = gdtu[c] * dtt[c0 + c] + (g[c] * D[c0 + c] if has_D else zero)
+                                gdtt[c0 + c] = gdtv[c] + gdtu[c] * ut[c0 + c]
+                    for k in range(n):
+                        for c in range(wd):
+                            gh0[st, c0 + c, k] = carry[k, c]
+                for k in range(n):
+                    for c in range(wd):
+                        gAt[bi, k, c0 + c] = gAk[k, c]
+                for c in range(wd):
+                    gD[bi, c0 + c] = gDv[c]
 
 
 def _segments(length: int, cu_seqlens: Optional[torch.Tensor]):
     """(nseg, 2) start/end per sequence and the index of each sequence's first checkpoint."""
-    if cu_seqlens is None:
-        bounds = [0, length]
-    else:
-        bounds = [int(v) for v in cu_seqlens.tolist()]
+    bounds = [0, length] if cu_seqlens is None else [int(v) for v in cu_seqlens.tolist()]
     segs = np.array(list(zip(bounds[:-1], bounds[1:])), dtype=np.int64).reshape(-1, 2)
     spans = (segs[:, 1] - segs[:, 0] + CHECKPOINT - 1) // CHECKPOINT
     chunk0 = np.concatenate([[0], np.cumsum(spans)[:-1]]).astype(np.int64)
     return segs, chunk0, int(spans.sum())
 
 
-def _num_splits(batch: int, dim: int) -> int:
-    # Enough (batch, channel block) work items to keep every thread busy; each split keeps its own B and C
+def _blocks(dim: int, per_b: int, per_c: int) -> np.ndarray:
+    """Channel blocks of at most W inside one group of B and one of C: rows (first channel, width, group of
+    B, group of C), unsigned (see the kernels)."""
+    out, c0 = [], 0
+    while c0 < dim:
+        c1 = min(c0 + W, dim, (c0 // per_b + 1) * per_b, (c0 // per_c + 1) * per_c)
+        out.append((c0, c1 - c0, c0 // per_b, c0 // per_c))
+        c0 = c1
+    return np.array(out, dtype=np.uint64)
+
+
+def _num_splits(batch: int, nblk: int) -> int:
+    # Enough (batch, split) work items to keep every thread busy; each split keeps its own B and C
     # gradient partial of size (b, l, groups, n), summed afterwards.
-    return max(1, min(dim, -(-8 * numba.get_num_threads() // batch)))
+    return max(1, min(nblk, -(-8 * numba.get_num_threads() // batch)))
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -215,44 +269,46 @@ def _as_groups(BC: torch.Tensor) -> torch.Tensor:
 
 
 class _FusedScan(torch.autograd.Function):
-    """The recurrence, D and the z gate on (b, d, l) tensors in the accumulation dtype; dt arrives after
-    delta_bias and softplus (elementwise, left to torch and its autograd)."""
+    """The recurrence, D and the z gate on contiguous (b, l, d) tensors in the accumulation dtype; dt arrives
+    after delta_bias and softplus (elementwise, left to torch and its autograd). A arrives as (n, d)."""
 
     @staticmethod
-    def forward(ctx, u, dt, A, B, C, D, z, h0, reverse, signed, cu_seqlens):
-        batch, dim, length = u.shape
-        n = A.shape[1]
+    def forward(ctx, u, dt, At, B, C, D, z, h0, reverse, signed, cu_seqlens):
+        batch, length, dim = u.shape
+        n = At.shape[0]
         segs, chunk0, nchunks = _segments(length, cu_seqlens)
+        blocks = _blocks(dim, dim // B.shape[2], dim // C.shape[2])
         save = any(ctx.needs_input_grad)
         out = torch.empty_like(u)
-        last = A.new_empty(batch * segs.shape[0], dim, n)
-        chk = A.new_empty(batch, dim, nchunks if save else 0, n)
-        z_ = z if z is not None else u[:, :, :0]
-        D_ = D if D is not None else A.new_zeros(dim)
-        h0_ = h0 if h0 is not None else A.new_zeros(last.shape)
+        last = At.new_empty(batch * segs.shape[0], dim, n)
+        chk = At.new_empty(batch, nchunks if save else 0, n, dim)
+        z_ = z if z is not None else u[:, :0]
+        D_ = D if D is not None else At.new_zeros(dim)
+        h0_ = h0 if h0 is not None else At.new_zeros(last.shape)
         _set_threads()
-        _forward(_np(u), _np(dt), _np(z_), _np(A), _np(D_), _np(B), _np(C), _np(h0_), segs, chunk0,
-                 _np(out), _np(last), _np(chk), reverse, signed, D is not None, z is not None, save)
+        _forward(_np(u), _np(dt), _np(z_), _np(At), _np(D_), _np(B), _np(C), _np(h0_), segs, chunk0, blocks,
+                 _np(out), _np(last), _np(chk), reverse, signed, D is not None, z is not None, save,
+                 _np(u).dtype.type(1))
         if save:
-            ctx.save_for_backward(u, dt, z_, A, D_, B, C, chk)
-            ctx.cfg = (reverse, signed, segs, chunk0, D is not None, z is not None)
+            ctx.save_for_backward(u, dt, z_, At, D_, B, C, chk)
+            ctx.cfg = (reverse, signed, segs, chunk0, blocks, D is not None, z is not None)
         return out, last
 
     @staticmethod
     def backward(ctx, gout, glast):
-        u, dt, z, A, D, B, C, chk = ctx.saved_tensors
-        reverse, signed, segs, chunk0, has_D, has_z = ctx.cfg
-        batch, dim, _ = u.shape
+        u, dt, z, At, D, B, C, chk = ctx.saved_tensors
+        reverse, signed, segs, chunk0, blocks, has_D, has_z = ctx.cfg
+        batch, _, dim = u.shape
         _set_threads()
-        nsplit = _num_splits(batch, dim)
+        nsplit = _num_splits(batch, blocks.shape[0])
         gu, gdt, gz = torch.empty_like(u), torch.empty_like(u), torch.empty_like(z)
-        gA, gD = A.new_empty(batch, *A.shape), A.new_empty(batch, dim)
+        gAt, gD = At.new_empty(batch, *At.shape), At.new_empty(batch, dim)
         gB, gC = B.new_zeros(nsplit, *B.shape), C.new_zeros(nsplit, *C.shape)
         gh0 = torch.empty_like(glast)
-        _backward(_np(u), _np(dt), _np(z), _np(A), _np(D), _np(B), _np(C), segs, chunk0, _np(chk),
-                  _np(gout.contiguous()), _np(glast.contiguous()), _np(gu), _np(gdt), _np(gz), _np(gA), _np(gD),
-                  _np(gB), _np(gC), _np(gh0), reverse, signed, has_D, has_z)
-        return (gu, gdt, gA.sum(0), gB.sum(0), gC.sum(0), gD.sum(0) if has_D else None,
+        _backward(_np(u), _np(dt), _np(z), _np(At), _np(D), _np(B), _np(C), segs, chunk0, blocks, _np(chk),
+                  _np(gout.contiguous()), _np(glast.contiguous()), _np(gu), _np(gdt), _np(gz), _np(gAt), _np(gD),
+                  _np(gB), _np(gC), _np(gh0), reverse, signed, has_D, has_z, _np(u).dtype.type(1))
+        return (gu, gdt, gAt.sum(0), gB.sum(0), gC.sum(0), gD.sum(0) if has_D else None,
                 gz if has_z else None, gh0 if ctx.needs_input_grad[7] else None, None, None, None)
 
 
@@ -282,7 +338,6 @@ def selective_scan_cpu(
     if numba is None:
         raise RuntimeError("selective_scan: the fused CPU scan needs numba; pip install 'mamba-zoo[cpu]'")
     acc = torch.float64 if u.dtype == torch.float64 else torch.float32
-    chan = lambda t: None if t is None else t.to(acc).transpose(1, 2).contiguous()  # noqa: E731  (b, d, l)
     dt = delta.to(acc)
     if delta_bias is not None:
         dt = dt + delta_bias.to(acc)
@@ -290,8 +345,8 @@ def selective_scan_cpu(
         dt = F.softplus(dt)
     cont = lambda t: None if t is None else t.to(acc).contiguous()  # noqa: E731
     out, last = _FusedScan.apply(
-        chan(u), chan(dt), cont(A), cont(_as_groups(B)), cont(_as_groups(C)), cont(D), chan(z), cont(initial_state),
-        bool(reverse), bool(negative_eigenvalues), cu_seqlens,
+        cont(u), cont(dt), cont(A.t()), cont(_as_groups(B)), cont(_as_groups(C)), cont(D), cont(z),
+        cont(initial_state), bool(reverse), bool(negative_eigenvalues), cu_seqlens,
     )
-    out = out.transpose(1, 2).to(u.dtype)
+    out = out.to(u.dtype)
     return (out, last) if return_last_state else out
