@@ -468,12 +468,16 @@ def test_model_default_cfgs_non_std(model_name, batch_size):
     _check_cfg_names(cfg, state_dict)
 
 
-@pytest.mark.parametrize("batch_size", [1])
-@pytest.mark.parametrize("model_name", [n for n in TIMM_ENTRIES if _matches(n, FEAT_INTER_FILTERS)])
-def test_model_forward_intermediates_features(model_name, batch_size):
-    """timm's test_model_forward_intermediates_features: features_only with feature_cls='getter'."""
-    model = _create(model_name, features_only=True, feature_cls="getter").eval()
+def _min_levels(model_name):
+    """timm asks for at least 3 feature levels; Vim is a plain ViT (one level per block, all at the patch stride),
+    with depth 2 here; VMamba and EfficientVMamba have 4 stages."""
+    return 2 if _module_of(model_name) == "vim" else 3
+
+
+def _check_features_only(model_name, batch_size, **feature_kwargs):
+    model = _create(model_name, features_only=True, **feature_kwargs).eval()
     expected_channels = model.feature_info.channels()
+    assert len(expected_channels) >= _min_levels(model_name)
     expected_reduction = model.feature_info.reduction()
     input_size = _get_input_size(model, TARGET_FFEAT_SIZE)
     output_fmt = getattr(model, "output_fmt", "NCHW")
@@ -491,6 +495,21 @@ def test_model_forward_intermediates_features(model_name, batch_size):
 
 @pytest.mark.parametrize("batch_size", [1])
 @pytest.mark.parametrize("model_name", [n for n in TIMM_ENTRIES if _matches(n, FEAT_INTER_FILTERS)])
+def test_model_forward_features(model_name, batch_size):
+    """timm's test_model_forward_features: features_only=True with the default wrapper (zoo's: the getter; timm's
+    list / dict / hook / fx wrappers are refused, see test_unsupported_feature_cls_is_a_clear_error)."""
+    _check_features_only(model_name, batch_size)
+
+
+@pytest.mark.parametrize("batch_size", [1])
+@pytest.mark.parametrize("model_name", [n for n in TIMM_ENTRIES if _matches(n, FEAT_INTER_FILTERS)])
+def test_model_forward_intermediates_features(model_name, batch_size):
+    """timm's test_model_forward_intermediates_features: features_only with feature_cls='getter'."""
+    _check_features_only(model_name, batch_size, feature_cls="getter")
+
+
+@pytest.mark.parametrize("batch_size", [1])
+@pytest.mark.parametrize("model_name", [n for n in TIMM_ENTRIES if _matches(n, FEAT_INTER_FILTERS)])
 def test_model_forward_intermediates(model_name, batch_size):
     """timm's test_model_forward_intermediates: NCHW intermediates of feature_info's channels and reductions, the
     final output equal to forward_features, also with grad checkpointing."""
@@ -498,9 +517,7 @@ def test_model_forward_intermediates(model_name, batch_size):
     feature_info = timm.models.FeatureInfo(model.feature_info, len(model.feature_info))
     expected_channels = feature_info.channels()
     expected_reduction = feature_info.reduction()
-    # timm asks for at least 3 levels; Vim is a plain ViT (one level per block, all at the patch stride), with depth 2
-    # here; VMamba and EfficientVMamba have 4 stages.
-    assert len(expected_channels) >= (2 if type(model).__name__ == "VisionMamba" else 3)
+    assert len(expected_channels) >= _min_levels(model_name)
     input_size = _get_input_size(model, TARGET_FFEAT_SIZE)
     feat_axis, spatial_axis = get_channel_dim("NCHW"), get_spatial_dim("NCHW")
     inpt = torch.randn((batch_size, *input_size))
