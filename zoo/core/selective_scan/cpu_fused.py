@@ -77,9 +77,11 @@ if numba is not None:
 
     _FLAGS = {"contract", "reassoc", "nsz", "arcp", "afn"}  # no nnan / ninf: infinities stay honest
 
-    # Channel indices are unsigned (the block table is uint64): a signed index goes through numba's
-    # negative-index wraparound, which turns the inner loops' vector loads into gathers. ``one`` carries
-    # the float type, so that no integer constant promotes float32 arithmetic to float64.
+    # The heavy loops run over exactly W lanes of block-local buffers (a trip count LLVM knows, so it
+    # vectorizes them whole); a narrower block leaves its extra lanes at zero (dt 0, state 0), which stay
+    # zero. Channel indices into the inputs are unsigned (the block table is uint64): a signed index goes
+    # through numba's negative-index wraparound, which turns vector loads into gathers. ``one`` carries the
+    # float type, so that no integer constant promotes float32 arithmetic to float64.
 
     @njit(parallel=True, cache=True, fastmath=_FLAGS)
     def _forward(u, dt, z, At, D, B, C, h0, segs, chunk0, blocks, out, last, chk,
@@ -91,9 +93,13 @@ if numba is not None:
         for w in prange(batch * nblk):
             bi, q = w // nblk, w % nblk
             c0, wd, gb, gc = blocks[q, 0], blocks[q, 1], blocks[q, 2], blocks[q, 3]
-            h = np.empty((n, W), u.dtype)
-            y = np.empty(W, u.dtype)
-            dtu = np.empty(W, u.dtype)
+            h = np.zeros((n, W), u.dtype)
+            Ab = np.zeros((n, W), u.dtype)
+            vec = np.zeros((3, W), u.dtype)
+            y, dtv, dtu = vec[0], vec[1], vec[2]
+            for k in range(n):
+                for c in range(wd):
+                    Ab[k, c] = At[k, c0 + c]
             for s in range(nseg):
                 st = bi * nseg + s
                 for k in range(n):
@@ -109,12 +115,13 @@ if numba is not None:
                                 ck[k, c0 + c] = h[k, c]
                     ut, dtt, Bt, Ct = u[bi, t], dt[bi, t], B[bi, t, gb], C[bi, t, gc]
                     for c in range(wd):
+                        dtv[c] = dtt[c0 + c]
                         dtu[c] = dtt[c0 + c] * ut[c0 + c]
-                        y[c] = zero
+                    y[:] = zero
                     for k in range(n):
-                        bk, ck_, hk, Ak = Bt[k], Ct[k], h[k], At[k]
-                        for c in range(wd):
-                            v = (sa * fast_exp(dtt[c0 + c] * Ak[c0 + c]) + sb) * hk[c] + dtu[c] * bk
+                        bk, ck_, hk, Ak = Bt[k], Ct[k], h[k], Ab[k]
+                        for c in range(W):
+                            v = (sa * fast_exp(dtv[c] * Ak[c]) + sb) * hk[c] + dtu[c] * bk
                             hk[c] = v
                             y[c] += ck_ * v
                     if has_D:
@@ -141,14 +148,25 @@ if numba is not None:
         sa, sb = (one + one, -one) if signed else (one, zero)
         for w in prange(batch * nsplit):
             bi, j = w // nsplit, w % nsplit
-            hs = np.empty((CHECKPOINT + 1, n, W), u.dtype)  # states of one span, hs[0] its start
-            As = np.empty((CHECKPOINT, n, W), u.dtype)      # transitions of one span
-            carry = np.empty((n, W), u.dtype)               # a_{t+1} dh_{t+1}, arriving at step t
-            gAk = np.empty((n, W), u.dtype)
-            vec = np.empty((5, W), u.dtype)                 # per-channel rows
+            hs = np.zeros((CHECKPOINT + 1, n, W), u.dtype)  # states of one span, hs[0] its start
+            As = np.zeros((CHECKPOINT, n, W), u.dtype)      # transitions of one span
+            dts = np.zeros((CHECKPOINT, W), u.dtype)        # dt of one span
+            carry = np.zeros((n, W), u.dtype)               # a_{t+1} dh_{t+1}, arriving at step t
+            gAk = np.zeros((n, W), u.dtype)
+            Ab = np.zeros((n, W), u.dtype)
+            vec = np.zeros((5, W), u.dtype)
             g, dtu, gdtu, gdtv, gDv = vec[0], vec[1], vec[2], vec[3], vec[4]
             for q in range(j, nblk, nsplit):  # this split's blocks; it alone writes gB[j], gC[j]
                 c0, wd, gb, gc = blocks[q, 0], blocks[q, 1], blocks[q, 2], blocks[q, 3]
+                Ab[:] = zero
+                hs[0] = zero
+                carry[:] = zero
+                dts[:] = zero
+                dtu[:] = zero
+                g[:] = zero
+                for k in range(n):
+                    for c in range(wd):
+                        Ab[k, c] = At[k, c0 + c]
                 gAk[:] = zero
                 gDv[:] = zero
                 for s in range(nseg - 1, -1, -1):
@@ -168,31 +186,32 @@ if numba is not None:
                         for i in range(i0, i1):  # rerun the span from its saved state
                             t = end - 1 - i if reverse else start + i
                             r = i - i0
-                            ut, dtt, Bt = u[bi, t], dt[bi, t], B[bi, t, gb]
+                            ut, dtt, Bt, dtr = u[bi, t], dt[bi, t], B[bi, t, gb], dts[r]
                             for c in range(wd):
+                                dtr[c] = dtt[c0 + c]
                                 dtu[c] = dtt[c0 + c] * ut[c0 + c]
                             for k in range(n):
-                                bk, Ak, ak, hp, hn = Bt[k], At[k], As[r, k], hs[r, k], hs[r + 1, k]
-                                for c in range(wd):
-                                    a = sa * fast_exp(dtt[c0 + c] * Ak[c0 + c]) + sb
+                                bk, Ak, ak, hp, hn = Bt[k], Ab[k], As[r, k], hs[r, k], hs[r + 1, k]
+                                for c in range(W):
+                                    a = sa * fast_exp(dtr[c] * Ak[c]) + sb
                                     ak[c] = a
                                     hn[c] = a * hp[c] + dtu[c] * bk
                         for i in range(i1 - 1, i0 - 1, -1):  # and walk it backwards
                             t = end - 1 - i if reverse else start + i
                             r = i - i0
-                            ut, dtt, Bt, Ct, got = u[bi, t], dt[bi, t], B[bi, t, gb], C[bi, t, gc], gout[bi, t]
+                            ut, dtr, Bt, Ct, got = u[bi, t], dts[r], B[bi, t, gb], C[bi, t, gc], gout[bi, t]
                             for c in range(wd):
                                 g[c] = got[c0 + c]
-                                dtu[c] = dtt[c0 + c] * ut[c0 + c]
-                                gdtu[c] = zero
-                                gdtv[c] = zero
+                                dtu[c] = dtr[c] * ut[c0 + c]
+                            gdtu[:] = zero
+                            gdtv[:] = zero
                             if has_z:  # the gate needs y before it, C . h + D u (in gdtv for now)
                                 if has_D:
                                     for c in range(wd):
                                         gdtv[c] = D[c0 + c] * ut[c0 + c]
                                 for k in range(n):
                                     ck_, hn = Ct[k], hs[r + 1, k]
-                                    for c in range(wd):
+                                    for c in range(W):
                                         gdtv[c] += ck_ * hn[c]
                                 zt, gzt = z[bi, t], gz[bi, t]
                                 for c in range(wd):
@@ -200,29 +219,29 @@ if numba is not None:
                                     sz = one / (one + math.exp(-zc))
                                     gzt[c0 + c] = g[c] * gdtv[c] * sz * (one + zc * (one - sz))
                                     g[c] *= zc * sz
-                                    gdtv[c] = zero
+                                gdtv[:] = zero
                             for c in range(wd):
                                 gDv[c] += g[c] * ut[c0 + c]
                             gBt, gCt = gB[j, bi, t, gb], gC[j, bi, t, gc]
                             for k in range(n):
-                                bk, ck_, Ak, ak = Bt[k], Ct[k], At[k], As[r, k]
+                                bk, ck_, Ak, ak = Bt[k], Ct[k], Ab[k], As[r, k]
                                 hp, hn, ca, gA_ = hs[r, k], hs[r + 1, k], carry[k], gAk[k]
                                 sB = zero
                                 sC = zero
-                                for c in range(wd):
+                                for c in range(W):
                                     dh = ca[c] + ck_ * g[c]
                                     sC += hn[c] * g[c]
                                     sB += dh * dtu[c]
                                     gdtu[c] += dh * bk
                                     gdtA = dh * hp[c] * (ak[c] - sb)
-                                    gdtv[c] += gdtA * Ak[c0 + c]
-                                    gA_[c] += gdtA * dtt[c0 + c]
+                                    gdtv[c] += gdtA * Ak[c]
+                                    gA_[c] += gdtA * dtr[c]
                                     ca[c] = ak[c] * dh
                                 gBt[k] += sB
                                 gCt[k] += sC
                             gut, gdtt = gu[bi, t], gdt[bi, t]
                             for c in range(wd):
-                                gut[c0 + c] = gdtu[c] * dtt[c0 + c] + (g[c] * D[c0 + c] if has_D else zero)
+                                gut[c0 + c] = gdtu[c] * dtr[c] + (g[c] * D[c0 + c] if has_D else zero)
                                 gdtt[c0 + c] = gdtv[c] + gdtu[c] * ut[c0 + c]
                     for k in range(n):
                         for c in range(wd):
