@@ -102,8 +102,8 @@ class SpeechFrontend(nn.Module):
             import torchaudio.compliance.kaldi as kaldi
 
             feats = wave.new_zeros(b, T, self.n_mels)
-            for i, (w, n) in enumerate(zip(wave, lengths)):
-                f = kaldi.fbank(upcast(w[None, :n]) * 32768, num_mel_bins=self.n_mels, sample_frequency=self.sample_rate, dither=0.0)
+            for i, (w, length) in enumerate(zip(wave, lengths)):
+                f = kaldi.fbank(upcast(w[None, :length]) * 32768, num_mel_bins=self.n_mels, sample_frequency=self.sample_rate, dither=0.0)
                 feats[i, : f.shape[0]] = f
         else:
             feats = torch.log(self.mel(upcast(wave)).transpose(1, 2)[:, :T] + 1e-6)
