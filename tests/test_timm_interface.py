@@ -120,6 +120,7 @@ def _small():
         "smamba_classifier": (dict(seq_len=96, num_classes=3, d_model=16, d_ff=16, e_layers=1), (series,)),
         "smamba_etth1": (dict(d_model=16, d_ff=16, e_layers=1), (series,)),
         "mamba_kws_tiny": (dict(), (torch.randn(2, 4000, generator=g), torch.tensor([4000, 3000]))),
+        "conmamba_ctc_large": (dict(d_model=32, depth=1, d_ffn=32), (torch.randn(2, 4000, generator=g), torch.tensor([4000, 3000]))),
     }
 
 
@@ -178,7 +179,8 @@ def _grads(model, inputs):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("name", ["mambamil.digit_bags", "abmil", "transmil", "pcm_tiny_modelnet40"])
+@pytest.mark.parametrize("name", ["mambamil.digit_bags", "abmil", "transmil", "pcm_tiny_modelnet40", "mamba_kws_tiny",
+                                  "conmamba_ctc_large"])
 def test_grad_checkpointing_same_gradients(name, monkeypatch):
     model, inputs = _build(name)
     model.train()

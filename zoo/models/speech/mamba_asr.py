@@ -304,6 +304,12 @@ class MambaSpeechEncoder(nn.Module):
             )
             self.norm = RMSNorm(d_model)
         self.head = nn.Linear(d_model, num_classes) if num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = False
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each encoder layer's activations in the backward instead of keeping them."""
+        self.grad_checkpointing = enable
 
     def forward_features(self, wave: torch.Tensor, num_samples: Optional[torch.Tensor] = None):
         """Waveforms (b, samples) -> encoder output (b, T', d_model) and valid frame counts (b,)."""
@@ -319,15 +325,22 @@ class MambaSpeechEncoder(nn.Module):
         x, frames = self.subsample(feats, frames)
         mask = lengths_to_mask(frames, x.shape[1])
         x = self.drop(x)
+        checkpointed = self.grad_checkpointing and torch.is_grad_enabled()
+
+        def run(fn, *args, **kwargs):
+            if checkpointed:
+                return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **kwargs)
+            return fn(*args, **kwargs)
+
         if self.layer_type == "conmamba":
             for layer in self.layers:
-                x = layer(x, mask, packed=padded)
+                x = run(layer, x, mask, packed=padded)
             x = self.norm(x)
         else:
             residual = None
             for block in self.layers:
                 x, residual = add_norm(x, residual, block.norm, block.drop_path, block.residual_in_fp32)
-                x = packed_mamba(block.mixer, x, mask if padded else None)
+                x = run(packed_mamba, block.mixer, x, mask if padded else None)
             x, _ = add_norm(x, residual, self.norm)
         return x * mask[..., None], frames
 
