@@ -1,11 +1,14 @@
 """CPU timing of the selective-scan paths: the chunked PyTorch path (the CPU default before the fused scan)
 against the fused numba scan (impl="cpu"), optionally the sequential loop (impl="naive").
 
-    python benchmarks/cpu_scan.py [--threads 1 2] [--rounds 5] [--out benchmarks/results/cpu_scan.json]
+    python benchmarks/cpu_scan.py [--threads 1 2] [--rounds 5] [--train-steps 20] [--out benchmarks/results/cpu_scan.json]
 
 Every feature of a Vim / Mamba block is on (D, z gate, delta_bias + softplus, float32). The machine may be
 shared, so the paths run in interleaved rounds in one process (chunked, fused, chunked, fused, ...), each
 round on the same inputs; reported: the median time of each path and the median of the per-round ratios.
+With --train-steps, also the README's main job (``zoo finetune``'s default model, batch 64, AdamW, random
+32x32 images): training images/s with impl="auto" as a user without numba gets it (chunked) and with it
+(fused), the same number of steps per round.
 """
 from __future__ import annotations
 
@@ -46,6 +49,41 @@ def timed(impl, args, backward):
     return time.perf_counter() - t0
 
 
+def train_rounds(steps, rounds):
+    """Images/s of the main job's training step, chunked vs fused scan, interleaved rounds of ``steps`` steps."""
+    import zoo
+    from zoo.core.selective_scan import cpu_fused
+    from zoo.tasks.classification import FinetuneConfig, model_kwargs_for
+
+    cfg = FinetuneConfig()
+    torch.manual_seed(0)
+    model = zoo.create_model(cfg.model, **model_kwargs_for(cfg, 10)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    x, y = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size), torch.randint(0, 10, (cfg.batch_size,))
+    numba_module = cpu_fused.numba
+
+    def run(fused):
+        cpu_fused.numba = numba_module if fused else None  # without numba, impl="auto" takes the chunked path
+        try:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            return steps * cfg.batch_size / (time.perf_counter() - t0)
+        finally:
+            cpu_fused.numba = numba_module
+
+    run(False), run(True)  # warm-up
+    ips = {"chunked": [], "cpu": []}
+    for _ in range(rounds):
+        ips["chunked"].append(run(False))
+        ips["cpu"].append(run(True))
+    return dict(images_per_s={k: statistics.median(v) for k, v in ips.items()},
+                speedup=statistics.median(b / a for a, b in zip(ips["chunked"], ips["cpu"])))
+
+
 def _numba_version():
     try:
         import numba
@@ -60,6 +98,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--impls", nargs="+", default=["chunked", "cpu"], help="first one is the baseline of the ratios")
     ap.add_argument("--shapes", nargs="+", default=None, help="batch,length,dim,d_state (default: the issue's three)")
+    ap.add_argument("--train-steps", type=int, default=0, help="also time the main job's training (steps per round)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = []
@@ -83,6 +122,13 @@ def main():
                 print(f"threads {threads}  {str(tuple(shape)):20s} {row['mode']:8s} "
                       + "  ".join(f"{k} {v:9.1f} ms" for k, v in row["ms"].items()) + "  "
                       + "  ".join(f"{k} x{v:.1f}" for k, v in row["speedup_vs_baseline"].items()), flush=True)
+        if args.train_steps:
+            row = dict(threads=threads, mode="train main job", batch=64, steps_per_round=args.train_steps,
+                       **train_rounds(args.train_steps, args.rounds))
+            rows.append(row)
+            print(f"threads {threads}  main job training: "
+                  + "  ".join(f"{k} {v:.1f} images/s" for k, v in row["images_per_s"].items())
+                  + f"  x{row['speedup']:.2f}", flush=True)
     if args.out:
         meta = dict(command="python " + " ".join(sys.argv), torch=torch.__version__, numba=_numba_version(),
                     processor=platform.processor() or platform.machine(), logical_cpus=os.cpu_count(),

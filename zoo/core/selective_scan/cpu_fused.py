@@ -10,8 +10,8 @@ buffer) and walks it backwards. Memory beyond the inputs and outputs: the checkp
 
 numba ships prebuilt wheels, so this needs no C++ compiler; without numba (``pip install mamba-zoo``
 without the ``cpu`` extra) ``available()`` is False and the op keeps the chunked PyTorch path.
-Kernels compile on first use (about 10-20 s) and are cached on disk beside this file (or in numba's
-user cache directory when that is not writable).
+Kernels compile on first use (15-45 s on the 2-core development machine) and are cached on disk beside
+this file (or in numba's user cache directory when that is not writable).
 """
 from __future__ import annotations
 
