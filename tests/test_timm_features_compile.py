@@ -110,6 +110,20 @@ def test_smamba_compiles_fullgraph():
     _compiled_matches_eager(model, torch.randn(2, 12, 7))  # 7 variate tokens: a short sequence
 
 
+@pytest.mark.parametrize("name, kwargs", [
+    ("mamba_130m", dict(d_model=32, n_layer=2)),
+    ("mamba2attn_2_7b", dict(d_model=32, n_layer=2, attn_layer_idx=[1], ssm_cfg=dict(layer="Mamba2", headdim=16, d_state=8,
+                                                                                     chunk_size=8),
+                             attn_cfg=dict(causal=True, head_dim=16, num_heads=2, rotary_emb_dim=8))),
+])
+def test_language_models_compile_fullgraph(name, kwargs):
+    """The language models' forward (logits of a batch of token ids), Mamba-1 and the Mamba-2 + attention hybrid."""
+    torch.manual_seed(0)
+    compiled = _compiled_matches_eager(zoo.create_model(name, **kwargs), torch.randint(0, 100, (2, 9)))
+    with pytest.raises(RuntimeError, match="token ids must be in"):  # the range check runs inside the graph
+        compiled(torch.full((2, 9), 10**6))
+
+
 _POINTS = torch.randn(2, 64, 3)
 POINT_COMPILE = [
     ("pointmamba_tiny", dict(num_classes=5, trans_dim=32, depth=2, num_group=8, group_size=8, head_hidden=16)),

@@ -365,7 +365,10 @@ class MambaLMHeadModel(nn.Module, GenerationMixin):
         if input_ids.shape[1] == 0:
             raise ValueError(f"{type(self).__name__}: input_ids is empty (length 0); give at least one token")
         rows = self.backbone.embedding.num_embeddings
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= rows):
+        if torch.compiler.is_compiling():  # the range check inside the graph (eager reads the values to word it)
+            torch._assert_async(((input_ids >= 0) & (input_ids < rows)).all(),
+                                f"{type(self).__name__}: token ids must be in [0, {rows}) (the padded vocabulary)")
+        elif input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= rows):
             raise ValueError(f"{type(self).__name__}: token ids must be in [0, {rows}) (the padded vocabulary), got ids in "
                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")
         if cu_seqlens is not None:
