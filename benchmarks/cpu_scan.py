@@ -102,6 +102,16 @@ def main():
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = []
+
+    def save():  # after every row, so that an interrupted run keeps what it measured
+        if not args.out:
+            return
+        meta = dict(command="python " + " ".join(sys.argv), torch=torch.__version__, numba=_numba_version(),
+                    processor=platform.processor() or platform.machine(), logical_cpus=os.cpu_count(),
+                    baseline=args.impls[0], rounds=args.rounds)
+        with open(args.out, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+
     for threads in args.threads:
         torch.set_num_threads(threads)
         for shape in [tuple(map(int, s.split(","))) for s in args.shapes] if args.shapes else SHAPES:
@@ -122,6 +132,7 @@ def main():
                 print(f"threads {threads}  {str(tuple(shape)):20s} {row['mode']:8s} "
                       + "  ".join(f"{k} {v:9.1f} ms" for k, v in row["ms"].items()) + "  "
                       + "  ".join(f"{k} x{v:.1f}" for k, v in row["speedup_vs_baseline"].items()), flush=True)
+                save()
         if args.train_steps:
             row = dict(threads=threads, mode="train main job", batch=64, steps_per_round=args.train_steps,
                        **train_rounds(args.train_steps, args.rounds))
@@ -129,12 +140,7 @@ def main():
             print(f"threads {threads}  main job training: "
                   + "  ".join(f"{k} {v:.1f} images/s" for k, v in row["images_per_s"].items())
                   + f"  x{row['speedup']:.2f}", flush=True)
-    if args.out:
-        meta = dict(command="python " + " ".join(sys.argv), torch=torch.__version__, numba=_numba_version(),
-                    processor=platform.processor() or platform.machine(), logical_cpus=os.cpu_count(),
-                    baseline=args.impls[0], rounds=args.rounds)
-        with open(args.out, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+            save()
 
 
 if __name__ == "__main__":
