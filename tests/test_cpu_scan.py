@@ -159,3 +159,11 @@ def test_cuda_tensors_are_refused():
     with pytest.raises(ValueError, match="impl='cpu' takes CPU tensors"):
         op._resolve("cpu", torch.device("cuda"))
     assert selective_scan(*(t[k] for k in NAMES[:5]), impl="cpu").shape == (1, 3, 2)
+
+
+def test_second_derivatives_are_refused():
+    t = {k: v.requires_grad_() for k, v in make(1, 5, 3, 2).items()}
+    out = selective_scan_cpu(*(t[k] for k in NAMES[:8]), True)
+    (g,) = torch.autograd.grad(out.square().sum(), t["u"], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        g.sum().backward()

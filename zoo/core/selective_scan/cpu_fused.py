@@ -21,6 +21,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 try:
     import numba
@@ -314,6 +315,7 @@ class _FusedScan(torch.autograd.Function):
         return out, last
 
     @staticmethod
+    @once_differentiable  # the numba backward records no graph: a second derivative raises instead of being wrong
     def backward(ctx, gout, glast):
         u, dt, z, At, D, B, C, chk = ctx.saved_tensors
         reverse, signed, segs, chunk0, blocks, has_D, has_z = ctx.cfg
