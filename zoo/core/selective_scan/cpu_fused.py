@@ -6,7 +6,7 @@ are contiguous in the (batch, length, dim) layout, so it vectorizes (exp include
 With gradients the forward also keeps the state every ``CHECKPOINT`` steps; the backward reruns each
 CHECKPOINT-step span from its saved state (its transitions and states into a CHECKPOINT x d_state x W
 buffer) and walks it backwards. Memory beyond the inputs and outputs: the checkpoints
-(b, l / CHECKPOINT, n, d) and, in the backward, B and C gradient partials (splits, b, l, groups, n).
+(b, l / CHECKPOINT, n, d), with z the output before the gate (b, l, d), and in the backward, B and C gradient partials (splits, b, l, groups, n).
 
 numba ships prebuilt wheels, so this needs no C++ compiler; without numba (``pip install mamba-zoo``
 without the ``cpu`` extra) ``available()`` is False and the op keeps the chunked PyTorch path.
@@ -85,7 +85,7 @@ if numba is not None:
     # float type, so that no integer constant promotes float32 arithmetic to float64.
 
     @njit(parallel=True, cache=True, fastmath=_FLAGS)
-    def _forward(u, dt, z, At, D, B, C, h0, segs, chunk0, blocks, out, last, chk,
+    def _forward(u, dt, z, At, D, B, C, h0, segs, chunk0, blocks, out, last, chk, ypre,
                  reverse, signed, has_D, has_z, save, one):
         batch, n = u.shape[0], At.shape[0]
         nseg, nblk = segs.shape[0], blocks.shape[0]
@@ -129,6 +129,10 @@ if numba is not None:
                         for c in range(wd):
                             y[c] += D[c0 + c] * ut[c0 + c]
                     if has_z:
+                        if save:  # y before the gate, for the gate's gradient
+                            yp = ypre[bi, t]
+                            for c in range(wd):
+                                yp[c0 + c] = y[c]
                         zt = z[bi, t]
                         for c in range(wd):
                             y[c] *= zt[c0 + c] / (one + math.exp(-zt[c0 + c]))
@@ -140,7 +144,7 @@ if numba is not None:
                         last[st, c0 + c, k] = h[k, c]
 
     @njit(parallel=True, cache=True, fastmath=_FLAGS)
-    def _backward(u, dt, z, At, D, B, C, segs, chunk0, blocks, chk, gout, glast,
+    def _backward(u, dt, z, ypre, At, D, B, C, segs, chunk0, blocks, chk, gout, glast,
                   gu, gdt, gz, gAt, gD, gB, gC, gh0, reverse, signed, has_D, has_z, one):
         batch, n = u.shape[0], At.shape[0]
         nseg, nblk = segs.shape[0], blocks.shape[0]
@@ -206,21 +210,13 @@ if numba is not None:
                                 dtu[c] = dtr[c] * ut[c0 + c]
                             gdtu[:] = zero
                             gdtv[:] = zero
-                            if has_z:  # the gate needs y before it, C . h + D u (in gdtv for now)
-                                if has_D:
-                                    for c in range(wd):
-                                        gdtv[c] = D[c0 + c] * ut[c0 + c]
-                                for k in range(n):
-                                    ck_, hn = Ct[k], hs[r + 1, k]
-                                    for c in range(W):
-                                        gdtv[c] += ck_ * hn[c]
-                                zt, gzt = z[bi, t], gz[bi, t]
+                            if has_z:
+                                zt, gzt, yp = z[bi, t], gz[bi, t], ypre[bi, t]
                                 for c in range(wd):
                                     zc = zt[c0 + c]
                                     sz = one / (one + math.exp(-zc))
-                                    gzt[c0 + c] = g[c] * gdtv[c] * sz * (one + zc * (one - sz))
+                                    gzt[c0 + c] = g[c] * yp[c0 + c] * sz * (one + zc * (one - sz))
                                     g[c] *= zc * sz
-                                gdtv[:] = zero
                             for c in range(wd):
                                 gDv[c] += g[c] * ut[c0 + c]
                             gBt, gCt = gB[j, bi, t, gb], gC[j, bi, t, gc]
@@ -302,22 +298,23 @@ class _FusedScan(torch.autograd.Function):
         out = torch.empty_like(u)
         last = At.new_empty(batch * segs.shape[0], dim, n)
         chk = At.new_empty(batch, nchunks if save else 0, n, dim)
+        ypre = torch.empty_like(u) if save and z is not None else u[:, :0]
         z_ = z if z is not None else u[:, :0]
         D_ = D if D is not None else At.new_zeros(dim)
         h0_ = h0 if h0 is not None else At.new_zeros(last.shape)
         _set_threads()
         _forward(_np(u), _np(dt), _np(z_), _np(At), _np(D_), _np(B), _np(C), _np(h0_), segs, chunk0, blocks,
-                 _np(out), _np(last), _np(chk), reverse, signed, D is not None, z is not None, save,
+                 _np(out), _np(last), _np(chk), _np(ypre), reverse, signed, D is not None, z is not None, save,
                  _np(u).dtype.type(1))
         if save:
-            ctx.save_for_backward(u, dt, z_, At, D_, B, C, chk)
+            ctx.save_for_backward(u, dt, z_, ypre, At, D_, B, C, chk)
             ctx.cfg = (reverse, signed, segs, chunk0, blocks, D is not None, z is not None)
         return out, last
 
     @staticmethod
     @once_differentiable  # the numba backward records no graph: a second derivative raises instead of being wrong
     def backward(ctx, gout, glast):
-        u, dt, z, At, D, B, C, chk = ctx.saved_tensors
+        u, dt, z, ypre, At, D, B, C, chk = ctx.saved_tensors
         reverse, signed, segs, chunk0, blocks, has_D, has_z = ctx.cfg
         batch, _, dim = u.shape
         _set_threads()
@@ -326,7 +323,7 @@ class _FusedScan(torch.autograd.Function):
         gAt, gD = At.new_empty(batch, *At.shape), At.new_empty(batch, dim)
         gB, gC = B.new_zeros(nsplit, *B.shape), C.new_zeros(nsplit, *C.shape)
         gh0 = torch.empty_like(glast)
-        _backward(_np(u), _np(dt), _np(z), _np(At), _np(D), _np(B), _np(C), segs, chunk0, blocks, _np(chk),
+        _backward(_np(u), _np(dt), _np(z), _np(ypre), _np(At), _np(D), _np(B), _np(C), segs, chunk0, blocks, _np(chk),
                   _np(gout.contiguous()), _np(glast.contiguous()), _np(gu), _np(gdt), _np(gz), _np(gAt), _np(gD),
                   _np(gB), _np(gC), _np(gh0), reverse, signed, has_D, has_z, _np(u).dtype.type(1))
         return (gu, gdt, gAt.sum(0), gB.sum(0), gC.sum(0), gD.sum(0) if has_D else None,
