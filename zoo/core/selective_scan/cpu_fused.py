@@ -300,7 +300,8 @@ class _FusedScan(torch.autograd.Function):
         chk = At.new_empty(batch, nchunks if save else 0, n, dim)
         ypre = torch.empty_like(u) if save and z is not None else u[:, :0]
         z_ = z if z is not None else u[:, :0]
-        D_ = D if D is not None else At.new_zeros(dim)
+        # a copy: numpy() pins a tensor's storage, and FSDP frees and refills its unsharded parameters (D is one)
+        D_ = D.detach().clone() if D is not None else At.new_zeros(dim)
         h0_ = h0 if h0 is not None else At.new_zeros(last.shape)
         _set_threads()
         _forward(_np(u), _np(dt), _np(z_), _np(At), _np(D_), _np(B), _np(C), _np(h0_), segs, chunk0, blocks,
