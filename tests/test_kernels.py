@@ -85,6 +85,24 @@ def test_strided_bdl_layout_and_mixed_groups():
     compare(lambda **x: selective_scan_triton(**x, **kw), lambda **x: selective_scan_naive(**x, **kw), t, 1e-5)
 
 
+def packed_reference(cu, kw):
+    """The oracle run on each packed sequence of ``cu`` alone (an empty one passes its initial state through)."""
+    def ref(initial_state, **x):
+        outs, lasts = [], []
+        for i, (s, e) in enumerate(zip(cu, cu[1:])):
+            h0 = initial_state[i : i + 1]
+            if s == e:  # empty sequence: no tokens, the state passes through
+                outs.append(x["u"][:, :0])
+                lasts.append(h0)
+                continue
+            part = {k: (v[:, s:e] if k in ("u", "delta", "z", "B", "C") else v) for k, v in x.items()}
+            o, h = selective_scan_naive(**part, initial_state=h0, **kw)
+            outs.append(o)
+            lasts.append(h)
+        return torch.cat(outs, 1), torch.cat(lasts, 0)
+    return ref
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs_float32_state(dtype):
     t = make(2, 33, 8, 4, dtype=dtype, seed=5)
@@ -103,19 +121,7 @@ def test_packed_sequences_match_separate_calls():
     cu_t = torch.tensor(cu, dtype=torch.int32, device=DEV)
     kw = dict(delta_softplus=True, return_last_state=True, reverse=True)
 
-    def ref(initial_state, **x):
-        outs, lasts = [], []
-        for i, (s, e) in enumerate(zip(cu, cu[1:])):
-            h0 = initial_state[i : i + 1]
-            if s == e:  # empty sequence: no tokens, the state passes through
-                outs.append(x["u"][:, :0])
-                lasts.append(h0)
-                continue
-            part = {k: (v[:, s:e] if k in ("u", "delta", "z", "B", "C") else v) for k, v in x.items()}
-            o, h = selective_scan_naive(**part, initial_state=h0, **kw)
-            outs.append(o)
-            lasts.append(h)
-        return torch.cat(outs, 1), torch.cat(lasts, 0)
+    ref = packed_reference(cu, kw)
 
     compare(lambda **x: selective_scan_triton(**x, cu_seqlens=cu_t, **kw), ref, t, 1e-5)
 

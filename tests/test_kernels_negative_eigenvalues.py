@@ -17,6 +17,7 @@ pytest.importorskip("triton", reason="triton is not installed: the Triton kernel
 
 from zoo.core.selective_scan import selective_scan, selective_scan_multi, selective_scan_naive  # noqa: E402
 from zoo.kernels.selective_scan import selective_scan_multi_triton, selective_scan_triton  # noqa: E402
+from test_kernels import packed_reference  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 1e-5
@@ -141,19 +142,7 @@ def test_signed_packed_sequences_match_separate_calls():
     cu_t = torch.tensor(cu, dtype=torch.int32, device=DEV)
     kw = dict(delta_softplus=True, return_last_state=True, reverse=True, negative_eigenvalues=True)
 
-    def ref(initial_state, **x):
-        outs, lasts = [], []
-        for i, (s, e) in enumerate(zip(cu, cu[1:])):
-            h0 = initial_state[i : i + 1]
-            if s == e:  # empty sequence: no tokens, the state passes through
-                outs.append(x["u"][:, :0])
-                lasts.append(h0)
-                continue
-            part = {k: (v[:, s:e] if k in ("u", "delta", "z", "B", "C") else v) for k, v in x.items()}
-            o, h = selective_scan_naive(**part, initial_state=h0, **kw)
-            outs.append(o)
-            lasts.append(h)
-        return torch.cat(outs, 1), torch.cat(lasts, 0)
+    ref = packed_reference(cu, kw)
 
     compare(lambda **x: selective_scan_triton(**x, cu_seqlens=cu_t, **kw), ref, t)
 
