@@ -176,7 +176,8 @@ def test_nearest_neighbour_and_classification_benchmark(tmp_path):
     assert nearest_neighbour_accuracy(X, np.array([0, 1]), X[::-1] + 1, np.array([1, 0])) == 1.0
     pytest.importorskip("aeon", reason="aeon (the timeseries extra) is not installed")
     result = run_tsc_benchmark("ItalyPowerDemand", seeds=[0], epochs=1, d_model=8, d_state=2, d_ff=8, patch_len=6,
-                               output=str(tmp_path / "c.json"), progress=False, command="pytest")
+                               output=str(tmp_path / "c.json"), progress=False, command="pytest", layer_shuffle=0.5)
+    assert result["settings"]["layer_shuffle"] == 0.5
     assert result["train"] == [67, 24, 1] and result["test"] == [1029, 24, 1]
     assert [r["model"] for r in result["rows"]] == ["1nn_euclidean", "smamba_classifier"]
     assert 0.9 < result["rows"][0]["test_acc_mean"] < 1.0  # 1-NN ED on ItalyPowerDemand: 0.955 in the UCR archive

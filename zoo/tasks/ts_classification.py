@@ -72,7 +72,7 @@ def run_tsc_benchmark(
     dataset: str = "BasicMotions", seeds: Sequence[int] = (0, 1, 2), epochs: int = 100, lr: float = 1e-3,
     batch_size: int = 16, d_model: int = 64, d_state: int = 16, d_ff: int = 128, e_layers: int = 2,
     patch_len: Optional[int] = None, output: Optional[str] = None, progress: bool = True,
-    command: Optional[str] = None, save_weights: Optional[str] = None,
+    command: Optional[str] = None, save_weights: Optional[str] = None, layer_shuffle: float = 0.0,
 ) -> dict:
     """Test accuracy of 1-NN (Euclidean) and the S-Mamba classifier (mean and per seed); printed and returned.
 
@@ -97,7 +97,7 @@ def run_tsc_benchmark(
     for seed in seeds:
         torch.manual_seed(seed)
         model = SMambaClassifier(X_train.shape[1], len(classes), d_model=d_model, d_state=d_state, d_ff=d_ff,
-                                 e_layers=e_layers, patch_len=patch_len)
+                                 e_layers=e_layers, patch_len=patch_len, layer_shuffle=layer_shuffle)
         seconds.append(train_classifier(model, X_train, y_train, epochs, lr, batch_size, seed=seed, progress=progress))
         accs.append(_accuracy(model, X_test, y_test))
     params = sum(p.numel() for p in model.parameters())
@@ -109,7 +109,8 @@ def run_tsc_benchmark(
              "test_acc": accs, "seconds": statistics.mean(seconds)},
         ],
         "settings": {"seeds": list(seeds), "epochs": epochs, "lr": lr, "batch_size": batch_size, "d_model": d_model,
-                     "d_state": d_state, "d_ff": d_ff, "e_layers": e_layers, "patch_len": patch_len},
+                     "d_state": d_state, "d_ff": d_ff, "e_layers": e_layers, "patch_len": patch_len,
+                     "layer_shuffle": layer_shuffle},
         "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
         "command": command,
     }
@@ -140,6 +141,8 @@ def add_cli(subparsers) -> None:
     b.add_argument("--d-ff", type=number_arg(int, 1), default=128)
     b.add_argument("--e-layers", type=number_arg(int, 1), default=2)
     b.add_argument("--patch-len", type=number_arg(int, 1), default=None, help="patch tokens of this length (default: variate tokens)")
+    b.add_argument("--layer-shuffle", type=number_arg(float, 0, 1), default=0.0,
+                   help="stochastic layer-wise token shuffle in training (ShuffleMamba): the last layer's probability")
     b.add_argument("--output", default=None, help="write the result as JSON here")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.add_argument("--save-weights", default=None, help="write the trained classifier's state dict here (safetensors; one seed)")
@@ -151,6 +154,7 @@ def _cli_bench(args: argparse.Namespace) -> int:
         args.dataset, args.seeds, args.epochs, args.lr, args.batch_size, args.d_model, args.d_state, args.d_ff,
         args.e_layers, args.patch_len, args.output, progress=not args.quiet,
         command=getattr(args, "command_line", None) or "zoo " + shlex.join(sys.argv[1:]), save_weights=args.save_weights,
+        layer_shuffle=args.layer_shuffle,
     )
     return 0
 
