@@ -37,7 +37,8 @@ def rel(x, ref):
 
 
 def compare(fn, ref_fn, t, tol, seed=0):
-    """Run fn and the float64 ref_fn on the same values; compare outputs and all gradients."""
+    """Run fn and the float64 ref_fn on the same values; compare outputs and all gradients. Returns the reference
+    output."""
     keys = [k for k, v in t.items() if v is not None]
     ins = {k: t[k].detach().clone().requires_grad_(True) for k in keys}
     out, last = fn(**ins)
@@ -52,6 +53,7 @@ def compare(fn, ref_fn, t, tol, seed=0):
     errs.update({f"d{k}": rel(a, b) for k, a, b in zip(keys, grads, grads64)})
     bad = {k: v for k, v in errs.items() if not v <= tol}
     assert not bad, f"relative errors above {tol}: {bad}"
+    return out64
 
 
 CASES = [

@@ -17,10 +17,15 @@ pytest.importorskip("triton", reason="triton is not installed: the Triton kernel
 
 from zoo.core.selective_scan import selective_scan, selective_scan_multi, selective_scan_naive  # noqa: E402
 from zoo.kernels.selective_scan import selective_scan_multi_triton, selective_scan_triton  # noqa: E402
-from test_kernels import packed_reference  # noqa: E402
+from test_kernels import compare as _compare, packed_reference, rel  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 1e-5
+
+
+def compare(fn, ref_fn, t, tol=TOL, seed=0):
+    """test_kernels.compare at this file's tolerance unless another is given."""
+    return _compare(fn, ref_fn, t, tol, seed)
 
 
 def make(b, l, d, n, groups=None, k=None, seed=0):
@@ -53,30 +58,6 @@ def assert_mixed_signs(t, softplus):
     a = 2 * torch.exp(dt[..., None] * A) - 1
     frac = (a < 0).double().mean().item()
     assert 0.05 < frac < 0.95, f"fraction of negative transitions {frac:.3f}"
-
-
-def rel(x, ref):
-    assert torch.isfinite(x).all()
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
-def compare(fn, ref_fn, t, tol=TOL, seed=0):
-    """fn on t and the float64 ref_fn on the same values: outputs, final states and all gradients."""
-    keys = [k for k, v in t.items() if v is not None]
-    ins = {k: t[k].detach().clone().requires_grad_(True) for k in keys}
-    out, last = fn(**ins)
-    g = torch.Generator().manual_seed(seed + 1)
-    w_out = torch.randn(out.shape, generator=g).to(DEV)
-    w_last = torch.randn(last.shape, generator=g).to(DEV)
-    grads = torch.autograd.grad([out, last], [ins[k] for k in keys], [w_out, w_last])
-    ins64 = {k: t[k].detach().double().requires_grad_(True) for k in keys}
-    out64, last64 = ref_fn(**ins64)
-    grads64 = torch.autograd.grad([out64, last64], [ins64[k] for k in keys], [w_out.double(), w_last.double()])
-    errs = {"out": rel(out, out64), "last": rel(last, last64)}
-    errs.update({f"d{k}": rel(a, b) for k, a, b in zip(keys, grads, grads64)})
-    bad = {k: v for k, v in errs.items() if not v <= tol}
-    assert not bad, f"relative errors above {tol}: {bad}"
-    return out64
 
 
 CASES = [
