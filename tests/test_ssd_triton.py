@@ -99,20 +99,27 @@ def test_wide_headdim_and_large_state():
     check(inputs(1, 20, 2, 40, 1, 256))
 
 
-@pytest.mark.parametrize("block_q, segment", [(16, 2), (32, 1), (16, 3)])
-def test_chunk_length_segments_and_head_splits(monkeypatch, block_q, segment):
-    """Other chunk lengths; the backward's segments of several chunks (50 steps: 4 chunks of 16 in segments of 2
-    or 3, the last one short); the backward splitting a group's 6 heads over several programs."""
+@pytest.mark.parametrize("block_q, bwd_block_q, bwd_block_p, segment",
+                         [(16, 16, None, 2), (32, 32, None, 1), (16, 16, None, 3), (16, 32, 16, 1), (16, 64, None, 2)])
+def test_chunk_length_segments_and_head_splits(monkeypatch, block_q, bwd_block_q, bwd_block_p, segment):
+    """Other chunk lengths, the backward's longer than the forward's; the backward's segments of several chunks
+    (50 steps: 4 chunks of 16 in segments of 2 or 3, the last one short; with backward chunks of 64, one chunk
+    per segment of 2); a smaller headdim block in the backward; the backward splitting a group's 6 heads over
+    several programs."""
     target = ssd_fn.TARGET_PROGRAMS  # splits are divisors of the heads per group, the fewest reaching the target
     assert ssd_fn._segment_chunks(4096, 128, 32) == 15 and ssd_fn._segment_chunks(4096, 128, 32, 4) == 7 and ssd_fn._segment_chunks(40, 16, 16) == 1
     assert [ssd_fn._splits(6, target // k) for k in (1, 2, 10**6)] == [1, 2, 6] and ssd_fn._splits(7, 1) == 7
     assert ssd_fn._splits(6, target // 3 + 1) == 3
     monkeypatch.setattr(ssd_fn, "BLOCK_Q", block_q)
+    monkeypatch.setattr(ssd_fn, "BWD_BLOCK_Q", bwd_block_q)
+    monkeypatch.setattr(ssd_fn, "BWD_BLOCK_P", bwd_block_p)
     monkeypatch.setattr(ssd_fn, "TARGET_PROGRAMS", 10**6)
     monkeypatch.setattr(ssd_fn, "_segment_chunks", lambda *a: segment)
     check(inputs(2, 50, 6, 4, 1, 8, D_per_channel=True))
     check(inputs(2, 50, 6, 4, 1, 8), reverse=True)
     check(inputs(2, 50, 6, 4, 1, 8, signed=True), reverse=True, negative_eigenvalues=True, rtol=1e-4)
+    if bwd_block_p:  # headdim 40: one block of 64 in the forward, three of 16 in the backward's chunk kernel
+        check(inputs(1, 50, 2, 40, 1, 8))
 
 
 def test_auto_dispatch():

@@ -12,8 +12,12 @@ import torch
 from ..launch import cdiv, next_power_of_2
 from .kernels import _bwd_chunk_kernel, _bwd_walks_kernel, _fwd_kernel
 
-# Chunk length Q, and the warps of each kernel (measured on an H200: benchmarks/results/ssd_h200.json).
+# Chunk length Q of the forward and of the backward (a multiple of the forward's: the forward stores the states
+# where the backward's segments start), the backward chunk kernel's headdim block (None: the forward's), and the
+# warps of each kernel (measured on an H200: benchmarks/results/ssd_h200.json).
 BLOCK_Q = 32
+BWD_BLOCK_Q = 32
+BWD_BLOCK_P = None
 FWD_WARPS = 4
 BWD_WARPS = 8
 # The backward's chunk kernel has (chunks x batch x groups x splits) programs; the group's heads are split
@@ -31,8 +35,13 @@ def _blocks(P: int, N: int):
     return bp, bn
 
 
-def _chunk_length(N: int) -> int:
-    return BLOCK_Q if N <= 128 else 16  # d_state 256: smaller tiles fit the shared memory
+def _chunk_lengths(N: int) -> tuple[int, int]:
+    """The forward's and the backward's chunk lengths."""
+    if N > 128:
+        return 16, 16  # d_state 256: smaller tiles fit the shared memory
+    if BWD_BLOCK_Q % BLOCK_Q:
+        raise ValueError(f"BWD_BLOCK_Q must be a multiple of BLOCK_Q, got {BWD_BLOCK_Q} and {BLOCK_Q}")
+    return BLOCK_Q, BWD_BLOCK_Q
 
 
 def _splits(heads_per_group: int, programs: int) -> int:
@@ -67,7 +76,7 @@ class _SSDFunction(torch.autograd.Function):
     gradients at once."""
 
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, z, initial_state, reverse, signed, block_q):
+    def forward(ctx, x, dt, A, B, C, D, z, initial_state, reverse, signed, block_q, bwd_block_q):
         b, L, H, P, G, N, bp, bn = _common(x, B)
         Q = block_q
         NC = cdiv(L, Q)
@@ -77,21 +86,22 @@ class _SSDFunction(torch.autograd.Function):
         D = None if D is None else D.float().contiguous()
         init = None if initial_state is None else initial_state.float().contiguous()
         train = any(ctx.needs_input_grad)
-        seg = _segment_chunks(L, N, Q, _state_dtype(x).itemsize, x.element_size())
-        nseg = cdiv(NC, seg)
+        # segments of seg backward chunks, each starting at a state the forward stores
+        seg = _segment_chunks(L, N, bwd_block_q, _state_dtype(x).itemsize, x.element_size())
+        nseg = cdiv(L, seg * bwd_block_q)
         out = torch.empty_like(x)
         final = torch.empty((b, H, P, N), dtype=torch.float32, device=x.device)
         starts = torch.empty((b, nseg + 1, H, P, N) if train else (1,), dtype=torch.float32, device=x.device)
         _fwd_kernel[(H * cdiv(P, bp), b)](
             x, dt, A, B, C, D if D is not None else x, z if z is not None else x, init if init is not None else final,
-            out, final, starts, L, H, P, N, G, H // G, 0, NC, seg, nseg + 1, H * P * N,
+            out, final, starts, L, H, P, N, G, H // G, 0, NC, seg * (bwd_block_q // Q), nseg + 1, H * P * N,
             Q=Q, BP=bp, BN=bn, HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2,
             HAS_Z=z is not None, HAS_INIT=init is not None, STORE_STATES=train, REVERSE=reverse,
             SIGNED=signed, IEEE=x.dtype == torch.float32, num_warps=FWD_WARPS,
         )
         if train:
             ctx.save_for_backward(x, dt, A, B, C, D, z, starts)
-            ctx.cfg = (reverse, signed, Q, seg, initial_state is not None)
+            ctx.cfg = (reverse, signed, bwd_block_q, seg, initial_state is not None)
         return out, final
 
     @staticmethod
@@ -99,6 +109,7 @@ class _SSDFunction(torch.autograd.Function):
         x, dt, A, B, C, D, z, starts = ctx.saved_tensors
         reverse, signed, Q, seg, has_init = ctx.cfg
         b, L, H, P, G, N, bp, bn = _common(x, B)
+        bp_chunk = min(BWD_BLOCK_P, bp) if BWD_BLOCK_P else bp
         NC = cdiv(L, Q)
         hpg = H // G
         dev = x.device
@@ -120,19 +131,20 @@ class _SSDFunction(torch.autograd.Function):
         dz = None if z is None else torch.empty_like(z)
         dA = torch.empty((b, NC, H), dtype=torch.float32, device=dev)
         dD = None if D is None else torch.empty((b, NC, H, P), dtype=torch.float32, device=dev)
-        common = dict(Q=Q, BP=bp, BN=bn, REVERSE=reverse, SIGNED=signed, IEEE=ieee)
+        common = dict(Q=Q, BN=bn, HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2,
+                      HAS_Z=z is not None, REVERSE=reverse, SIGNED=signed, IEEE=ieee)
         for s in reversed(range(cdiv(NC, seg))):
             c0, ncs = s * seg, min(seg, NC - s * seg)
             _bwd_walks_kernel[(H * cdiv(P, bp), b, 2)](
-                x, dt, A, B, C, starts[:, s], scratch, states, starts.stride(0), dout, dummy_z, dcarry, dstates,
-                L, H, P, N, G, hpg, c0, ncs, HAS_Z=z is not None, num_warps=FWD_WARPS, **common,
+                x, dt, A, B, C, dummy_D, starts[:, s], scratch, states, starts.stride(0), dout, dummy_z,
+                dz if dz is not None else dx, dcarry, dstates,
+                L, H, P, N, G, hpg, c0, ncs, BP=bp, num_warps=FWD_WARPS, **common,
             )
             _bwd_chunk_kernel[(ncs, b, G * nsplit)](
                 x, dt, A, B, C, dummy_D, dummy_z, dout, states, dstates,
-                dx, ddt, parts[0], parts[1], dz if dz is not None else dx, dA, dD if dD is not None else dA,
+                dx, ddt, parts[0], parts[1], dA, dD if dD is not None else dA,
                 L, H, P, N, G, hpg, NC, c0, ncs, nsplit, hpg // nsplit,
-                HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2, HAS_Z=z is not None,
-                num_warps=BWD_WARPS, **common,
+                BP=bp_chunk, num_warps=BWD_WARPS, **common,
             )
             rows = min(ncs * Q, L - c0 * Q)  # the segment's steps, in walk order
             for part, grad in zip(parts, (dB, dC)):
@@ -145,7 +157,7 @@ class _SSDFunction(torch.autograd.Function):
             dD = dD.sum((0, 1))
             if D.dim() == 1:
                 dD = dD.sum(1)
-        return dx, ddt, dA.sum((0, 1)), dB, dC, dD, dz, dcarry if has_init else None, None, None, None
+        return dx, ddt, dA.sum((0, 1)), dB, dC, dD, dz, dcarry if has_init else None, None, None, None, None
 
 
 def ssd_scan_triton(
@@ -163,7 +175,8 @@ def ssd_scan_triton(
 ):
     """The SSD scan on final step sizes ``dt`` (float32), unpacked: returns (out in x's dtype, float32 final
     state (batch, nheads, headdim, d_state)). Arguments are checked by ``zoo.core.ssd.ssd_scan``; ``block_q``
-    (a power of two, at least 16) overrides the chunk length."""
+    (a power of two, at least 16) overrides the chunk length of both directions."""
+    fwd_q, bwd_q = (block_q, block_q) if block_q else _chunk_lengths(B.shape[-1])
     out, final = _SSDFunction.apply(x, dt, A, B, C, D, z, initial_state, reverse, negative_eigenvalues,
-                                    block_q or _chunk_length(B.shape[-1]))
+                                    fwd_q, bwd_q)
     return out, final

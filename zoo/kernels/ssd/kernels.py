@@ -103,23 +103,25 @@ def _fwd_kernel(
     HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr, HAS_INIT: tl.constexpr,
     STORE_STATES: tl.constexpr, REVERSE: tl.constexpr, SIGNED: tl.constexpr, IEEE: tl.constexpr,
 ):
-    _state_walk(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, init_ptr, out_ptr, final_ptr, states_ptr,
+    _state_walk(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, x_ptr, init_ptr, out_ptr, final_ptr, states_ptr,
                 L, H, P, N, G, HPG, C0, NCS, STEP, NSTORED, init_sb, tl.program_id(0), tl.program_id(1).to(tl.int64),
-                Q, BP, BN, HAS_D, D_PER_CHANNEL, HAS_Z, HAS_INIT, True, STORE_STATES, REVERSE, SIGNED, IEEE)
+                Q, BP, BN, HAS_D, D_PER_CHANNEL, HAS_Z, HAS_INIT, True, False, STORE_STATES, REVERSE, SIGNED, IEEE)
 
 
 @triton.jit
 def _state_walk(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, init_ptr, out_ptr, final_ptr, states_ptr,
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dout_ptr, init_ptr, out_ptr, final_ptr, states_ptr,
     L, H, P, N, G, HPG, C0, NCS, STEP, NSTORED, init_sb, pid, b,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr, HAS_INIT: tl.constexpr,
-    STORE_OUT: tl.constexpr, STORE_STATES: tl.constexpr, REVERSE: tl.constexpr, SIGNED: tl.constexpr,
-    IEEE: tl.constexpr,
+    STORE_OUT: tl.constexpr, GRAD_Z: tl.constexpr, STORE_STATES: tl.constexpr, REVERSE: tl.constexpr,
+    SIGNED: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Program (pid = head x headdim block, b) walks chunks C0 .. C0 + NCS - 1 from the state init (batch
     stride init_sb). With STORE_STATES the state entering every STEP-th chunk of the walk goes to states[b, k]
-    (NSTORED slots), and the state leaving the walk to the slot after the last one."""
+    (NSTORED slots), and the state leaving the walk to the slot after the last one. STORE_OUT writes the output;
+    with GRAD_Z (the backward's recomputation) it writes instead the gradient of the gate z, dout times the
+    derivative of y silu(z)."""
     h, p, n, pm, nm, g, A_h, sp = _walk_program(pid, b, A_ptr, H, P, N, HPG, BP, BN)
     dtype = x_ptr.dtype.element_ty
     hp = h * P * N + p[:, None] * N + n[None, :]
@@ -161,7 +163,12 @@ def _state_walk(
                     y += Dv * x.to(tl.float32)
             if HAS_Z:
                 zv = tl.load(z_ptr + xo, mask=xm, other=0.0).to(tl.float32)
-                y = y * zv * tl.sigmoid(zv)
+                sz = tl.sigmoid(zv)
+                if GRAD_Z:
+                    do = tl.load(dout_ptr + xo, mask=xm, other=0.0).to(tl.float32)
+                    y = do * y * sz * (1.0 + zv * (1.0 - sz))
+                else:
+                    y = y * zv * sz
             tl.store(out_ptr + xo, y.to(out_ptr.dtype.element_ty), mask=xm)
         u = (x.to(tl.float32) * (dt * d_out)[:, None]).to(dtype)
         state = d_all * state + _mm(tl.trans(u), Bc, IEEE)
@@ -183,20 +190,22 @@ def _gated_dout(dout_ptr, z_ptr, xo, xm, HAS_Z: tl.constexpr):
 
 @triton.jit
 def _bwd_walks_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, starts_ptr, scratch_ptr, states_ptr, starts_sb,
-    dout_ptr, z_ptr, dcarry_ptr, dstates_ptr,
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, starts_ptr, scratch_ptr, states_ptr, starts_sb,
+    dout_ptr, z_ptr, dz_ptr, dcarry_ptr, dstates_ptr,
     L, H, P, N, G, HPG, C0, NCS,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-    HAS_Z: tl.constexpr, REVERSE: tl.constexpr, SIGNED: tl.constexpr, IEEE: tl.constexpr,
+    HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr,
+    REVERSE: tl.constexpr, SIGNED: tl.constexpr, IEEE: tl.constexpr,
 ):
     """The two walks of a backward segment, independent of each other, in one launch (program_id(2) picks):
-    its chunk states from the stored segment start, and the gradients of the states leaving its chunks."""
+    its chunk states from the stored segment start (with the z gate, recomputing the output on the way for dz),
+    and the gradients of the states leaving its chunks."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     if tl.program_id(2) == 0:
-        _state_walk(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, x_ptr, x_ptr, starts_ptr, x_ptr, scratch_ptr, states_ptr,
-                    L, H, P, N, G, HPG, C0, NCS, 1, NCS + 1, starts_sb, pid, b,
-                    Q, BP, BN, False, False, False, True, False, True, REVERSE, SIGNED, IEEE)
+        _state_walk(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dout_ptr, starts_ptr, dz_ptr, scratch_ptr,
+                    states_ptr, L, H, P, N, G, HPG, C0, NCS, 1, NCS + 1, starts_sb, pid, b,
+                    Q, BP, BN, HAS_D, D_PER_CHANNEL, HAS_Z, True, HAS_Z, True, True, REVERSE, SIGNED, IEEE)
     else:
         _dstate_walk(dout_ptr, dt_ptr, A_ptr, C_ptr, z_ptr, dcarry_ptr, dstates_ptr, L, H, P, N, G, HPG, C0, NCS,
                      pid, b, Q, BP, BN, HAS_Z, REVERSE, SIGNED, IEEE)
@@ -236,7 +245,7 @@ def _dstate_walk(
 @triton.jit
 def _bwd_chunk_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dout_ptr, states_ptr, dstates_ptr,
-    dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dz_ptr, dA_ptr, dD_ptr,  # dA (b, NC, H) and dD (b, NC, H, P): per-chunk parts
+    dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr,  # dA (b, NC, H) and dD (b, NC, H, P): per-chunk parts
     L, H, P, N, G, HPG, NC, C0, NCS, NSPLIT, HPP,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr,
@@ -283,8 +292,7 @@ def _bwd_chunk_kernel(
             dyc = dy.to(dtype)
             sm = pm[:, None] & nm[None, :]
             so = p[:, None] * N + n[None, :]
-            H_in = tl.load(states_ptr + ((b * (NCS + 1) + k) * H + h) * P * N + so, mask=sm, other=0.0).to(dtype)
-            H_out = tl.load(states_ptr + ((b * (NCS + 1) + k + 1) * H + h) * P * N + so, mask=sm, other=0.0)
+            H_in = tl.load(states_ptr + ((b * (NCS + 1) + k) * H + h) * P * N + so, mask=sm, other=0.0)
             dH = tl.load(dstates_ptr + ((b * NCS + k) * H + h) * P * N + so, mask=sm, other=0.0)
             # du_j = sum_{i >= j} W_ij dy_i + decay_out_j dH B_j
             BdH = _mm(Bc, tl.trans(dH.to(dtype)), IEEE)
@@ -303,24 +311,18 @@ def _bwd_chunk_kernel(
             M = Lmat * _mm(dyc, tl.trans(x), IEEE)  # (i, j): dy_i . x_j times the decay from j to i
             dB_acc += dt[:, None] * _mm(tl.trans(M.to(dtype)), Cc, IEEE) \
                 + (dt * d_out)[:, None] * _mm(x, dH.to(dtype), IEEE)
-            dC_acc += _mm((M * dt[None, :]).to(dtype), Bc, IEEE) + d_in[:, None] * _mm(dyc, H_in, IEEE)
+            H_c = H_in.to(dtype)
+            dC_acc += _mm((M * dt[None, :]).to(dtype), Bc, IEEE) + d_in[:, None] * _mm(dyc, H_c, IEEE)
             # d cs_k = dy_k . y_k - u_k . du_k (+ dH . H_out at the last step), each part summed in float32 from
-            # the products it is made of (C_k . dC_k summed over d_state loses the digits that cancel)
+            # the products it is made of (C_k . dC_k summed over d_state loses the digits that cancel). The
+            # state leaving the chunk is not loaded: H_out = decay_all H_in + sum_j u_j B_j, so
+            # dH . H_out = decay_all dH . H_in + sum_j u_j . (dH B_j).
             R = M * CB * dt[None, :]
-            CH = _mm(Cc, tl.trans(H_in), IEEE)  # (i, p): C_i H_in^T
-            dcs += tl.sum(R, 1) - tl.sum(R, 0) + d_in * tl.sum(dy * CH, 1) - dt * d_out * tl.sum(xf * BdH, 1)
-            dcs += tl.where(last, tl.sum(tl.sum(dH.to(tl.float32) * H_out.to(tl.float32), 1), 0), 0.0)
-            if HAS_Z:
-                y = _mm((W * dt[None, :]).to(dtype), x, IEEE) + d_in[:, None] * CH
-                if HAS_D:
-                    if D_PER_CHANNEL:
-                        y += Dv[None, :] * xf
-                    else:
-                        y += Dv * xf
-                zv = tl.load(z_ptr + xo, mask=xm, other=0.0).to(tl.float32)
-                do = tl.load(dout_ptr + xo, mask=xm, other=0.0).to(tl.float32)
-                sz = tl.sigmoid(zv)
-                tl.store(dz_ptr + xo, (do * y * sz * (1.0 + zv * (1.0 - sz))).to(dz_ptr.dtype.element_ty), mask=xm)
+            CH = _mm(Cc, tl.trans(H_c), IEEE)  # (i, p): C_i H_in^T
+            uBdH = dt * d_out * tl.sum(xf * BdH, 1)
+            dcs += tl.sum(R, 1) - tl.sum(R, 0) + d_in * tl.sum(dy * CH, 1) - uBdH
+            dHH = d_all * tl.sum(tl.sum(dH.to(tl.float32) * H_in.to(tl.float32), 1), 0) + tl.sum(uBdH, 0)
+            dcs += tl.where(last, dHH, 0.0)
         # d(lm_t) = sum_{k >= t} dcs_k: everything after step t in the chunk scales with its transition
         dlm = tl.sum(dcs, 0) - tl.cumsum(dcs, 0) + dcs
         if SIGNED:  # lm = log|2 exp(dA) - 1|: d lm / d dA = 2 exp(dA) / (2 exp(dA) - 1), 0 where clamped
