@@ -29,14 +29,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# A call slower than this is timed once (its warm-up call is the measurement): transformers' sequential
+# pure-PyTorch scan at 16k tokens takes minutes a call.
+SLOW_CALL_S = 20.0
+
+
 def timed(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> tuple[float, int]:
     """(median seconds of ``fn`` after one warm-up call, peak memory in bytes above what was allocated before)."""
-    fn()
-    _sync(device)
-    times = []
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    times = []
+    if time.perf_counter() - start > SLOW_CALL_S:
+        times, repeats = [time.perf_counter() - start], 0  # peak memory: of this call
+    elif device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # peak memory: of the timed calls, not the warm-up
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
