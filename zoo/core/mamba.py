@@ -7,6 +7,7 @@ checkpoints load by name. Everything runs channels-last (batch, length, dim).
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Optional, Union
 
 import torch
@@ -160,7 +161,13 @@ def sort_matrix(score: torch.Tensor, tau: float = 1.0, hard: bool = True) -> tor
 
 class Mamba(nn.Module):
     """The Mamba-1 mixer (Gu & Dao, 2023): in_proj -> causal depthwise conv -> SiLU -> selective
-    scan gated by SiLU(z) -> out_proj."""
+    scan gated by SiLU(z) -> out_proj.
+
+    ``scan_hook`` (default None): a callable ``hook(mixer, selective_scan, *args, **kwargs)`` that runs in place of
+    the scan call of ``forward`` / ``forward_stream`` (not of the one-step ``step``); the inference-time long-context
+    methods of :mod:`zoo.research.long_context` install themselves there. It holds no parameters."""
+
+    scan_hook = None
 
     def __init__(
         self,
@@ -306,7 +313,8 @@ class Mamba(nn.Module):
             C = B * self.signed_c_gain(suffix)
         # dt_proj's bias enters the scan as delta_bias (inside the softplus), as in mamba-ssm.
         dt = F.linear(dt, dt_proj.weight)
-        out = selective_scan(
+        scan = selective_scan if self.scan_hook is None else partial(self.scan_hook, self, selective_scan)
+        out = scan(
             x, dt, A, B, C, D=upcast(D), z=z if perm is None else None, delta_bias=upcast(dt_proj.bias), delta_softplus=True,
             reverse=reverse, cu_seqlens=cu_seqlens, initial_state=ssm_state, return_last_state=state is not None,
             negative_eigenvalues=self.negative_eigenvalues,

@@ -7,6 +7,7 @@ load by name. Channels-last (batch, length, dim) throughout; the scan is ``zoo.c
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Optional, Sequence
 
 import torch
@@ -44,7 +45,11 @@ class Mamba2(nn.Module):
 
     ``d_ssm`` < d_inner leaves d_inner - d_ssm channels to a gated MLP branch (silu(z0) * x0), as mamba-ssm.
     ``negative_eigenvalues``: per-head transitions 2 exp(dt A) - 1 in (-1, 1) (Grazzi et al., ICLR 2025).
+    ``scan_hook`` (default None): a callable ``hook(mixer, ssd_scan, *args, **kwargs)`` run in place of the scan call
+    of ``forward`` / ``forward_stream`` (not of ``step``), where :mod:`zoo.research.long_context` installs its methods.
     """
+
+    scan_hook = None
 
     def __init__(
         self,
@@ -136,7 +141,8 @@ class Mamba2(nn.Module):
         gn = self.ngroups * self.d_state
         x, B, C = torch.split(xBC, [self.d_ssm, gn, gn], dim=-1)
         D = getattr(self, "D" + suffix)
-        out = ssd_scan(
+        scan = ssd_scan if self.scan_hook is None else partial(self.scan_hook, self, ssd_scan)
+        out = scan(
             x.reshape(b, length, self.nheads, self.headdim), dt, -torch.exp(upcast(getattr(self, "A" + suffix + "_log"))),
             B.reshape(b, length, self.ngroups, self.d_state), C.reshape(b, length, self.ngroups, self.d_state),
             D=D.reshape(self.nheads, self.headdim) if self.D_has_hdim else D,
