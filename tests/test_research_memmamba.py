@@ -21,7 +21,7 @@ def test_shapes_and_identity_at_init():
 
 def test_pool_is_causal_top_scoring_summaries():
     torch.manual_seed(0)
-    pool = NotePool(4, 3, size=2, chunk=2)
+    pool = NotePool(4, 3, size=2, chunk=2, write_threshold=None)  # every token a candidate
     x = torch.randn(1, 6, 4)
     pools, scores = pool(x)
     s = pool.score(x).squeeze(-1)[0]
@@ -70,3 +70,95 @@ def test_fidelity_metrics():
         horizontal_fidelity(mixer, x, [40])
     h0 = torch.randn(2, 5, 8)
     assert vertical_fidelity([h0, h0, -h0]) == [pytest.approx(1.0), pytest.approx(-1.0)]
+
+
+# --- issue 23: the paper's triggers and the LM option ------------------------------------------------------
+
+import copy
+
+import zoo
+from zoo.core.mamba2 import Mamba2
+from zoo.research.memmamba import apply_memmamba, lm_fidelity, memory_decay
+
+
+def test_memory_decay_is_the_windowed_decay():
+    torch.manual_seed(0)
+    delta, rate = torch.rand(2, 9, 3, dtype=torch.float64), -torch.rand(3, dtype=torch.float64)
+    ref = torch.zeros(2, 9, dtype=torch.float64)
+    for t in range(9):
+        window = delta[:, max(0, t - 3) : t + 1].sum(1)  # the last 4 steps up to t
+        ref[:, t] = torch.exp(rate * window).mean(-1)
+    torch.testing.assert_close(memory_decay(delta, rate, 4), ref)
+
+
+def test_write_trigger_keeps_low_scores_out_of_the_pool():
+    torch.manual_seed(0)
+    pool = NotePool(4, 3, size=8, chunk=2, write_threshold=0.1)
+    x = torch.randn(1, 10, 4)
+    pools, scores = pool(x)
+    s = pool.score(x).squeeze(-1)[0]
+    written = scores[0, -1][torch.isfinite(scores[0, -1])]
+    assert sorted(written.tolist()) == pytest.approx(sorted(s[:8][s[:8] > 0.1].tolist()))
+
+
+@pytest.mark.parametrize("cls", [Mamba, Mamba2])
+def test_read_trigger(cls):
+    torch.manual_seed(0)
+    mixer = (cls(16, d_state=4) if cls is Mamba else cls(16, d_state=8, headdim=8, chunk_size=4)).double()
+    x = torch.randn(2, 13, 16, dtype=torch.float64)
+    mem = MemoryMamba(mixer, d_mem=8, pool_size=3, chunk=4, write_threshold=None, read_threshold=None).double()
+    with torch.no_grad():
+        mem.gate.fill_(1.0)
+        always = mem(x)
+        assert not torch.allclose(always, mixer(x))
+        mem.read_threshold = 0.0  # the decay is never below 0: nobody reads, the plain mixer
+        torch.testing.assert_close(mem(x), mixer(x))
+        mem.read_threshold = 1.01  # always below: every token reads
+        torch.testing.assert_close(mem(x), always)
+        mem.read_threshold = float(mem.last_decay.median())
+        out = mem(x)
+    read = mem.last_read[..., 0].bool()
+    assert read.any() and not read.all()  # some tokens read, some do not, and only those differ from the mixer
+    torch.testing.assert_close(out[~read], mixer(x)[~read].detach())
+    torch.testing.assert_close(out[read], always[read])
+
+
+LMS = {
+    "mamba_130m": dict(d_model=16, n_layer=4, vocab_size=40, ssm_cfg=dict(layer="Mamba1", d_state=4)),
+    "mamba2_130m": dict(d_model=16, n_layer=4, vocab_size=40, ssm_cfg=dict(layer="Mamba2", d_state=8, headdim=8, chunk_size=8)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LMS))
+def test_memmamba_lm_option_starts_plain_trains_and_is_causal(name):
+    torch.manual_seed(0)
+    plain = zoo.create_model(name, **LMS[name]).double()
+    model = apply_memmamba(copy.deepcopy(plain), d_mem=8, pool_size=4, chunk=4, cross_layer_every=2,
+                           write_threshold=None, read_threshold=None)
+    ids = torch.randint(0, 40, (2, 19))
+    torch.testing.assert_close(model(ids), plain(ids))  # gates at 0: the plain LM
+    assert model.memmamba_cfg["chunk"] == 4
+    # trainable: one step moves the memory's parameters and changes the output
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    loss = torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    mixer = model.backbone.layers[1].mixer
+    assert mixer.gate.grad is not None and mixer.gate.grad != 0 and mixer.cross_gate.grad != 0
+    opt.step()  # the gates leave 0, and the notes get gradients
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).backward()
+    assert mixer.notes.summarize.weight.grad.abs().sum() > 0 and mixer.notes.score.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        for block in model.backbone.layers:
+            block.mixer.gate.fill_(1.0)
+            block.mixer.cross_gate.fill_(1.0)
+        out = model(ids)
+        changed = ids.clone()
+        changed[:, 9] = (changed[:, 9] + 1) % 40
+        other = model(changed)
+    torch.testing.assert_close(out[:, :9], other[:, :9])  # causal at every position, cross-layer reads included
+    assert not torch.allclose(out[:, 9:], other[:, 9:])
+    fid = lm_fidelity(model, ids, distances=(1, 4))
+    assert set(fid["horizontal"]) == {0, 1, 2, 3} and len(fid["vertical"]) == 4
+    with pytest.raises(NotImplementedError, match="no streaming"):
+        model.generate(ids[:1, :4], max_new_tokens=2)
