@@ -235,3 +235,7 @@ def test_cli_tokenizer_sources(tmp_path):
     assert _tokenizer_source(args(checkpoint_path=str(tmp_path / "w.bin")), hf_cfg) == DEFAULT_TOKENIZER
     assert _tokenizer_source(args(), hf_cfg) == "hf-hub:state-spaces/mamba-130m-hf/tokenizer.json"
     assert _tokenizer_source(args(), zoo.model_info("mamba_130m")["default_cfg"]) == DEFAULT_TOKENIZER
+    # The byte-level entries carry theirs, with or without a checkpoint file; --tokenizer still wins.
+    byte_cfg = {"architecture": "mamba_tiny_lm"}
+    assert _tokenizer_source(args(checkpoint_path=str(folder / "w.bin")), byte_cfg) == "bytes"
+    assert _tokenizer_source(args(tokenizer="t.json"), byte_cfg) == "t.json"

@@ -7,10 +7,10 @@ the harness's own CLI with the adapter registered::
 
 and from Python ``lm_eval.simple_evaluate(model="zoo", model_args="pretrained=mamba_130m", tasks=[...])`` after
 ``import zoo.integrations.lm_eval``. ``model_args``: ``pretrained`` (an LM entry, weights loaded), or
-``checkpoint_path`` (a file) or ``folder`` (a save_pretrained folder); ``tokenizer`` (tokenizer.json or its folder;
-default: the folder's, else the GPT-NeoX one from the Hugging Face cache), ``device``, ``dtype``, ``batch_size``,
-``max_length``; any other key goes to ``zoo.create_model`` (e.g. ``n_layer=2``). The harness passes its own
-``--device`` (cuda unless told otherwise: ``--device cpu`` on a machine without a GPU).
+``checkpoint_path`` (a file) or ``folder`` (a save_pretrained folder); ``tokenizer`` (tokenizer.json or its folder, or
+``bytes``; default: the byte-level entries' own, else the folder's, else the GPT-NeoX one from the Hugging Face
+cache), ``device``, ``dtype``, ``batch_size``, ``max_length``; any other key goes to ``zoo.create_model`` (e.g.
+``n_layer=2``). The harness passes its own ``--device`` (cuda unless told otherwise: ``--device cpu`` on a machine without a GPU).
 
 Log-likelihoods run the requests of a batch packed into one sequence (``cu_seqlens``), each scored only within itself;
 ``generate_until`` goes through ``model.generate``.
@@ -77,7 +77,9 @@ if LM is not None:
                 model = zoo.create_model(pretrained, pretrained=checkpoint_path is None, checkpoint_path=checkpoint_path,
                                          **model_kwargs)
             self.model = model.to(device=device, dtype=getattr(torch, dtype)).eval()
-            self.tokenizer = load_tokenizer(tokenizer or folder or DEFAULT_TOKENIZER)
+            # The byte-level entries carry their tokenizer (model.tokenizer); the GPT-NeoX ones load theirs.
+            own = getattr(model, "tokenizer", None)
+            self.tokenizer = load_tokenizer(tokenizer) if tokenizer else own or load_tokenizer(folder or DEFAULT_TOKENIZER)
             self.eot = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
 
         def _encode(self, text: str) -> List[int]:

@@ -35,8 +35,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--seed", type=number_arg(int, 0), default=0, help="seed of the sampling")
     p.add_argument("--checkpoint-path", default=None, help="weights file (state-spaces or transformers layout) instead "
                    "of the entry's pretrained weights")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json or a folder holding one (default: the one beside "
-                   "--checkpoint-path, else the one of the weights' -hf repository, else "
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json or a folder holding one, or 'bytes' (default: the "
+                   "entry's own for the byte-level entries, else the one beside --checkpoint-path, else the one of the "
+                   "weights' -hf repository, else "
                    f"{DEFAULT_TOKENIZER}; hf-hub files come from the Hugging Face cache)")
     p.add_argument("--model-kwargs", nargs="+", default=[], metavar="KEY=VALUE",
                    help="more create_model arguments, e.g. n_layer=2 d_model=64 (for a file of another size)")
@@ -46,10 +47,15 @@ def add_cli(subparsers) -> None:
 
 
 def _tokenizer_source(args, cfg: dict) -> str:
-    """--tokenizer; else the tokenizer.json beside --checkpoint-path; else the one in the weights' repository
-    (transformers' -hf repositories carry it); else GPT-NeoX's."""
+    """--tokenizer; else the entry's own (cfg's architecture; the byte-level entries: "bytes"); else the tokenizer.json beside
+    --checkpoint-path; else the one in the weights' repository (transformers' -hf repositories carry it); else
+    GPT-NeoX's."""
+    from zoo.models.language import entry_tokenizer
+
     if args.tokenizer:
         return args.tokenizer
+    if entry_tokenizer(cfg.get("architecture", "")):
+        return entry_tokenizer(cfg["architecture"])
     if args.checkpoint_path:
         beside = Path(args.checkpoint_path).parent / "tokenizer.json"
         return str(beside) if beside.is_file() else DEFAULT_TOKENIZER
@@ -68,6 +74,7 @@ def _cli_generate(args: argparse.Namespace) -> int:
     if not info["module"].startswith("zoo.models.language"):
         raise ValueError(f"'{args.name}' is not a language model (it comes from {info['module']}); see `zoo list 'mamba*'`")
     cfg = info["pretrained_cfgs"].get(f"{info['architecture']}.{info['tag']}", {}) if info["tag"] else {}
+    cfg = {**cfg, "architecture": info["architecture"]}
     tokenizer = load_tokenizer(_tokenizer_source(args, cfg))
     model = zoo.create_model(args.name, pretrained=args.checkpoint_path is None, checkpoint_path=args.checkpoint_path,
                              **parse_model_kwargs(args.model_kwargs))
@@ -76,9 +83,12 @@ def _cli_generate(args: argparse.Namespace) -> int:
     shown = []
 
     def stream(_, token):
-        # Print the text grown by this token (byte-level BPE: a character can span tokens).
+        # Print the text grown by this token (byte-level BPE and byte tokens: a character can span tokens, so an
+        # incomplete one at the end, decoded as U+FFFD, waits for the next token).
         shown.append(token)
         text = tokenizer.decode(shown)
+        if text.endswith("\ufffd"):
+            return
         sys.stdout.write(text[len(stream.printed):])
         sys.stdout.flush()
         stream.printed = text
@@ -88,5 +98,5 @@ def _cli_generate(args: argparse.Namespace) -> int:
     model.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, eos_token_id=tokenizer.eos_token_id,
                    streamer=stream, tokenizer=tokenizer, generator=generator)
-    sys.stdout.write("\n")
+    sys.stdout.write(tokenizer.decode(shown)[len(stream.printed):] + "\n")  # what a held-back end left
     return 0

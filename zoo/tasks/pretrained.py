@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -98,6 +99,26 @@ def _eval_speech(task: str) -> Callable:
     return run
 
 
+# The byte-level LMs (mamba_tiny_lm, mamba2_tiny_lm) trained by benchmarks/train_lm.py on the King James Bible: held-out
+# perplexity on its test books at the training length. Their tags are added to SHIPPED once trained weights exist:
+# "mamba_tiny_lm.kjv": _eval_kjv,
+KJV_EVAL_LENGTH = 512
+
+
+@torch.no_grad()
+def _eval_kjv(model) -> Dict[str, Any]:
+    from zoo.data.kjv import kjv_splits
+    from zoo.tasks.language_modeling import evaluate_lm
+
+    # The installed Debian text (bible-kjv-text, read through its `bible` program), or a copy named by ZOO_KJV_TEXT.
+    splits = kjv_splits(os.environ.get("ZOO_KJV_TEXT") or None)
+    out = evaluate_lm(model.eval(), splits.test, KJV_EVAL_LENGTH, batch_size=8)
+    return {"metric": "bits_per_byte", "bits_per_byte": out["bpb"], "perplexity_per_byte": out["ppl"],
+            "nll_nats_per_byte": out["nll"], "test_samples": out["bytes"],
+            "data": f"King James Bible (Debian bible-kjv-text), test books {', '.join(splits.books['test'])}: every byte "
+                    f"but the first scored once, windows of {KJV_EVAL_LENGTH} bytes"}
+
+
 # tag -> (evaluation on the test split, fixed inputs for the reference outputs)
 SHIPPED: Dict[str, Callable] = {
     "vim_tiny.digits": _eval_digits,
@@ -121,6 +142,8 @@ def reference_input(name: str):
         return ([torch.randn(n, 64, generator=g) for n in (9, 20)],)
     if arch == "smamba_classifier":
         return (torch.randn(2, 100, 6, generator=g),)
+    if arch in ("mamba_tiny_lm", "mamba2_tiny_lm"):
+        return (torch.randint(0, 256, (2, 64), generator=g),)
     if arch in ("mamba_kws_tiny", "mamba_ctc_causal_tiny"):
         return (torch.randn(2, 16000, generator=g) * 0.1, torch.tensor([16000, 12000]))
     raise KeyError(f"no reference input for {name!r}; shipped tags: {', '.join(SHIPPED)}")

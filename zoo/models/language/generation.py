@@ -254,13 +254,43 @@ class Tokenizer:
         return self.backend.get_vocab_size()
 
 
-def load_tokenizer(source: Union[str, os.PathLike]) -> Tokenizer:
+class ByteTokenizer:
+    """Byte-level tokenizer of the zoo's small byte LMs (``mamba_tiny_lm``, ...): a text's UTF-8 bytes are its token
+    ids (vocabulary 256, no special tokens, so no ``eos_token_id``). ``decode`` replaces bytes that are not valid
+    UTF-8 (a model may emit any byte) with U+FFFD, as ``bytes.decode(errors="replace")``."""
+
+    BYTES = "bytes"  # its name for load_tokenizer
+    eos_token_id = None
+
+    def encode(self, text: str) -> List[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"ByteTokenizer.encode: expected a str, got {type(text).__name__}")
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        ids = list(ids)
+        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < 256]
+        if bad:
+            raise ValueError(f"ByteTokenizer.decode: token ids must be bytes, ints in [0, 256), got {bad[:5]}")
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def __len__(self) -> int:
+        return 256
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer()"
+
+
+def load_tokenizer(source: Union[str, os.PathLike]) -> Union[Tokenizer, ByteTokenizer]:
     """A tokenizer from a tokenizer.json file, a folder holding one, or an hf-hub spec
-    (``hf-hub:EleutherAI/gpt-neox-20b/tokenizer.json``, through the Hugging Face cache like weights)."""
+    (``hf-hub:EleutherAI/gpt-neox-20b/tokenizer.json``, through the Hugging Face cache like weights); the name
+    ``"bytes"`` gives the :class:`ByteTokenizer` of the byte-level entries (a file of that name: ``./bytes``)."""
     from tokenizers import Tokenizer as Backend
 
     from zoo import hub
 
+    if isinstance(source, str) and source == ByteTokenizer.BYTES:
+        return ByteTokenizer()
     text = os.fspath(source)
     if text.split(":", 1)[0].lower() in ("hf-hub", "hf_hub"):
         path = hub.resolve_source(text)

@@ -33,7 +33,7 @@ from zoo.core.precision import compute_dtype
 from zoo.hub import CheckpointError
 from zoo.registry import build_model, register_model, register_pretrained_cfgs
 
-from .generation import GenerationMixin
+from .generation import ByteTokenizer, GenerationMixin
 
 SSM_LAYERS = {"Mamba1": Mamba, "Mamba2": Mamba2}
 
@@ -590,10 +590,31 @@ _ARCHS = {
 _HF_REPOS = {"mamba_130m", "mamba_370m", "mamba_790m"}
 
 
+# Small byte-level LMs of our own (vocabulary: the 256 byte values, zoo.models.language.ByteTokenizer), the size that
+# trains in minutes on one GPU (benchmarks/train_lm.py): d_model 256, 8 layers, about 3.5M parameters. The Mamba-2
+# mixer keeps headdim 64 (8 heads) and takes d_state 64, which gives it the Mamba-1 model's parameter count.
+# name -> (mixer, MambaConfig fields)
+_BYTE_ARCHS = {
+    "mamba_tiny_lm": ("Mamba", dict(d_model=256, n_layer=8, ssm_cfg={"layer": "Mamba1"})),
+    "mamba2_tiny_lm": ("Mamba-2", dict(d_model=256, n_layer=8, ssm_cfg={"layer": "Mamba2", "d_state": 64, "headdim": 64})),
+}
+BYTE_VOCAB = 256
+
+
 def model_config(name: str) -> dict:
     """The MambaConfig of an entry, every field (as its state-spaces config.json gives them)."""
+    if name in _BYTE_ARCHS:
+        return asdict(MambaConfig(vocab_size=BYTE_VOCAB, **copy.deepcopy(_BYTE_ARCHS[name][1])))
     _, d_model, n_layer, extra = _ARCHS[name]
     return asdict(MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=50277, **copy.deepcopy(extra)))
+
+
+def entry_tokenizer(name: str) -> Optional[str]:
+    """The tokenizer an entry's weights go with, as :func:`load_tokenizer` takes it, when the entry fixes one:
+    ``"bytes"`` for the byte-level entries; None for the GPT-NeoX ones (their tokenizer comes from the Hub)."""
+    from zoo.registry import split_model_name
+
+    return "bytes" if split_model_name(name)[0] in _BYTE_ARCHS else None
 
 
 def _cfg(name: str, repo: str, filename: str) -> dict:
@@ -623,3 +644,30 @@ def _entry(name: str, doc: str):
 for _name, (_repo, _d, _n, _extra) in _ARCHS.items():
     _kind = "Mamba-2 + attention" if "attn" in _name else ("Mamba-2" if _name.startswith("mamba2") else "Mamba")
     _entry(_name, f"{_kind} LM (state-spaces/{_repo}): d_model {_d}, {_n} layers, GPT-NeoX vocabulary.")
+
+
+def _byte_cfg(name: str, **extra) -> dict:
+    return dict(license="Apache-2.0", paper=_PAPER_2 if name.startswith("mamba2") else _PAPER_1, source="mamba-zoo",
+                notes="Byte-level (vocabulary 256: UTF-8 bytes, ByteTokenizer); trained here by benchmarks/train_lm.py.",
+                **_HEAD_CFG, **extra)
+
+
+# Tag-less cfgs (no weights) until trained ones are packaged; shipping them replaces each by its tag, e.g.
+# "mamba_tiny_lm.kjv": _byte_cfg("mamba_tiny_lm", file="weights/mamba_tiny_lm.kjv.safetensors", sha256="...").
+register_pretrained_cfgs({name: _byte_cfg(name) for name in _BYTE_ARCHS})
+
+
+def _byte_entry(name: str, doc: str):
+    def entrypoint(pretrained: bool = False, **kwargs) -> MambaLMHeadModel:
+        model = _create(name, pretrained, kwargs)
+        model.tokenizer = ByteTokenizer()  # generate("text") needs no tokenizer argument
+        return model
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__doc__ = doc
+    return register_model(entrypoint)
+
+
+for _name, (_kind, _fields) in _BYTE_ARCHS.items():
+    _byte_entry(_name, f"{_kind} byte-level LM (mamba-zoo): d_model {_fields['d_model']}, {_fields['n_layer']} layers, "
+                       f"vocabulary of the 256 byte values (ByteTokenizer). Weights: trained here (benchmarks/train_lm.py).")
