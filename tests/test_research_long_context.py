@@ -251,3 +251,15 @@ def test_state_capacity_and_size():
     assert lc.state_capacity({64: 0.1}) is None
     assert lc.state_size(_lm("mamba_130m")) == 2 * 32 * 4
     assert lc.state_size(_lm("mamba2_130m")) == 2 * 4 * 8 * 8
+
+
+def test_state_normalization_on_packed_sequences_and_generation():
+    model = _lm("mamba2_130m")
+    cal = lc.calibrate_state_norm(model, _ids(2, 16))
+    lc.apply_stuffed_mamba(model, "state_normalization", calibration=cal, threshold_multiplier=0.5, chunk=8)
+    a, b = _ids(1, 13, seed=3), _ids(1, 30, seed=4)
+    with torch.no_grad():
+        packed = model(torch.cat([a, b], 1), cu_seqlens=torch.tensor([0, 13, 43]))
+        torch.testing.assert_close(packed[:, :13], model(a))
+        torch.testing.assert_close(packed[:, 13:], model(b))
+    assert len(model.generate([a[0].tolist(), b[0].tolist()], max_new_tokens=2)) == 2  # prefill packs the prompts

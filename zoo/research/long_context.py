@@ -110,9 +110,14 @@ class ScanCall:
         return torch.repeat_interleave(lens, lens, output_size=self.length)
 
     def run(self, delta: torch.Tensor, A: Optional[torch.Tensor] = None, B: Optional[torch.Tensor] = None,
-            start: int = 0, stop: Optional[int] = None, initial_state="same", return_state: Optional[bool] = None):
+            start: int = 0, stop: Optional[int] = None, initial_state="same", return_state: Optional[bool] = None,
+            unpack: bool = False):
+        """The op on positions [start, stop) with this ``delta``; ``unpack``: the slice is one sequence of a packed
+        call, run on its own (no cu_seqlens)."""
         sl = slice(start, stop)
         kw = dict(self.kw)
+        if unpack:
+            kw["cu_seqlens"] = None
         kw["initial_state"] = self.initial_state if isinstance(initial_state, str) else initial_state
         kw[self.state_key] = self.returns_state if return_state is None else return_state
         if self.mamba2:
@@ -124,10 +129,30 @@ class ScanCall:
         B = self.B if B is None else B
         return self.op(self.u[:, sl], delta[:, sl], self.A if A is None else A, B[:, sl], self.C[:, sl], **kw)
 
-    def check_plain(self, what: str) -> None:
-        """Methods that cut the sequence into time slices take one forward, unpacked sequence per row."""
-        if self.reverse or self.cu_seqlens is not None:
-            raise ValueError(f"{what}: takes forward scans of unpacked sequences (no reverse scan, no cu_seqlens)")
+    def run_chunked(self, chunk: int, after_chunk: Callable, what: str):
+        """The scan in slices of ``chunk`` tokens, each from the state the previous one left, passed through
+        ``after_chunk(state, tokens so far in its sequence)`` in between; packed sequences (cu_seqlens) run one by
+        one. Same return as the op's."""
+        if self.reverse:
+            raise ValueError(f"{what}: takes forward scans (not reverse)")
+        delta = self.delta()
+        if self.cu_seqlens is None:
+            spans = [(0, self.length, self.initial_state)]
+        else:
+            bounds = self.cu_seqlens.tolist()
+            init = self.initial_state
+            spans = [(a, b, None if init is None else init[i : i + 1]) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+        outs, finals = [], []
+        for first, last, state in spans:
+            for start in range(first, last, chunk):
+                stop = min(start + chunk, last)
+                out, state = self.run(delta, start=start, stop=stop, initial_state=state, return_state=True,
+                                      unpack=self.cu_seqlens is not None)
+                outs.append(out)
+                state = after_chunk(state, stop - first)
+            finals.append(state)
+        out = torch.cat(outs, dim=1)
+        return (out, torch.cat(finals, 0)) if self.returns_state else out
 
 
 def ssm_mixers(model: nn.Module) -> List[nn.Module]:
@@ -301,18 +326,17 @@ class StateStatsHook:
 
     def __call__(self, mixer, op, *args, **kwargs):
         call = ScanCall(mixer, op, args, kwargs)
-        call.check_plain("state_statistics")
-        delta, state, outs, rows = call.delta(), call.initial_state, [], []
-        for start in range(0, call.length, self.every):
-            stop = min(start + self.every, call.length)
-            out, state = call.run(delta, start=start, stop=stop, initial_state=state, return_state=True)
-            outs.append(out)
+        rows = []
+
+        def record(state, position):
             v = _channel_view(state, call.mamba2).double()
-            rows.append(dict(position=stop, mean=v.mean(-1).mean(0), var=v.var(-1, unbiased=False).mean(0),
+            rows.append(dict(position=position, mean=v.mean(-1).mean(0), var=v.var(-1, unbiased=False).mean(0),
                              max=v.abs().amax(-1).mean(0), norm=v.norm(dim=-1).mean(0)))
+            return state
+
+        out = call.run_chunked(self.every, record, "state_statistics")
         self.records.append(rows)
-        out = torch.cat(outs, dim=1)
-        return (out, state) if call.returns_state else out
+        return out
 
 
 @torch.no_grad()
@@ -373,18 +397,14 @@ class StateNormHook:
 
     def __call__(self, mixer, op, *args, **kwargs):
         call = ScanCall(mixer, op, args, kwargs)
-        call.check_plain("state_normalization")
-        delta, state, outs = call.delta(), call.initial_state, []
-        for start in range(0, call.length, self.chunk):
-            out, state = call.run(delta, start=start, stop=min(start + self.chunk, call.length), initial_state=state,
-                                  return_state=True)
-            outs.append(out)
+
+        def normalise(state, position):
             norm = _channel_view(state, call.mamba2).norm(dim=-1)  # (b, c)
             limit = self.thresholds.to(device=norm.device, dtype=norm.dtype)
             scale = torch.where(norm > limit, limit / norm.clamp(min=1e-30), torch.ones_like(norm))
-            state = state * scale.reshape(scale.shape + (1,) * (state.dim() - 2))
-        out = torch.cat(outs, dim=1)
-        return (out, state) if call.returns_state else out
+            return state * scale.reshape(scale.shape + (1,) * (state.dim() - 2))
+
+        return call.run_chunked(self.chunk, normalise, "state_normalization")
 
 
 @torch.no_grad()
