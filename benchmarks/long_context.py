@@ -1,6 +1,6 @@
 """Long context on an LM: passkey retrieval and perplexity at 1x, 2x, 4x, 8x, 16x the training length, for the plain
-model and each training-free method of zoo.research.long_context (LongMamba, Stuffed Mamba's forget-more and state
-normalisation), over several seeds; writes OUT.json, OUT.md (a table) and OUT.png (accuracy and perplexity against
+model and each training-free method of zoo.research.long_context (LongMamba; Stuffed Mamba's forget-more, state
+normalisation and sliding window), over several seeds; writes OUT.json, OUT.md (a table) and OUT.png (accuracy and perplexity against
 length). MemMamba is an architecture, not a training-free method: a MemMamba LM (trained with
 zoo.research.memmamba.apply_memmamba) is measured by passing its checkpoint with --memmamba CFG_JSON.
 
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from zoo.research import long_context as lc
 
-METHODS = ("plain", "longmamba", "forget_more_remember_less", "state_normalization")
+METHODS = ("plain", "longmamba", "forget_more_remember_less", "state_normalization", "sliding_window")
 
 
 def passkey_prompt(filler: torch.Tensor, length: int, key: str, depth: float, encode):
@@ -124,6 +124,10 @@ def prepare(model, method: str, args, ids: torch.Tensor, encode, device) -> dict
         cal = lc.calibrate_state_norm(model, calib)
         lc.apply_stuffed_mamba(model, method, calibration=cal, threshold_multiplier=args.norm_multiplier, chunk=args.norm_chunk)
         return dict(threshold_multiplier=args.norm_multiplier, chunk=args.norm_chunk)
+    if method == "sliding_window":
+        window = args.window or args.train_length
+        lc.apply_stuffed_mamba(model, method, window=window)
+        return dict(window=window)
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
@@ -208,6 +212,7 @@ def main(argv=None) -> int:
     p.add_argument("--B-scale", type=float, default=1.0, help="forget-more: input multiplier (< 1 remembers less)")
     p.add_argument("--norm-multiplier", type=float, default=1.0, help="state normalisation: threshold = calibrated norm x this")
     p.add_argument("--norm-chunk", type=int, default=128)
+    p.add_argument("--window", type=int, default=None, help="sliding window: tokens the state keeps (default: the training length)")
     p.add_argument("--capacity-accuracy", type=float, default=0.9)
     p.add_argument("--diagnose", action="store_true", help="also record the plain model's state statistics at the longest length")
     p.add_argument("--device", default="cpu")

@@ -243,7 +243,7 @@ def test_state_norm_calibration_and_apply():
         out = lc.apply_stuffed_mamba(model, "state_normalization", calibration=cal, chunk=16)(ids)
     assert torch.isfinite(out).all()
     with pytest.raises(ValueError, match="method must be one of"):
-        lc.apply_stuffed_mamba(model, "sliding_window")
+        lc.apply_stuffed_mamba(model, "state_collapse")
 
 
 def test_state_capacity_and_size():
@@ -263,3 +263,50 @@ def test_state_normalization_on_packed_sequences_and_generation():
         torch.testing.assert_close(packed[:, :13], model(a))
         torch.testing.assert_close(packed[:, 13:], model(b))
     assert len(model.generate([a[0].tolist(), b[0].tolist()], max_new_tokens=2)) == 2  # prefill packs the prompts
+
+
+def test_sliding_window_equals_the_plain_scan_over_each_window():
+    torch.manual_seed(0)
+    b, l, d, n, r = 2, 23, 4, 3, 6
+    u, raw, z = (torch.randn(b, l, d, dtype=torch.float64) for _ in range(3))
+    A = -torch.rand(d, n, dtype=torch.float64) - 0.1
+    B, C = torch.randn(b, l, n, dtype=torch.float64), torch.randn(b, l, n, dtype=torch.float64)
+    D, bias = torch.randn(d, dtype=torch.float64), torch.randn(d, dtype=torch.float64)
+    h0 = torch.randn(b, d, n, dtype=torch.float64)
+    hook = lc.SlidingWindowHook(r, chunk=4)
+    for init in (None, h0):
+        out = hook(Mamba(4), selective_scan, u, raw, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True, initial_state=init)
+        ref = torch.zeros_like(out)
+        for t in range(l):
+            lo = max(0, t - r + 1)  # the window (t - r, t]; the initial state counts as position -1 (kept while t - r < -1)
+            ys = selective_scan_naive(u[:, lo : t + 1], raw[:, lo : t + 1], A, B[:, lo : t + 1], C[:, lo : t + 1], D=D,
+                                      z=z[:, lo : t + 1], delta_bias=bias, delta_softplus=True,
+                                      initial_state=init if (init is not None and t < r - 1) else None)
+            ref[:, t] = ys[:, -1]
+        torch.testing.assert_close(out, ref)
+
+
+def test_sliding_window_mamba2_and_on_an_lm():
+    torch.manual_seed(1)
+    b, l, h, p, n, r = 1, 19, 3, 2, 4, 5
+    x, raw = torch.randn(b, l, h, p, dtype=torch.float64), torch.randn(b, l, h, dtype=torch.float64)
+    A, D, bias = -torch.rand(h, dtype=torch.float64) - 0.1, torch.randn(h, dtype=torch.float64), torch.randn(h, dtype=torch.float64)
+    B, C = torch.randn(b, l, 1, n, dtype=torch.float64), torch.randn(b, l, 1, n, dtype=torch.float64)
+    out = lc.SlidingWindowHook(r, chunk=3)(Mamba2(16, headdim=8, d_state=4), ssd_scan, x, raw, A, B, C, D=D, dt_bias=bias,
+                                            dt_softplus=True, chunk_size=4)
+    dt = F.softplus(raw + bias)
+    ref = torch.zeros_like(out)
+    for t in range(l):
+        lo = max(0, t - r + 1)
+        ys, _ = ssd_scan_naive(x[:, lo : t + 1], dt[:, lo : t + 1], A, B[:, lo : t + 1], C[:, lo : t + 1], D=D)
+        ref[:, t] = ys[:, -1]
+    torch.testing.assert_close(out, ref)
+    model = _lm("mamba_130m")
+    ids = _ids(2, 40)
+    with torch.no_grad():
+        ref = model(ids)
+        long_window = lc.apply_stuffed_mamba(model, "sliding_window", window=64)(ids)  # longer than the input: plain
+        torch.testing.assert_close(long_window, ref)
+        short = lc.apply_stuffed_mamba(model, "sliding_window", window=8)(ids)
+        torch.testing.assert_close(short[:, :8], ref[:, :8])
+        assert not torch.allclose(short[:, 8:], ref[:, 8:])

@@ -39,7 +39,9 @@ Modeling", arXiv:2410.07145; the authors' code: github.com/thunlp/stuffed-mamba)
   threshold is scaled back to the threshold, the thresholds being the channels' state norms at the training length
   (:func:`calibrate_state_norm`) times ``threshold_multiplier``. The authors' code multiplies the state by
   norm / threshold there (it grows the state); we divide, which is what normalisation means.
-  The paper's third method (a sliding window by state difference) is not implemented here.
+  ``method="sliding_window"`` (Method 3, sliding window by state difference): the state keeps only the last
+  ``window`` tokens, h_t - (decay over the window) h_{t - window}, computed exactly (chunked closed form, the last
+  ``window`` states kept); full forward passes only, not the packed prefill of ``generate``.
 * state capacity: :func:`state_capacity`, the longest length at which passkey retrieval stays at or above an
   accuracy, from accuracies measured at growing lengths (``benchmarks/long_context.py`` measures them on an LM).
 """
@@ -407,6 +409,78 @@ class StateNormHook:
         return call.run_chunked(self.chunk, normalise, "state_normalization")
 
 
+class SlidingWindowHook:
+    """Stuffed Mamba's Method 3, a sliding window by state difference: the state at t holds the last ``window``
+    tokens only, h^w_t = h_t - (prod_{s in (t - window, t]} exp(Delta_s A)) h_{t - window}, so y_t = C_t h^w_t + D u_t.
+    States come from the chunked closed form over ``chunk`` positions at a time; the last ``window`` states are kept
+    (memory: window x state size per sequence). Full unpacked forward passes only (no streaming: the state of a
+    window cannot be carried on without the history)."""
+
+    def __init__(self, window: int, chunk: int = 16):
+        if window < 1 or chunk < 1:
+            raise ValueError(f"sliding_window: window and chunk must be >= 1, got {window}, {chunk}")
+        self.window, self.chunk = int(window), int(chunk)
+
+    def __call__(self, mixer, op, *args, **kwargs):
+        from zoo.core.selective_scan._checks import expand_groups
+        from zoo.core.ssd._checks import heads_of_groups, skip_term
+
+        call = ScanCall(mixer, op, args, kwargs)
+        if call.reverse or call.cu_seqlens is not None or call.returns_state or kwargs.get("negative_eigenvalues"):
+            raise ValueError("sliding_window: takes whole forward sequences (no reverse scan, cu_seqlens, streaming "
+                             "state or negative_eigenvalues); generate() cannot use it")
+        delta = call.delta()
+        acc = delta.dtype
+        u, A = upcast(call.u), upcast(call.A)
+        b, length = u.shape[:2]
+        if call.mamba2:  # states (b, h, p, n); log decay per head
+            heads = u.shape[2]
+            Bx, Cx = heads_of_groups(upcast(call.B), heads), heads_of_groups(upcast(call.C), heads)
+            log_decay = (delta * A)[..., None, None]  # (b, l, h, 1, 1)
+            inputs = (delta[..., None] * u)[..., None] * Bx[:, :, :, None, :]  # (b, l, h, p, n)
+            state_shape = (heads, u.shape[3], Bx.shape[-1])
+        else:  # states (b, d, n); log decay per channel and state
+            dim = u.shape[2]
+            Bx, Cx = expand_groups(upcast(call.B), dim), expand_groups(upcast(call.C), dim)
+            log_decay = delta[..., None] * A  # (b, l, d, n)
+            inputs = (delta * u)[..., None] * Bx
+            state_shape = (dim, Bx.shape[-1])
+        glob = F.pad(log_decay.double().cumsum(1), (0,) * (2 * len(state_shape)) + (1, 0))  # glob[:, t + 1]: through t
+        init = call.initial_state
+        prev = u.new_zeros((b,) + state_shape, dtype=acc) if init is None else init.to(acc)
+        hist, first = prev[:, None], -1  # states at positions first, first + 1, ... (position -1: the initial state)
+        ys = []
+        for c0 in range(0, length, self.chunk):
+            c1 = min(c0 + self.chunk, length)
+            local = (glob[:, c0 + 1 : c1 + 1] - glob[:, c0 : c0 + 1]).to(acc)  # cumulative log decay within the chunk
+            diff = local[:, :, None] - local[:, None, :]  # (b, t, s, ...)
+            causal = torch.ones(c1 - c0, c1 - c0, dtype=torch.bool, device=u.device).tril()
+            causal = causal.reshape(causal.shape + (1,) * len(state_shape))
+            weights = torch.where(causal, diff, torch.full_like(diff, float("-inf"))).exp()
+            states = torch.exp(local) * prev[:, None] + (weights * inputs[:, None, c0:c1]).sum(2)  # (b, c, *state)
+            hist = torch.cat([hist, states], 1)
+            # h_{t - window} and the decay over the window, for t in [c0, c1)
+            back = torch.arange(c0, c1, device=u.device) - self.window
+            valid = back >= -1
+            old = hist[:, (back - first).clamp(min=0)] * valid.reshape((1, -1) + (1,) * len(state_shape)).to(acc)
+            span = (glob[:, c0 + 1 : c1 + 1] - glob[:, (back + 1).clamp(min=0)]).to(acc)
+            windowed = states - torch.exp(span) * old
+            ys.append((windowed * Cx[:, c0:c1, :, None, :]).sum(-1) if call.mamba2 else (windowed * Cx[:, c0:c1]).sum(-1))
+            prev = states[:, -1]
+            keep_from = max(0, c1 - self.window - 1 - first)  # positions >= c1 - window - 1 stay needed
+            hist, first = hist[:, keep_from:], first + keep_from
+        y = torch.cat(ys, 1)
+        D, z = call.kw.get("D"), call.kw.get("z")
+        if call.mamba2:
+            skip = skip_term(D, u)
+            y = y if skip is None else y + skip
+        elif D is not None:
+            y = y + u * upcast(D)
+        if z is not None:
+            y = y * F.silu(upcast(z))
+        return y.to(call.u.dtype)
+
+
 @torch.no_grad()
 def calibrate_state_norm(model: nn.Module, samples: torch.Tensor) -> dict:
     """Per SSM layer and channel the state norm after the training length (``samples`` (n, L_train)), the largest
@@ -417,20 +491,25 @@ def calibrate_state_norm(model: nn.Module, samples: torch.Tensor) -> dict:
     return dict(train_length=samples.shape[1], layers=layers)
 
 
-STUFFED_METHODS = ("forget_more_remember_less", "state_normalization")
+STUFFED_METHODS = ("forget_more_remember_less", "state_normalization", "sliding_window")
 
 
 def apply_stuffed_mamba(model: nn.Module, method: str, *, dt_scale: float = 1.0, A_scale: float = 1.0,
                         B_scale: float = 1.0, calibration=None, threshold_multiplier: float = 1.0,
-                        chunk: int = 128) -> nn.Module:
+                        chunk: int = 128, window: Optional[int] = None) -> nn.Module:
     """Install one of Stuffed Mamba's training-free mitigations on every SSM mixer (in place; returns the model).
     ``"forget_more_remember_less"``: ``dt_scale``, ``A_scale``, ``B_scale``. ``"state_normalization"``:
     ``calibration`` from :func:`calibrate_state_norm` (dict or file), thresholds = its norms x
-    ``threshold_multiplier``, applied every ``chunk`` tokens."""
+    ``threshold_multiplier``, applied every ``chunk`` tokens. ``"sliding_window"``: the state keeps the last
+    ``window`` tokens (e.g. the training length)."""
     if method not in STUFFED_METHODS:
         raise ValueError(f"apply_stuffed_mamba: method must be one of {STUFFED_METHODS}, got {method!r}")
     if method == "forget_more_remember_less":
         return _install(model, lambda i, m: ForgetMoreHook(dt_scale, A_scale, B_scale))
+    if method == "sliding_window":
+        if window is None:
+            raise ValueError("apply_stuffed_mamba: sliding_window needs window= (tokens the state keeps)")
+        return _install(model, lambda i, m: SlidingWindowHook(window))
     if calibration is None:
         raise ValueError("apply_stuffed_mamba: state_normalization needs a calibration (calibrate_state_norm)")
     cal = load_calibration(calibration)
