@@ -416,7 +416,7 @@ class SlidingWindowHook:
     (memory: window x state size per sequence). Full unpacked forward passes only (no streaming: the state of a
     window cannot be carried on without the history)."""
 
-    def __init__(self, window: int, chunk: int = 16):
+    def __init__(self, window: int, chunk: int = 64):
         if window < 1 or chunk < 1:
             raise ValueError(f"sliding_window: window and chunk must be >= 1, got {window}, {chunk}")
         self.window, self.chunk = int(window), int(chunk)
@@ -436,34 +436,47 @@ class SlidingWindowHook:
         if call.mamba2:  # states (b, h, p, n); log decay per head
             heads = u.shape[2]
             Bx, Cx = heads_of_groups(upcast(call.B), heads), heads_of_groups(upcast(call.C), heads)
-            log_decay = (delta * A)[..., None, None]  # (b, l, h, 1, 1)
-            inputs = (delta[..., None] * u)[..., None] * Bx[:, :, :, None, :]  # (b, l, h, p, n)
             state_shape = (heads, u.shape[3], Bx.shape[-1])
+
+            def log_decay(summed_delta):  # (b, t, h) -> (b, t, h, 1, 1)
+                return (summed_delta * A)[..., None, None]
+
+            def inputs(c0, c1):
+                return (delta[:, c0:c1, :, None] * u[:, c0:c1])[..., None] * Bx[:, c0:c1, :, None, :]
         else:  # states (b, d, n); log decay per channel and state
             dim = u.shape[2]
             Bx, Cx = expand_groups(upcast(call.B), dim), expand_groups(upcast(call.C), dim)
-            log_decay = delta[..., None] * A  # (b, l, d, n)
-            inputs = (delta * u)[..., None] * Bx
             state_shape = (dim, Bx.shape[-1])
-        glob = F.pad(log_decay.double().cumsum(1), (0,) * (2 * len(state_shape)) + (1, 0))  # glob[:, t + 1]: through t
+
+            def log_decay(summed_delta):  # (b, t, d) -> (b, t, d, n)
+                return summed_delta[..., None] * A
+
+            def inputs(c0, c1):
+                return (delta[:, c0:c1] * u[:, c0:c1])[..., None] * Bx[:, c0:c1]
+        # cum[:, t + 1]: the sum of Delta through t, per channel (float64: differences of long sums)
+        cum = F.pad(delta.double().cumsum(1), (0, 0, 1, 0))
         init = call.initial_state
         prev = u.new_zeros((b,) + state_shape, dtype=acc) if init is None else init.to(acc)
         hist, first = prev[:, None], -1  # states at positions first, first + 1, ... (position -1: the initial state)
         ys = []
         for c0 in range(0, length, self.chunk):
             c1 = min(c0 + self.chunk, length)
-            local = (glob[:, c0 + 1 : c1 + 1] - glob[:, c0 : c0 + 1]).to(acc)  # cumulative log decay within the chunk
+            local = log_decay((cum[:, c0 + 1 : c1 + 1] - cum[:, c0 : c0 + 1]).to(acc))  # within the chunk, through t
             diff = local[:, :, None] - local[:, None, :]  # (b, t, s, ...)
             causal = torch.ones(c1 - c0, c1 - c0, dtype=torch.bool, device=u.device).tril()
             causal = causal.reshape(causal.shape + (1,) * len(state_shape))
             weights = torch.where(causal, diff, torch.full_like(diff, float("-inf"))).exp()
-            states = torch.exp(local) * prev[:, None] + (weights * inputs[:, None, c0:c1]).sum(2)  # (b, c, *state)
+            if call.mamba2:  # per-head weights: a contraction, no (c, c, h, p, n) product
+                intra = torch.einsum("btsh,bshpn->bthpn", weights[..., 0, 0], inputs(c0, c1))
+            else:
+                intra = (weights * inputs(c0, c1)[:, None]).sum(2)
+            states = torch.exp(local) * prev[:, None] + intra  # (b, c, *state)
             hist = torch.cat([hist, states], 1)
             # h_{t - window} and the decay over the window, for t in [c0, c1)
             back = torch.arange(c0, c1, device=u.device) - self.window
             valid = back >= -1
             old = hist[:, (back - first).clamp(min=0)] * valid.reshape((1, -1) + (1,) * len(state_shape)).to(acc)
-            span = (glob[:, c0 + 1 : c1 + 1] - glob[:, (back + 1).clamp(min=0)]).to(acc)
+            span = log_decay((cum[:, c0 + 1 : c1 + 1] - cum[:, (back + 1).clamp(min=0)]).to(acc))
             windowed = states - torch.exp(span) * old
             ys.append((windowed * Cx[:, c0:c1, :, None, :]).sum(-1) if call.mamba2 else (windowed * Cx[:, c0:c1]).sum(-1))
             prev = states[:, -1]
@@ -496,12 +509,12 @@ STUFFED_METHODS = ("forget_more_remember_less", "state_normalization", "sliding_
 
 def apply_stuffed_mamba(model: nn.Module, method: str, *, dt_scale: float = 1.0, A_scale: float = 1.0,
                         B_scale: float = 1.0, calibration=None, threshold_multiplier: float = 1.0,
-                        chunk: int = 128, window: Optional[int] = None) -> nn.Module:
+                        chunk: int = 128, window: Optional[int] = None, window_chunk: int = 64) -> nn.Module:
     """Install one of Stuffed Mamba's training-free mitigations on every SSM mixer (in place; returns the model).
     ``"forget_more_remember_less"``: ``dt_scale``, ``A_scale``, ``B_scale``. ``"state_normalization"``:
     ``calibration`` from :func:`calibrate_state_norm` (dict or file), thresholds = its norms x
     ``threshold_multiplier``, applied every ``chunk`` tokens. ``"sliding_window"``: the state keeps the last
-    ``window`` tokens (e.g. the training length)."""
+    ``window`` tokens (e.g. the training length), computed ``window_chunk`` positions at a time."""
     if method not in STUFFED_METHODS:
         raise ValueError(f"apply_stuffed_mamba: method must be one of {STUFFED_METHODS}, got {method!r}")
     if method == "forget_more_remember_less":
@@ -509,7 +522,7 @@ def apply_stuffed_mamba(model: nn.Module, method: str, *, dt_scale: float = 1.0,
     if method == "sliding_window":
         if window is None:
             raise ValueError("apply_stuffed_mamba: sliding_window needs window= (tokens the state keeps)")
-        return _install(model, lambda i, m: SlidingWindowHook(window))
+        return _install(model, lambda i, m: SlidingWindowHook(window, window_chunk))
     if calibration is None:
         raise ValueError("apply_stuffed_mamba: state_normalization needs a calibration (calibrate_state_norm)")
     cal = load_calibration(calibration)
