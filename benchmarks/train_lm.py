@@ -33,6 +33,9 @@ OUT/mamba/model.safetensors mamba_tiny_lm.kjv`` turns into a shipped tag's file.
 model, so a run cut short keeps what finished.
 
 ``--tiny`` (for tests and CPU): d_model 32, 2 Mamba layers (1 Transformer layer), 3 steps of 2 x 32 bytes.
+
+``python benchmarks/train_lm.py ship RUN_DIR`` packages a finished run's Mamba weights as the tags
+``mamba_tiny_lm.kjv`` / ``mamba2_tiny_lm.kjv`` (see :func:`ship`) and prints the lines that register them.
 """
 from __future__ import annotations
 
@@ -144,24 +147,36 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def calibrate(names, args, splits, device) -> Dict[str, float]:
-    """Seconds per training step of each model, after warm-up steps (compilation, autotuning, allocator)."""
-    times = {}
+def calibrate(names, args, splits, device):
+    """Seconds per training step of each model, after warm-up steps (compilation, autotuning, allocator); and the
+    errors of models that could not train (left out of the run, their error recorded)."""
+    times, errors = {}, {}
     for name in names:
-        model = build(name, args.tiny, args.seed, device)
-        trainer = Trainer(model, args, splits.train, device, total_steps=1000)
-        for _ in range(args.calib_warmup):
-            trainer.step()
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(args.calib_steps):
-            trainer.step()
-        sync(device)
+        try:
+            model = build(name, args.tiny, args.seed, device)
+            trainer = Trainer(model, args, splits.train, device, total_steps=1000)
+            start = time.perf_counter()
+            for _ in range(args.calib_warmup):
+                trainer.step()
+            sync(device)
+            warm = time.perf_counter() - start
+            start = time.perf_counter()
+            for _ in range(args.calib_steps):
+                trainer.step()
+            sync(device)
+        except Exception as e:
+            import traceback
+
+            errors[name] = {"entry": ENTRIES.get(name), "error": f"calibration: {type(e).__name__}: {e}",
+                            "traceback": traceback.format_exc()}
+            print(f"calibrate {name} FAILED: {errors[name]['error']}", flush=True)
+            continue
+        finally:
+            model = trainer = None
         times[name] = (time.perf_counter() - start) / args.calib_steps
-        print(f"calibrate {name}: {times[name] * 1e3:.1f} ms/step "
-              f"({args.batch_size * args.seq_len / times[name]:,.0f} tokens/s)", flush=True)
-        del model, trainer
-    return times
+        print(f"calibrate {name}: {times[name] * 1e3:.1f} ms/step ({args.batch_size * args.seq_len / times[name]:,.0f} "
+              f"tokens/s; the {args.calib_warmup} warm-up steps took {warm:.1f} s)", flush=True)
+    return times, errors
 
 
 def eval_batches(stream_len: int, length: int, batch: int) -> int:
@@ -184,6 +199,66 @@ def save_model(model: MambaLMHeadModel, folder: Path) -> None:
     save_state_dict(sd, folder / "model.safetensors")
     config = {**model.config_dict(), "tie_embeddings": model.tie_embeddings}
     write_text_atomic(folder / "config.json", json.dumps(config, indent=1) + "\n")
+
+
+def train_one(name: str, args, splits, device: torch.device, steps: int, out: Path) -> dict:
+    """Train one model for ``steps`` steps, evaluate it on the held-out books, save it; its result entry."""
+    model = build(name, args.tiny, args.seed, device)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"\n== {name}{' (' + ENTRIES[name] + ')' if name in ENTRIES else ''}: {params:,} parameters, {steps} steps "
+          f"of {args.batch_size} x {args.seq_len} bytes", flush=True)
+    trainer = Trainer(model, args, splits.train, device, steps)
+    curve, losses = [], []
+    sync(device)
+    t_train = time.perf_counter()
+    eval_time = 0.0
+    for i in range(steps):
+        losses.append(trainer.step())
+        if (i + 1) % args.eval_every == 0 or i + 1 == steps:
+            t_eval = time.perf_counter()
+            train_loss = float(torch.stack(losses[-args.eval_every:]).mean())
+            if not math.isfinite(train_loss):
+                raise FloatingPointError(f"training loss is {train_loss} at step {i + 1}")
+            val = evaluate_lm(model, splits.val, args.seq_len, args.eval_batch_size, device, trainer.amp,
+                              max_windows=args.val_windows)
+            eval_time += time.perf_counter() - t_eval
+            elapsed = time.perf_counter() - t_train - eval_time
+            curve.append({"step": i + 1, "train_loss": round(train_loss, 4), "val_nll": round(val["nll"], 4),
+                          "val_bpb": round(val["bpb"], 4)})
+            print(f"{name} step {i + 1}/{steps}: train loss {train_loss:.4f}, val {val['nll']:.4f} nats "
+                  f"({val['bpb']:.3f} bits/byte), lr {trainer.opt.param_groups[0]['lr']:.2e}, "
+                  f"{(i + 1) * args.batch_size * args.seq_len / elapsed:,.0f} tokens/s, {elapsed:.0f} s", flush=True)
+    sync(device)
+    train_s = time.perf_counter() - t_train - eval_time
+    tokens = steps * args.batch_size * args.seq_len
+    entry = {
+        "entry": ENTRIES.get(name), "config": model_kwargs(name, args.tiny), "params": params, "steps": steps,
+        "tokens": tokens, "epochs": round(tokens / splits.train.numel(), 2),
+        "final_train_loss": curve[-1]["train_loss"], "curve": curve,
+        "train_seconds": round(train_s, 2), "train_tokens_per_s": round(tokens / train_s),
+        "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
+    }
+    # The reported numbers in float32 (no autocast), as `zoo pretrained eval` measures the shipped weights.
+    t_eval = time.perf_counter()
+    entry["val"] = evaluate_lm(model, splits.val, args.seq_len, args.eval_batch_size, device)
+    entry["test"] = {}
+    for length in args.eval_lengths:
+        r = evaluate_lm(model, splits.test, length, args.eval_batch_size, device)
+        entry["test"][str(length)] = r
+        print(f"{name} test at {length} bytes: {r['nll']:.4f} nats/byte, perplexity {r['ppl']:.3f}, "
+              f"{r['bpb']:.4f} bits/byte ({r['bytes']:,} bytes)", flush=True)
+    entry["eval_seconds"] = round(time.perf_counter() - t_eval, 2)
+    save_model(model, out / name)
+    entry["weights"] = str(out / name / "model.safetensors")
+    if args.sample_bytes:
+        try:
+            ids = model.eval().generate(list(SAMPLE_PROMPT.encode()), max_new_tokens=args.sample_bytes, top_k=1)
+            entry["sample"] = {"prompt": SAMPLE_PROMPT, "greedy": bytes(ids).decode("utf-8", errors="replace")}
+            print(f"{name} sample: {SAMPLE_PROMPT}{entry['sample']['greedy'][:200]!r}", flush=True)
+        except Exception as e:  # a sample is a courtesy: its failure must not lose the run
+            entry["sample"] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"{name} sample failed: {entry['sample']['error']}", flush=True)
+    return entry
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -253,9 +328,13 @@ def main(argv: Optional[List[str]] = None) -> dict:
             raise SystemExit(f"train_lm: the test books ({splits.test.numel()} bytes) are shorter than one eval window of "
                              f"{length} bytes")
 
-    steps, calib = args.steps, None
+    steps, calib, failed_calibration = args.steps, None, {}
     if args.max_minutes is not None:
-        calib = calibrate(names, args, splits, device)
+        calib, failed_calibration = calibrate(names, args, splits, device)
+        names = [n for n in names if n in calib]
+        if not names:
+            raise SystemExit("train_lm: no model could take a training step: "
+                             + "; ".join(f"{n}: {e['error']}" for n, e in failed_calibration.items()))
         per_step = sum(calib.values())
         # Evaluation: test at every length, the validation estimates; a forward costs about a third of a step.
         eval_steps = sum(eval_batches(splits.test.numel(), n, args.eval_batch_size) * n / args.seq_len
@@ -275,81 +354,119 @@ def main(argv: Optional[List[str]] = None) -> dict:
         "command": command, "git_commit": git_commit(), "settings": {**settings, "steps_run": steps},
         "corpus": corpus, "tokenizer": "bytes (UTF-8, vocabulary 256)",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "autocast": "bfloat16" if args.amp == "bf16" and device.type == "cuda" else None, "eval_precision": "float32",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "calibration_s_per_step": calib,
-        "models": {},
+        "models": dict(failed_calibration),
     }
 
+    failed = list(failed_calibration)
     for name in names:
         t_model = time.perf_counter()
-        model = build(name, args.tiny, args.seed, device)
-        params = sum(p.numel() for p in model.parameters())
-        print(f"\n== {name}{' (' + ENTRIES[name] + ')' if name in ENTRIES else ''}: {params:,} parameters, {steps} steps "
-              f"of {args.batch_size} x {args.seq_len} bytes", flush=True)
-        trainer = Trainer(model, args, splits.train, device, steps)
-        curve, losses = [], []
-        sync(device)
-        t_train = time.perf_counter()
-        eval_time = 0.0
-        for i in range(steps):
-            losses.append(trainer.step())
-            if (i + 1) % args.eval_every == 0 or i + 1 == steps:
-                t_eval = time.perf_counter()
-                train_loss = float(torch.stack(losses[-args.eval_every:]).mean())
-                val = evaluate_lm(model, splits.val, args.seq_len, args.eval_batch_size, device, trainer.amp,
-                                  max_windows=args.val_windows)
-                eval_time += time.perf_counter() - t_eval
-                elapsed = time.perf_counter() - t_train - eval_time
-                curve.append({"step": i + 1, "train_loss": round(train_loss, 4), "val_nll": round(val["nll"], 4),
-                              "val_bpb": round(val["bpb"], 4)})
-                print(f"{name} step {i + 1}/{steps}: train loss {train_loss:.4f}, val {val['nll']:.4f} nats "
-                      f"({val['bpb']:.3f} bits/byte), lr {trainer.opt.param_groups[0]['lr']:.2e}, "
-                      f"{(i + 1) * args.batch_size * args.seq_len / elapsed:,.0f} tokens/s, {elapsed:.0f} s", flush=True)
-        sync(device)
-        train_s = time.perf_counter() - t_train - eval_time
-        tokens = steps * args.batch_size * args.seq_len
-        entry = {
-            "entry": ENTRIES.get(name), "config": model_kwargs(name, args.tiny), "params": params, "steps": steps,
-            "tokens": tokens, "epochs": round(tokens / splits.train.numel(), 2),
-            "final_train_loss": curve[-1]["train_loss"], "curve": curve,
-            "train_seconds": round(train_s, 2), "train_tokens_per_s": round(tokens / train_s),
-            "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
-        }
-        t_eval = time.perf_counter()
-        entry["val"] = evaluate_lm(model, splits.val, args.seq_len, args.eval_batch_size, device, trainer.amp)
-        entry["test"] = {}
-        for length in args.eval_lengths:
-            r = evaluate_lm(model, splits.test, length, args.eval_batch_size, device, trainer.amp)
-            entry["test"][str(length)] = r
-            print(f"{name} test at {length} bytes: {r['nll']:.4f} nats/byte, perplexity {r['ppl']:.3f}, "
-                  f"{r['bpb']:.4f} bits/byte ({r['bytes']:,} bytes)", flush=True)
-        entry["eval_seconds"] = round(time.perf_counter() - t_eval, 2)
-        save_model(model, out / name)
-        entry["weights"] = str(out / name / "model.safetensors")
-        if args.sample_bytes:
-            try:
-                model.eval()
-                ids = model.generate(list(SAMPLE_PROMPT.encode()), max_new_tokens=args.sample_bytes, top_k=1)
-                entry["sample"] = {"prompt": SAMPLE_PROMPT, "greedy": bytes(ids).decode("utf-8", errors="replace")}
-                print(f"{name} sample: {SAMPLE_PROMPT}{entry['sample']['greedy'][:200]!r}", flush=True)
-            except Exception as e:  # a sample is a courtesy: its failure must not lose the run
-                entry["sample"] = {"error": f"{type(e).__name__}: {e}"}
-                print(f"{name} sample failed: {entry['sample']['error']}", flush=True)
+        try:
+            entry = train_one(name, args, splits, device, steps, out)
+        except Exception as e:  # one model's failure must not lose the others' results
+            import traceback
+
+            entry = {"entry": ENTRIES.get(name), "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            failed.append(name)
+            print(f"{name} FAILED: {entry['error']}", flush=True)
         entry["wall_seconds"] = round(time.perf_counter() - t_model, 2)
         result["models"][name] = entry
         result["wall_seconds"] = round(time.perf_counter() - t0, 2)
         write_text_atomic(out / "result.json", json.dumps(result, indent=1) + "\n")
-        del model, trainer
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
 
-    print(f"\n{'model':<12} {'params':>10} {'test ppl':>9} {'bits/byte':>9}  (at {args.seq_len} bytes)")
+    print(f"\n{'model':<12} {'params':>10} {'test ppl':>9} {'bits/byte':>9}  (at {args.eval_lengths[0]} bytes)")
     for name, e in result["models"].items():
-        r = e["test"][str(args.seq_len)] if str(args.seq_len) in e["test"] else next(iter(e["test"].values()))
+        if "error" in e:
+            print(f"{name:<12} failed: {e['error']}")
+            continue
+        r = e["test"][str(args.eval_lengths[0])]
         print(f"{name:<12} {e['params']:>10,} {r['ppl']:>9.4f} {r['bpb']:>9.4f}")
     print(f"wall time {result['wall_seconds']:.0f} s; wrote {out / 'result.json'}", flush=True)
+    if failed:
+        raise SystemExit(f"train_lm: {', '.join(failed)} failed (result.json holds the tracebacks)")
     return result
 
 
+# --- shipping the trained Mamba LMs as tags --------------------------------------------------------------
+
+TASK = "byte-level language modelling (benchmarks/train_lm.py)"
+DATA = ("King James Bible (Debian package bible-kjv-text, read with its `bible` program; public domain), UTF-8 bytes; "
+        "whole books held out: test Joshua, Proverbs, Romans, Revelation; validation Ruth, Ecclesiastes, Jonah, "
+        "Galatians; the other 58 books for training")
+
+
+def ship(run_dir, tag: str = "kjv", results_name: str = "train_lm_kjv.json", root: Path = REPO) -> List[str]:
+    """Turn a finished run into shipped tags' files: for each Mamba entry the run trained, the float16 package file
+    ``zoo/weights/<entry>.<tag>.safetensors`` (zoo pretrained package) and the recipe
+    ``configs/pretrained/<entry>.<tag>.yaml``; the run's result.json copied, unchanged, to benchmarks/results/
+    (all under ``root``, the repository). Prints the lines that register the tags and what is left to do. Returns
+    the tags."""
+    import shutil
+
+    import yaml
+
+    from zoo.hub import file_sha256
+    from zoo.tasks.pretrained import package_weights
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "result.json").is_file():
+        raise SystemExit(f"train_lm ship: {run_dir / 'result.json'} not found; expected the --out folder of a run")
+    result = json.loads((run_dir / "result.json").read_text())
+    train_result = Path("benchmarks") / "results" / results_name
+    weights_dir, recipes = Path(root) / "zoo" / "weights", Path(root) / "configs" / "pretrained"
+    (Path(root) / train_result).parent.mkdir(parents=True, exist_ok=True)
+    recipes.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run_dir / "result.json", Path(root) / train_result)
+    settings, tags, lines = result["settings"], [], []
+    for name, entry_name in ENTRIES.items():
+        entry = result["models"].get(name)
+        if entry is None or "error" in entry:
+            print(f"{name}: not shipped ({'not trained in this run' if entry is None else entry['error']})")
+            continue
+        if entry["config"] != model_config(entry_name):
+            raise SystemExit(f"train_lm ship: {name} was trained with another configuration than {entry_name}'s "
+                             f"(--tiny?): {entry['config']}")
+        full = f"{entry_name}.{tag}"
+        weights = run_dir / name / "model.safetensors"
+        dst = package_weights(weights, full, out_dir=weights_dir)
+        recipe = {
+            "name": full, "task": TASK, "data": DATA, "model_kwargs": None,
+            "training": (f"AdamW (lr {settings['lr']}, betas 0.9 / 0.95, weight decay {settings['weight_decay']}), "
+                         f"linear warm-up over {settings['warmup']:.0%} of the steps then cosine to 10 %, gradient "
+                         f"clipping 1, {entry['steps']} steps of {settings['batch_size']} x {settings['seq_len']} bytes "
+                         f"({entry['tokens']:,} tokens, {entry['epochs']} epochs), "
+                         f"{'bf16 autocast, ' if result['autocast'] else 'float32, '}seed {settings['seed']}, on "
+                         f"{result['device']}; the run trained {', '.join(result['models'])} the same way"),
+            "train": result["command"], "train_result": train_result.as_posix(), "weights": weights.as_posix(),
+            "package": f"zoo pretrained package {weights.as_posix()} {full}",
+            "evaluate": f"zoo pretrained eval {full} --output benchmarks/results/pretrained_{full}.json",
+        }
+        (recipes / f"{full}.yaml").write_text(f"# Recipe of the shipped tag {full}: written by "
+                                              f"`python benchmarks/train_lm.py ship {run_dir.as_posix()}`.\n"
+                                              + yaml.safe_dump(recipe, sort_keys=False, width=120))
+        tags.append(full)
+        lines.append(f'    "{full}": _byte_cfg("{entry_name}", file="weights/{full}.safetensors",\n'
+                     f'        sha256="{file_sha256(dst)}"),')
+    print(f"\ncopied {run_dir / 'result.json'} -> {train_result}; wrote the recipes configs/pretrained/<tag>.yaml")
+    print("\nLeft to do by hand:\n1. zoo/models/language/mamba_lm.py: register the tags instead of the tag-less cfgs "
+          "(they become the entries' default tags):\n\nregister_pretrained_cfgs({\n" + "\n".join(lines) + "\n})\n")
+    print("2. zoo/tasks/pretrained.py, SHIPPED: " + ", ".join(f'"{t}": _eval_kjv' for t in tags))
+    print("3. " + "; ".join(f"zoo pretrained eval {t} --output benchmarks/results/pretrained_{t}.json" for t in tags))
+    print("4. model_cards/src/mamba_lm.md: " + ", ".join(f"{{{{shipped {t}}}}}" for t in tags)
+          + " and the measured numbers; then python -m zoo.cards")
+    print("5. tests/test_pretrained_tags.py caps the shipped files at 10 MB in all; these add "
+          f"{sum((weights_dir / f'{t}.safetensors').stat().st_size for t in tags) / 1e6:.1f} MB")
+    return tags
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["ship"]:
+        if len(sys.argv) != 3:
+            raise SystemExit("usage: python benchmarks/train_lm.py ship RUN_DIR (the --out folder of a finished run)")
+        ship(sys.argv[2])
+    else:
+        main()

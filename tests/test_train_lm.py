@@ -164,3 +164,52 @@ def test_train_lm_end_to_end(tmp_path, capsys):
 
     with pytest.raises(SystemExit, match="result.json exists"):
         train_lm.main(argv)
+
+
+def test_train_lm_keeps_the_others_when_one_model_fails(tmp_path, monkeypatch, capsys):
+    train_lm = _train_lm()
+    data = _write_bible(tmp_path / "kjv.txt")
+    monkeypatch.setattr(train_lm, "transformer_config", lambda d, n: dict(d_model=d, n_layer=1, attn_layer_idx=[0],
+                                                                          attn_cfg=dict(num_heads=3)))
+    out = tmp_path / "run"
+    for budget in ([], ["--max-minutes", "5"]):  # the failure found in training, or already in the calibration
+        with pytest.raises(SystemExit, match="transformer failed"):
+            train_lm.main(["--tiny", "--data", str(data), "--out", str(out), "--models", "mamba2", "transformer",
+                           "--sample-bytes", "0", "--overwrite", *budget])
+        saved = json.loads((out / "result.json").read_text())
+        assert "num_heads=3 must divide embed_dim=32" in saved["models"]["transformer"]["error"]
+        assert saved["models"]["mamba2"]["steps"] == 3 and (out / "mamba2" / "model.safetensors").is_file()
+    assert "calibrate transformer FAILED" in capsys.readouterr().out
+
+
+def test_ship_packages_the_mamba_weights_as_tags(tmp_path, capsys):
+    """`train_lm.py ship RUN_DIR`: the float16 tag file (loads into the full entry, same logits up to float16), the
+    recipe whose train command is the run's, the run's result copied; a --tiny run is refused."""
+    import yaml
+
+    train_lm = _train_lm()
+    data = _write_bible(tmp_path / "kjv.txt")
+    run = tmp_path / "run"
+    argv = ["--data", str(data), "--out", str(run), "--models", "mamba", "--steps", "1", "--batch-size", "2",
+            "--seq-len", "32", "--eval-lengths", "32", "--sample-bytes", "0", "--threads", "1"]
+    train_lm.main(argv)
+    root = tmp_path / "repo"
+    assert train_lm.ship(run, root=root) == ["mamba_tiny_lm.kjv"]
+    printed = capsys.readouterr().out
+    packed = root / "zoo" / "weights" / "mamba_tiny_lm.kjv.safetensors"
+    from zoo.hub import file_sha256
+
+    assert f'"mamba_tiny_lm.kjv": _byte_cfg("mamba_tiny_lm", file="weights/mamba_tiny_lm.kjv.safetensors",' in printed
+    assert f'sha256="{file_sha256(packed)}"' in printed and '"mamba_tiny_lm.kjv": _eval_kjv' in printed
+    recipe = yaml.safe_load((root / "configs" / "pretrained" / "mamba_tiny_lm.kjv.yaml").read_text())
+    saved = json.loads((root / recipe["train_result"]).read_text())
+    assert recipe["train"] == saved["command"] == "python benchmarks/train_lm.py " + " ".join(argv)
+    assert recipe["evaluate"] == "zoo pretrained eval mamba_tiny_lm.kjv --output benchmarks/results/pretrained_mamba_tiny_lm.kjv.json"
+    model = zoo.create_model("mamba_tiny_lm", checkpoint_path=str(packed)).eval()
+    ids = torch.tensor([list(b"And God said")])
+    torch.testing.assert_close(model(ids), from_pretrained(run / "mamba").eval()(ids), atol=2e-2, rtol=2e-2)
+
+    tiny = tmp_path / "tiny"
+    train_lm.main(["--tiny", "--data", str(data), "--out", str(tiny), "--models", "mamba", "--sample-bytes", "0"])
+    with pytest.raises(SystemExit, match="another configuration than mamba_tiny_lm's"):
+        train_lm.ship(tiny, root=root)
