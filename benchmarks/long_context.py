@@ -112,10 +112,11 @@ def prepare(model, method: str, args, ids: torch.Tensor, encode, device) -> dict
             cal = lc.load_calibration(args.calibration)
         else:
             lengths = sorted({int(m * args.train_length) for m in args.multipliers if m > 1}) or [2 * args.train_length]
-            cal = lc.calibrate_longmamba(model, calib, lengths, criterion=args.longmamba_criterion)
+            cal = lc.calibrate_longmamba(model, calib, lengths, criterion=args.longmamba_criterion, mamba1_rate=args.mamba1_rate)
         lc.apply_longmamba(model, cal, channel_threshold=args.channel_threshold)
         share = [round(float((layer["decay"] > args.channel_threshold).float().mean()), 4) for layer in cal["layers"]]
         return dict(channel_threshold=args.channel_threshold, criterion=cal["criterion"], calibrated_lengths=cal["lengths"],
+                    mamba1_rate=cal.get("mamba1_rate"),
                     global_share_per_layer=share, calibration=args.calibration)
     if method == "forget_more_remember_less":
         lc.apply_stuffed_mamba(model, method, dt_scale=args.dt_scale, A_scale=args.A_scale, B_scale=args.B_scale)
@@ -207,6 +208,7 @@ def main(argv=None) -> int:
     p.add_argument("--calibration", default=None, help="a LongMamba calibration file (python -m zoo.research.long_context calibrate)")
     p.add_argument("--channel-threshold", type=float, default=0.05, help="LongMamba: global channels have decay above this")
     p.add_argument("--longmamba-criterion", choices=("decay", "count"), default="decay")
+    p.add_argument("--mamba1-rate", choices=("max", "mean", "min"), default="max", help="LongMamba: a Mamba-1 channel's rate")
     p.add_argument("--dt-scale", type=float, default=1.0, help="forget-more: Delta multiplier")
     p.add_argument("--A-scale", type=float, default=1.5, help="forget-more: decay-rate multiplier (> 1 forgets more)")
     p.add_argument("--B-scale", type=float, default=1.0, help="forget-more: input multiplier (< 1 remembers less)")

@@ -310,3 +310,14 @@ def test_sliding_window_mamba2_and_on_an_lm():
         short = lc.apply_stuffed_mamba(model, "sliding_window", window=8)(ids)
         torch.testing.assert_close(short[:, :8], ref[:, :8])
         assert not torch.allclose(short[:, 8:], ref[:, 8:])
+
+
+def test_mamba1_rate_choices():
+    model = _lm("mamba_130m")
+    with torch.no_grad():
+        model.backbone.layers[0].mixer.A_log.copy_(torch.log(torch.arange(1, 5, dtype=torch.float64)).repeat(32, 1))
+    samples = _ids(1, 16)
+    decays = {r: lc.calibrate_longmamba(model, samples, [32], mamba1_rate=r)["layers"][0]["decay"] for r in ("max", "mean", "min")}
+    assert (decays["max"] > decays["mean"]).all() and (decays["mean"] > decays["min"]).all()  # A = -1 slowest, -4 fastest
+    with pytest.raises(ValueError, match="reduce must be"):
+        lc.calibrate_longmamba(model, samples, [32], mamba1_rate="median")

@@ -99,9 +99,17 @@ class ScanCall:
             d = d + self.kw["delta_bias"].to(d.dtype)
         return F.softplus(d) if self.kw.get("delta_softplus", False) else d
 
-    def channel_rate(self) -> torch.Tensor:
-        """a_c (channels,): the head's A (Mamba-2), the slowest state's A, max_n A[d, n] (Mamba-1)."""
-        return upcast(self.A) if self.mamba2 else upcast(self.A).max(dim=-1).values
+    def channel_rate(self, reduce: str = "max") -> torch.Tensor:
+        """a_c (channels,): the head's A (Mamba-2); for a Mamba-1 channel with several states, ``reduce`` over them:
+        "max" (the slowest state, max_n A[d, n]: the channel's longest memory), "mean" or "min" (the fastest)."""
+        if self.mamba2:
+            return upcast(self.A)
+        A = upcast(self.A)
+        if reduce == "mean":
+            return A.mean(dim=-1)
+        if reduce in ("max", "min"):
+            return A.amax(dim=-1) if reduce == "max" else A.amin(dim=-1)
+        raise ValueError(f"channel_rate: reduce must be 'max', 'mean' or 'min', got {reduce!r}")
 
     def seq_lengths(self) -> Optional[torch.Tensor]:
         """(length,) the length of the sequence each position belongs to, for packed input; else None."""
@@ -208,11 +216,12 @@ def _threshold(sorted_delta: torch.Tensor, total: torch.Tensor, length: int, tra
 
 @torch.no_grad()
 def calibrate_longmamba(model: nn.Module, samples: torch.Tensor, lengths: Sequence[int],
-                        criterion: str = "decay") -> dict:
+                        criterion: str = "decay", mamba1_rate: str = "max") -> dict:
     """LongMamba's calibration: ``samples`` (n, L_train) token ids at the training length; ``lengths``: the lengths
     (> L_train) to store thresholds for. Returns {"train_length", "lengths", "criterion", "layers": [{"decay": (c,),
     "thresholds": (len(lengths), c)}]} with the channels' decay exp(a_c sum Delta) and thresholds averaged over the
-    samples (save it with :func:`save_calibration`)."""
+    samples (save it with :func:`save_calibration`). ``mamba1_rate``: how a Mamba-1 channel's decay rate is read from
+    its d_state rates (see :meth:`ScanCall.channel_rate`; the paper's code covers Mamba-2 heads, one rate each)."""
     if criterion not in ("decay", "count"):
         raise ValueError(f"calibrate_longmamba: criterion must be 'decay' or 'count', got {criterion!r}")
     if samples.dim() != 2:
@@ -225,7 +234,7 @@ def calibrate_longmamba(model: nn.Module, samples: torch.Tensor, lengths: Sequen
     model.eval()
     remove_long_context(model)
     recorders = []
-    _install(model, lambda i, m: recorders.append(_Recorder(lambda c: (c.delta(), c.channel_rate()))) or recorders[-1])
+    _install(model, lambda i, m: recorders.append(_Recorder(lambda c: (c.delta(), c.channel_rate(mamba1_rate)))) or recorders[-1])
     try:
         for row in samples:
             model(row[None])
@@ -242,7 +251,7 @@ def calibrate_longmamba(model: nn.Module, samples: torch.Tensor, lengths: Sequen
             ordered = d.sort(dim=-1, descending=True).values
             thresholds.append(torch.stack([_threshold(ordered, total, n, train_length, criterion) for n in lengths]))
         layers.append(dict(decay=torch.stack(decays).mean(0).float().cpu(), thresholds=torch.stack(thresholds).mean(0).float().cpu()))
-    return dict(train_length=train_length, lengths=lengths, criterion=criterion, layers=layers)
+    return dict(train_length=train_length, lengths=lengths, criterion=criterion, mamba1_rate=mamba1_rate, layers=layers)
 
 
 def save_calibration(calibration: dict, path) -> Path:
@@ -625,6 +634,8 @@ def main(argv=None) -> int:
     c.add_argument("--multipliers", type=float, nargs="+", default=[2, 4, 8, 16, 32],
                    help="lengths to store thresholds for, as multiples of the training length")
     c.add_argument("--criterion", choices=("decay", "count"), default="decay")
+    c.add_argument("--mamba1-rate", choices=("max", "mean", "min"), default="max",
+                   help="a Mamba-1 channel's decay rate from its states' A (Mamba-2: the head's A)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--device", default="cpu")
     c.add_argument("--out", required=True, help="calibration file (torch.save); the state norms go to OUT with '.statenorm' added")
@@ -634,7 +645,7 @@ def main(argv=None) -> int:
     ids = encode_text(Path(args.text).read_text(encoding="utf-8"), tok)
     samples = sample_windows(ids, args.train_length, args.samples, args.seed).to(args.device)
     lengths = [int(round(m * args.train_length)) for m in args.multipliers]
-    cal = calibrate_longmamba(model, samples, lengths, criterion=args.criterion)
+    cal = calibrate_longmamba(model, samples, lengths, criterion=args.criterion, mamba1_rate=args.mamba1_rate)
     cal["source"] = dict(model=args.model, text=str(args.text), samples=args.samples, seed=args.seed)
     save_calibration(cal, args.out)
     norms = calibrate_state_norm(model, samples)
