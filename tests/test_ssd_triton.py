@@ -122,6 +122,13 @@ def test_chunk_length_segments_and_head_splits(monkeypatch, block_q, bwd_block_q
         check(inputs(1, 50, 2, 40, 1, 8))
 
 
+def test_pipelined_head_loop(monkeypatch):
+    """The backward chunk kernel's loop over a group's heads with software-pipelining stages."""
+    monkeypatch.setattr(ssd_fn, "BWD_STAGES", 2)
+    monkeypatch.setattr(ssd_fn, "TARGET_PROGRAMS", 1)
+    check(inputs(2, 37, 4, 12, 1, 10, D_per_channel=True))
+
+
 def test_auto_dispatch():
     a = {k: v.float() for k, v in inputs(1, 8, 2, 4, 1, 4).items()}
     if DEV == "cuda":

@@ -20,6 +20,8 @@ BWD_BLOCK_Q = 32
 BWD_BLOCK_P = None
 FWD_WARPS = 4
 BWD_WARPS = 8
+# Software-pipelining stages of the backward chunk kernel's loop over heads (where the headdim is one block).
+BWD_STAGES = 1
 # The backward's chunk kernel has (chunks x batch x groups x splits) programs; the group's heads are split
 # until there are about this many, each split summing its heads' dB / dC in registers.
 TARGET_PROGRAMS = 128
@@ -144,7 +146,8 @@ class _SSDFunction(torch.autograd.Function):
                 x, dt, A, B, C, dummy_D, dummy_z, dout, states, dstates,
                 dx, ddt, parts[0], parts[1], dA, dD if dD is not None else dA,
                 L, H, P, N, G, hpg, NC, c0, ncs, nsplit, hpg // nsplit,
-                BP=bp_chunk, num_warps=BWD_WARPS, **common,
+                BP=bp_chunk, ONE_BLOCK=bp_chunk >= P, STAGES=BWD_STAGES if bp_chunk >= P else 1,
+                num_warps=BWD_WARPS, **common,
             )
             rows = min(ncs * Q, L - c0 * Q)  # the segment's steps, in walk order
             for part, grad in zip(parts, (dB, dC)):

@@ -243,17 +243,72 @@ def _dstate_walk(
 
 
 @triton.jit
+def _chunk_head_block(
+    x_ptr, D_ptr, z_ptr, dout_ptr, states_ptr, dstates_ptr, dx_ptr, dD_ptr,
+    h, b, k, c, p0, row, valid, n, nm, Bc, Cc, CB, W, Lmat, dt, d_in, d_out, d_all, last,
+    dB_acc, dC_acc, dcs, ddt_u, H, P, N, NC, NCS,
+    BP: tl.constexpr, HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr, IEEE: tl.constexpr,
+):
+    """One head's, one headdim block's part of a chunk's gradients: stores dx (and dD's part), returns the
+    accumulators of dB, dC (summed over heads), d cs and dt . du (summed over the headdim)."""
+    dtype = x_ptr.dtype.element_ty
+    p = p0 + tl.arange(0, BP)
+    pm = p < P
+    xm = valid[:, None] & pm[None, :]
+    xo = (row[:, None] * H + h) * P + p[None, :]
+    x = tl.load(x_ptr + xo, mask=xm, other=0.0)
+    xf = x.to(tl.float32)
+    dy = _gated_dout(dout_ptr, z_ptr, xo, xm, HAS_Z)
+    dyc = dy.to(dtype)
+    sm = pm[:, None] & nm[None, :]
+    so = p[:, None] * N + n[None, :]
+    H_in = tl.load(states_ptr + ((b * (NCS + 1) + k) * H + h) * P * N + so, mask=sm, other=0.0)
+    dH = tl.load(dstates_ptr + ((b * NCS + k) * H + h) * P * N + so, mask=sm, other=0.0)
+    # du_j = sum_{i >= j} W_ij dy_i + decay_out_j dH B_j
+    BdH = _mm(Bc, tl.trans(dH.to(dtype)), IEEE)
+    du = _mm(tl.trans(W.to(dtype)), dyc, IEEE) + d_out[:, None] * BdH
+    dx = dt[:, None] * du
+    if HAS_D:
+        if D_PER_CHANNEL:
+            Dv = tl.load(D_ptr + h * P + p, mask=pm, other=0.0).to(tl.float32)
+            dx += Dv[None, :] * dy
+        else:
+            Dv = tl.load(D_ptr + h).to(tl.float32)
+            dx += Dv * dy
+        tl.store(dD_ptr + ((b * NC + c) * H + h) * P + p, tl.sum(dy * xf, 0), mask=pm)
+    tl.store(dx_ptr + xo, dx.to(dx_ptr.dtype.element_ty), mask=xm)
+    ddt_u += tl.sum(xf * du, 1)
+    M = Lmat * _mm(dyc, tl.trans(x), IEEE)  # (i, j): dy_i . x_j times the decay from j to i
+    dB_acc += dt[:, None] * _mm(tl.trans(M.to(dtype)), Cc, IEEE) \
+        + (dt * d_out)[:, None] * _mm(x, dH.to(dtype), IEEE)
+    H_c = H_in.to(dtype)
+    dC_acc += _mm((M * dt[None, :]).to(dtype), Bc, IEEE) + d_in[:, None] * _mm(dyc, H_c, IEEE)
+    # d cs_k = dy_k . y_k - u_k . du_k (+ dH . H_out at the last step), each part summed in float32 from
+    # the products it is made of (C_k . dC_k summed over d_state loses the digits that cancel). The
+    # state leaving the chunk is not loaded: H_out = decay_all H_in + sum_j u_j B_j, so
+    # dH . H_out = decay_all dH . H_in + sum_j u_j . (dH B_j).
+    R = M * CB * dt[None, :]
+    CH = _mm(Cc, tl.trans(H_c), IEEE)  # (i, p): C_i H_in^T
+    uBdH = dt * d_out * tl.sum(xf * BdH, 1)
+    dcs += tl.sum(R, 1) - tl.sum(R, 0) + d_in * tl.sum(dy * CH, 1) - uBdH
+    dHH = d_all * tl.sum(tl.sum(dH.to(tl.float32) * H_in.to(tl.float32), 1), 0) + tl.sum(uBdH, 0)
+    dcs += tl.where(last, dHH, 0.0)
+    return dB_acc, dC_acc, dcs, ddt_u
+
+
+@triton.jit
 def _bwd_chunk_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dout_ptr, states_ptr, dstates_ptr,
     dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr,  # dA (b, NC, H) and dD (b, NC, H, P): per-chunk parts
     L, H, P, N, G, HPG, NC, C0, NCS, NSPLIT, HPP,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr,
-    REVERSE: tl.constexpr, SIGNED: tl.constexpr, IEEE: tl.constexpr,
+    REVERSE: tl.constexpr, SIGNED: tl.constexpr, IEEE: tl.constexpr, ONE_BLOCK: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Chunk C0 + program_id(0) of a walk of NCS chunks: states[b, k] is the state entering chunk C0 + k
     (k = NCS: leaving the walk), dstates[b, k] the gradient of the state leaving it; dB and dC go to
-    (NSPLIT, batch, NCS * Q, G, N) parts in the walk's step order."""
+    (NSPLIT, batch, NCS * Q, G, N) parts in the walk's step order. With ONE_BLOCK (BP >= P) the loop over heads
+    is the innermost, software-pipelined with STAGES stages (> 1: the next heads' loads in flight)."""
     k = tl.program_id(0)
     c = C0 + k
     b = tl.program_id(1).to(tl.int64)
@@ -262,7 +317,6 @@ def _bwd_chunk_kernel(
     split = gs % NSPLIT
     n = tl.arange(0, BN)
     nm = n < N
-    dtype = x_ptr.dtype.element_ty
     pos, valid = _chunk_rows(c, L, Q, REVERSE)
     row = b * L + pos
     bm = valid[:, None] & nm[None, :]
@@ -273,7 +327,7 @@ def _bwd_chunk_kernel(
     dB_acc = tl.zeros((Q, BN), dtype=tl.float32)
     dC_acc = tl.zeros((Q, BN), dtype=tl.float32)
     last = tl.arange(0, Q) == Q - 1
-    for hh in range(HPP):
+    for hh in tl.range(HPP, num_stages=STAGES):
         h = g * HPG + split * HPP + hh
         A_h = tl.load(A_ptr + h).to(tl.float32)
         dt = tl.load(dt_ptr + row * H + h, mask=valid, other=0.0)
@@ -281,48 +335,17 @@ def _bwd_chunk_kernel(
         dcs = tl.zeros((Q,), dtype=tl.float32)
         ddt_u = tl.zeros((Q,), dtype=tl.float32)
         W = CB * Lmat  # (i, j): C_i . B_j times the decay from j to i
-        for p0 in range(0, P, BP):
-            p = p0 + tl.arange(0, BP)
-            pm = p < P
-            xm = valid[:, None] & pm[None, :]
-            xo = (row[:, None] * H + h) * P + p[None, :]
-            x = tl.load(x_ptr + xo, mask=xm, other=0.0)
-            xf = x.to(tl.float32)
-            dy = _gated_dout(dout_ptr, z_ptr, xo, xm, HAS_Z)
-            dyc = dy.to(dtype)
-            sm = pm[:, None] & nm[None, :]
-            so = p[:, None] * N + n[None, :]
-            H_in = tl.load(states_ptr + ((b * (NCS + 1) + k) * H + h) * P * N + so, mask=sm, other=0.0)
-            dH = tl.load(dstates_ptr + ((b * NCS + k) * H + h) * P * N + so, mask=sm, other=0.0)
-            # du_j = sum_{i >= j} W_ij dy_i + decay_out_j dH B_j
-            BdH = _mm(Bc, tl.trans(dH.to(dtype)), IEEE)
-            du = _mm(tl.trans(W.to(dtype)), dyc, IEEE) + d_out[:, None] * BdH
-            dx = dt[:, None] * du
-            if HAS_D:
-                if D_PER_CHANNEL:
-                    Dv = tl.load(D_ptr + h * P + p, mask=pm, other=0.0).to(tl.float32)
-                    dx += Dv[None, :] * dy
-                else:
-                    Dv = tl.load(D_ptr + h).to(tl.float32)
-                    dx += Dv * dy
-                tl.store(dD_ptr + ((b * NC + c) * H + h) * P + p, tl.sum(dy * xf, 0), mask=pm)
-            tl.store(dx_ptr + xo, dx.to(dx_ptr.dtype.element_ty), mask=xm)
-            ddt_u += tl.sum(xf * du, 1)
-            M = Lmat * _mm(dyc, tl.trans(x), IEEE)  # (i, j): dy_i . x_j times the decay from j to i
-            dB_acc += dt[:, None] * _mm(tl.trans(M.to(dtype)), Cc, IEEE) \
-                + (dt * d_out)[:, None] * _mm(x, dH.to(dtype), IEEE)
-            H_c = H_in.to(dtype)
-            dC_acc += _mm((M * dt[None, :]).to(dtype), Bc, IEEE) + d_in[:, None] * _mm(dyc, H_c, IEEE)
-            # d cs_k = dy_k . y_k - u_k . du_k (+ dH . H_out at the last step), each part summed in float32 from
-            # the products it is made of (C_k . dC_k summed over d_state loses the digits that cancel). The
-            # state leaving the chunk is not loaded: H_out = decay_all H_in + sum_j u_j B_j, so
-            # dH . H_out = decay_all dH . H_in + sum_j u_j . (dH B_j).
-            R = M * CB * dt[None, :]
-            CH = _mm(Cc, tl.trans(H_c), IEEE)  # (i, p): C_i H_in^T
-            uBdH = dt * d_out * tl.sum(xf * BdH, 1)
-            dcs += tl.sum(R, 1) - tl.sum(R, 0) + d_in * tl.sum(dy * CH, 1) - uBdH
-            dHH = d_all * tl.sum(tl.sum(dH.to(tl.float32) * H_in.to(tl.float32), 1), 0) + tl.sum(uBdH, 0)
-            dcs += tl.where(last, dHH, 0.0)
+        if ONE_BLOCK:
+            dB_acc, dC_acc, dcs, ddt_u = _chunk_head_block(
+                x_ptr, D_ptr, z_ptr, dout_ptr, states_ptr, dstates_ptr, dx_ptr, dD_ptr,
+                h, b, k, c, 0, row, valid, n, nm, Bc, Cc, CB, W, Lmat, dt, d_in, d_out, d_all, last,
+                dB_acc, dC_acc, dcs, ddt_u, H, P, N, NC, NCS, BP, HAS_D, D_PER_CHANNEL, HAS_Z, IEEE)
+        else:
+            for p0 in range(0, P, BP):
+                dB_acc, dC_acc, dcs, ddt_u = _chunk_head_block(
+                    x_ptr, D_ptr, z_ptr, dout_ptr, states_ptr, dstates_ptr, dx_ptr, dD_ptr,
+                    h, b, k, c, p0, row, valid, n, nm, Bc, Cc, CB, W, Lmat, dt, d_in, d_out, d_all, last,
+                    dB_acc, dC_acc, dcs, ddt_u, H, P, N, NC, NCS, BP, HAS_D, D_PER_CHANNEL, HAS_Z, IEEE)
         # d(lm_t) = sum_{k >= t} dcs_k: everything after step t in the chunk scales with its transition
         dlm = tl.sum(dcs, 0) - tl.cumsum(dcs, 0) + dcs
         if SIGNED:  # lm = log|2 exp(dA) - 1|: d lm / d dA = 2 exp(dA) / (2 exp(dA) - 1), 0 where clamped
