@@ -48,7 +48,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 
@@ -56,7 +56,6 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(REPO))
 
-from zoo.core.checks import check_int  # noqa: E402
 from zoo.data.kjv import kjv_splits  # noqa: E402
 from zoo.hub import save_state_dict, write_text_atomic  # noqa: E402
 from zoo.models.language import MambaLMHeadModel, model_config  # noqa: E402
