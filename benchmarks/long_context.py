@@ -132,6 +132,18 @@ def prepare(model, method: str, args, ids: torch.Tensor, encode, device) -> dict
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
+def read_text(spec: str) -> str:
+    """A UTF-8 file, or ``kjv:test`` / ``kjv:val``: the held-out books of the King James Bible as zoo.data.kjv splits
+    them for the byte-level LMs trained here (read from the Debian package bible-kjv-text)."""
+    if spec in ("kjv:test", "kjv:val"):
+        from zoo.data import kjv
+
+        books = kjv.load_kjv()
+        held = kjv.TEST_BOOKS if spec == "kjv:test" else kjv.VAL_BOOKS
+        return "".join(books[b] for b in books if b in set(held))
+    return Path(spec).read_text(encoding="utf-8")
+
+
 def summarise(rows: list, methods: list, lengths: list) -> dict:
     out = {}
     for m in methods:
@@ -194,7 +206,7 @@ def main(argv=None) -> int:
     p.add_argument("--pretrained", action="store_true", help="the entry's official weights")
     p.add_argument("--model-kwargs", nargs="*", default=[], help="key=value (JSON values) for create_model")
     p.add_argument("--memmamba", default=None, help="JSON of apply_memmamba's arguments: wrap before loading --checkpoint")
-    p.add_argument("--text", required=True, help="UTF-8 text file")
+    p.add_argument("--text", required=True, help="UTF-8 text file, or kjv:test / kjv:val (the held-out Bible books)")
     p.add_argument("--tokenizer", default=None, help="'bytes', a tokenizer.json, or an hf-hub spec")
     p.add_argument("--train-length", type=int, required=True, help="the model's training length in tokens")
     p.add_argument("--multipliers", type=float, nargs="+", default=[1, 2, 4, 8, 16])
@@ -243,7 +255,7 @@ def main(argv=None) -> int:
     def encode(text):
         return lc.encode_text(text, tok)
 
-    ids = encode(Path(args.text).read_text(encoding="utf-8"))
+    ids = encode(read_text(args.text))
     lengths = [int(round(m * args.train_length)) for m in args.multipliers]
     need = max(lengths)
     if ids.numel() < need + 1:  # a short text is repeated to reach the longest window
