@@ -1,8 +1,9 @@
 """Train small byte-level LMs on the King James Bible: Mamba, Mamba-2 and a matched Transformer, the same way.
 
-    # on the GPU machine (no network): the text as a file, written where the Debian packages are installed
-    bible -f gen1:1-rev22:21 > data/kjv.txt      # apt-get install -y bible-kjv-text bible-kjv
-    python benchmarks/train_lm.py --data data/kjv.txt --out runs/kjv --max-minutes 3.5
+    # where the Debian packages are installed (apt-get install -y bible-kjv-text bible-kjv): the text as a file
+    mkdir -p runs/kjv && bible -f gen1:1-rev22:21 > runs/kjv/kjv.txt      # runs/ is git-ignored
+    # on the GPU machine (no network, no packages), with runs/kjv carried there
+    python benchmarks/train_lm.py --data runs/kjv/kjv.txt --out OUT --max-minutes 3.5
 
 The models (zoo.models.language.MambaLMHeadModel, vocabulary of the 256 byte values):
 
@@ -157,6 +158,13 @@ def calibrate(names, args, splits, device):
             start = time.perf_counter()
             for _ in range(args.calib_warmup):
                 trainer.step()
+            # The evaluations' shapes and dtypes too (Triton compiles per dtype and shape class), so that their
+            # compilation is spent here, inside the measured time, not after the budget was split.
+            evaluate_lm(model, splits.val, args.seq_len, args.eval_batch_size, device, trainer.amp,
+                        max_windows=args.val_windows)
+            for length in args.eval_lengths:
+                end = min(splits.test.numel(), args.eval_batch_size * length + length // 3 + 2)
+                evaluate_lm(model, splits.test[:end], length, args.eval_batch_size, device)
             sync(device)
             warm = time.perf_counter() - start
             start = time.perf_counter()
@@ -174,7 +182,8 @@ def calibrate(names, args, splits, device):
             model = trainer = None
         times[name] = (time.perf_counter() - start) / args.calib_steps
         print(f"calibrate {name}: {times[name] * 1e3:.1f} ms/step ({args.batch_size * args.seq_len / times[name]:,.0f} "
-              f"tokens/s; the {args.calib_warmup} warm-up steps took {warm:.1f} s)", flush=True)
+              f"tokens/s; {warm:.1f} s for the {args.calib_warmup} warm-up steps and the evaluations' first "
+              f"windows)", flush=True)
     return times, errors
 
 
@@ -288,6 +297,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--seed", type=number_arg(int, 0), default=0)
     p.add_argument("--threads", type=pos, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--git-commit", default=None, help="the commit to record where the checkout has no .git (a copy of "
+                   "the working tree, as on the GPU machine); default: git rev-parse HEAD")
     p.add_argument("--tiny", action="store_true", help="tiny models and run, for tests: d_model 32, 2 layers, 3 steps "
                    "of 2 x 32 bytes")
     args = p.parse_args(argv)
@@ -348,9 +359,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
         print(f"budget: {left:.0f} s left, {per_step:.3f} s per step of all models -> {steps} steps per model"
               f"{' (--steps)' if steps == args.steps else ''}", flush=True)
 
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "git_commit")}
     result = {
-        "command": command, "git_commit": git_commit(), "settings": {**settings, "steps_run": steps},
+        "command": command, "git_commit": args.git_commit or git_commit(), "settings": {**settings, "steps_run": steps},
         "corpus": corpus, "tokenizer": "bytes (UTF-8, vocabulary 256)",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "autocast": "bfloat16" if args.amp == "bf16" and device.type == "cuda" else None, "eval_precision": "float32",

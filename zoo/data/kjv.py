@@ -8,6 +8,9 @@ recommended package)::
     apt-get install -y bible-kjv-text bible-kjv
     bible -f gen1:1-rev22:21 > kjv.txt          # 31,102 verses, one a line: "Ge1:1 In the beginning God ..."
 
+(Debian 12's version 4.38 gives 4,404,412 bytes of such lines; the books' texts, 4,137,850 bytes of ASCII, have the
+sha256 b5c4940bcfeee072c0935b5200d0f9d88a00a0199cb0961d16133458fcdfae5d, which ``KJVSplits.summary()`` reports.)
+
 :func:`load_kjv` runs that command itself when no file is given, or reads such a file (``path=``: e.g. a copy taken
 to a machine without the packages). Books are kept whole and in order; a book's text is its verses without their
 references, one verse a line. :func:`kjv_splits` holds out whole books, never single lines: the test books
@@ -17,6 +20,7 @@ Jonah, Galatians); the other 58 books are the training text.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -122,9 +126,10 @@ class KJVSplits:
     test: torch.Tensor
     books: Dict[str, List[str]]
     source: str
+    sha256: str = ""  # of the whole text, the 66 books' texts concatenated in order (UTF-8)
 
     def summary(self) -> dict:
-        return {"source": self.source, "licence": "public domain (King James Version, 1611)",
+        return {"source": self.source, "licence": "public domain (King James Version, 1611)", "text_sha256": self.sha256,
                 **{f"{k}_bytes": int(getattr(self, k).numel()) for k in ("train", "val", "test")},
                 "val_books": self.books["val"], "test_books": self.books["test"],
                 "train_books": len(self.books["train"])}
@@ -151,4 +156,5 @@ def kjv_splits(path: Union[None, str, os.PathLike] = None, test_books: Sequence[
     if not parts["train"]:
         raise ValueError("kjv_splits: every book is held out; nothing is left to train on")
     streams = {k: encode_bytes("".join(books[b] for b in v)) for k, v in parts.items()}
-    return KJVSplits(**streams, books=parts, source=kjv_source(path))
+    digest = hashlib.sha256("".join(books.values()).encode("utf-8")).hexdigest()
+    return KJVSplits(**streams, books=parts, source=kjv_source(path), sha256=digest)
