@@ -188,7 +188,11 @@ def test_step_by_step_decoding_equals_the_scan():
     torch.testing.assert_close(state, ref_last, rtol=1e-11, atol=1e-11)
 
 
-def test_chunked_path_is_the_cpu_default():
+def test_chunked_path_is_the_cpu_default_without_numba(monkeypatch):
+    # with numba (the 'cpu' extra) the default is the fused scan: tests/test_ssd_cpu.py
+    from zoo.core.selective_scan import cpu_fused
+
+    monkeypatch.setattr(cpu_fused, "numba", None)
     a = make(b=1, l=9, h=2, p=2, g=1, n=3)
     direct = ssd_scan_chunked(a["x"], a["dt"] + a["dt_bias"], a["A"], a["B"], a["C"], a["D"], a["z"])[0]
     torch.testing.assert_close(ssd_scan(**a), direct, rtol=0, atol=0)

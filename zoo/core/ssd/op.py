@@ -1,8 +1,10 @@
 """The SSD scan op (Mamba-2's scan): argument checks, dt transform, packed sequences, dispatch; and the
 one-step update used for decoding.
 
-``impl`` picks the path: "auto" (the Triton SSD kernels on CUDA for half, bfloat16 and float32 inputs, the
-chunked PyTorch form otherwise), "triton", "chunked", "naive" (the sequential oracle), or "selective": the SSD
+``impl`` picks the path: "auto" (the Triton SSD kernels on CUDA for half, bfloat16 and float32 inputs; on the
+CPU the fused numba scan when numba is installed (the ``cpu`` extra), else the chunked PyTorch form, which is also
+what ``torch.compile`` traces), "triton", "cpu" (the fused numba scan), "chunked", "naive" (the sequential oracle),
+or "selective": the SSD
 scan is the Mamba-1 selective scan with A, dt and D shared by the headdim channels of a head, so it runs
 through ``zoo.core.selective_scan`` (mamba-ssm's ``ssd_selective_scan`` makes the same reduction).
 """
@@ -19,10 +21,12 @@ from ..precision import compute_dtype, upcast
 from ..selective_scan import selective_scan
 from ..selective_scan.step import selective_state_update
 from ._checks import check_ssd_args, prepare_dt
+from . import cpu_fused
 from .chunked import ssd_scan_chunked
+from .cpu_fused import ssd_scan_cpu
 from .naive import ssd_scan_naive
 
-IMPLS = ("auto", "triton", "chunked", "naive", "selective")
+IMPLS = ("auto", "triton", "cpu", "chunked", "naive", "selective")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 NO_LIMIT = (0.0, float("inf"))
 
@@ -75,13 +79,18 @@ def ssd_scan(
     if impl not in IMPLS:
         raise ValueError(f"ssd_scan: impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        impl = "triton" if x.is_cuda and x.dtype in _TRITON_DTYPES else "chunked"
+        impl = _auto(x)
+    if impl == "cpu" and x.device.type != "cpu":
+        raise ValueError(f"ssd_scan: impl='cpu' takes CPU tensors, got {x.device.type} tensors")
     if impl == "triton" and (x.dtype not in _TRITON_DTYPES or not (x.is_cuda or _interpreting())):
         raise ValueError(f"ssd_scan: impl='triton' needs CUDA tensors of dtype float16, bfloat16 or float32, got "
                          f"{x.dtype} on {x.device}")
     step = prepare_dt(dt, dt_bias, dt_softplus, dt_limit)
     if impl == "selective":
         out, final = _via_selective_scan(x, step, A, B, C, D, z, initial_state, cu_seqlens, reverse, negative_eigenvalues)
+    elif impl == "cpu":  # packed sequences natively, no padding
+        out, final = ssd_scan_cpu(x, step, A, B, C, D, z, initial_state=initial_state, reverse=reverse,
+                                  negative_eigenvalues=negative_eigenvalues, cu_seqlens=cu_seqlens)
     else:
         if impl == "triton":
             from ...kernels.ssd import ssd_scan_triton as fn
@@ -99,6 +108,15 @@ def ssd_scan(
                             initial_state=initial_state, **kw)
             out = packing.unpad(out)
     return (out, final) if return_final_state else out
+
+
+def _auto(x: torch.Tensor) -> str:
+    if x.is_cuda and x.dtype in _TRITON_DTYPES:
+        return "triton"
+    # torch.compile traces the chunked form: dynamo cannot see into the numba kernels.
+    if x.device.type == "cpu" and cpu_fused.available() and not torch.compiler.is_compiling():
+        return "cpu"
+    return "chunked"
 
 
 def _interpreting() -> bool:
