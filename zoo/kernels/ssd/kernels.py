@@ -281,16 +281,15 @@ def _chunk_head_block(
     M = Lmat * _mm(dyc, tl.trans(x), IEEE)  # (i, j): dy_i . x_j times the decay from j to i
     dB_acc += dt[:, None] * _mm(tl.trans(M.to(dtype)), Cc, IEEE) \
         + (dt * d_out)[:, None] * _mm(x, dH.to(dtype), IEEE)
-    H_c = H_in.to(dtype)
-    dC_acc += _mm((M * dt[None, :]).to(dtype), Bc, IEEE) + d_in[:, None] * _mm(dyc, H_c, IEEE)
+    dyH = _mm(dyc, H_in.to(dtype), IEEE)  # (i, n): dy_i H_in
+    dC_acc += _mm((M * dt[None, :]).to(dtype), Bc, IEEE) + d_in[:, None] * dyH
     # d cs_k = dy_k . y_k - u_k . du_k (+ dH . H_out at the last step), each part summed in float32 from
-    # the products it is made of (C_k . dC_k summed over d_state loses the digits that cancel). The
-    # state leaving the chunk is not loaded: H_out = decay_all H_in + sum_j u_j B_j, so
-    # dH . H_out = decay_all dH . H_in + sum_j u_j . (dH B_j).
+    # the products it is made of (C_k . dC_k summed over d_state loses the digits that cancel); the state
+    # part of dy_i . y_i, d_in_i dy_i . (H_in C_i), is d_in_i C_i . (dy_i H_in). The state leaving the chunk
+    # is not loaded: H_out = decay_all H_in + sum_j u_j B_j, so dH . H_out = decay_all dH . H_in + sum_j u_j . (dH B_j).
     R = M * CB * dt[None, :]
-    CH = _mm(Cc, tl.trans(H_c), IEEE)  # (i, p): C_i H_in^T
     uBdH = dt * d_out * tl.sum(xf * BdH, 1)
-    dcs += tl.sum(R, 1) - tl.sum(R, 0) + d_in * tl.sum(dy * CH, 1) - uBdH
+    dcs += tl.sum(R, 1) - tl.sum(R, 0) + d_in * tl.sum(Cc.to(tl.float32) * dyH, 1) - uBdH
     dHH = d_all * tl.sum(tl.sum(dH.to(tl.float32) * H_in.to(tl.float32), 1), 0) + tl.sum(uBdH, 0)
     dcs += tl.where(last, dHH, 0.0)
     return dB_acc, dC_acc, dcs, ddt_u
