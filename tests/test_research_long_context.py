@@ -321,3 +321,10 @@ def test_mamba1_rate_choices():
     assert (decays["max"] > decays["mean"]).all() and (decays["mean"] > decays["min"]).all()  # A = -1 slowest, -4 fastest
     with pytest.raises(ValueError, match="reduce must be"):
         lc.calibrate_longmamba(model, samples, [32], mamba1_rate="median")
+
+
+def test_longmamba_threshold_lookup():
+    hook = lc.LongMambaHook(torch.ones(2, dtype=torch.bool), torch.tensor([[1.0, 1.0], [2.0, 2.0]]), lengths=[200, 400],
+                            train_length=100)
+    assert hook.threshold_at(100) is None and hook.threshold_at(140) is None  # nearer the training length
+    assert hook.threshold_at(160).tolist() == [1.0, 1.0] and hook.threshold_at(5000).tolist() == [2.0, 2.0]

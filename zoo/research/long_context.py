@@ -22,8 +22,8 @@ Field Enlargement"; read from the paper and the authors' code, github.com/GATECH
   is the smallest kept value of the shortest prefix whose sum passes sum_{t <= L_train} Delta_t (``criterion="decay"``,
   what the authors' code does). ``criterion="count"`` keeps L_train tokens instead (the reading "the number of kept
   tokens stays at the training length"). Thresholds are averaged over the calibration samples and stored for a list
-  of lengths; a sequence uses the calibrated length nearest to its own (the authors' lookup); L <= L_train is left
-  alone. Local channels are never touched.
+  of lengths; a sequence uses the calibrated length nearest to its own (the authors' lookup), the training length
+  counting as one with nothing filtered; L <= L_train is left alone. Local channels are never touched.
 
 Stuffed Mamba (Chen et al., 2024, "Stuffed Mamba: State Collapse and State Capacity of RNN-Based Long-Context
 Modeling", arXiv:2410.07145; the authors' code: github.com/thunlp/stuffed-mamba):
@@ -280,8 +280,9 @@ class LongMambaHook:
         """theta (c,) for a sequence of ``length`` (the nearest calibrated length), None at or below L_train."""
         if length <= self.train_length:
             return None
-        i = min(range(len(self.lengths)), key=lambda j: abs(self.lengths[j] - length))
-        return self.thresholds[i]
+        # the training length itself is in the table with "keep everything" (as in the authors' tables)
+        nearest = min([self.train_length, *self.lengths], key=lambda n: abs(n - length))
+        return None if nearest == self.train_length else self.thresholds[self.lengths.index(nearest)]
 
     def keep_mask(self, delta: torch.Tensor, seq_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(b, l, c) True where a token updates the channel's state."""
