@@ -211,6 +211,9 @@ def save_model(model: MambaLMHeadModel, folder: Path) -> None:
 
 def train_one(name: str, args, splits, device: torch.device, steps: int, out: Path) -> dict:
     """Train one model for ``steps`` steps, evaluate it on the held-out books, save it; its result entry."""
+    if device.type == "cuda":  # the peak memory of this model's training alone
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     model = build(name, args.tiny, args.seed, device)
     params = sum(p.numel() for p in model.parameters())
     print(f"\n== {name}{' (' + ENTRIES[name] + ')' if name in ENTRIES else ''}: {params:,} parameters, {steps} steps "
@@ -384,9 +387,6 @@ def main(argv: Optional[List[str]] = None) -> dict:
         result["models"][name] = entry
         result["wall_seconds"] = round(time.perf_counter() - t0, 2)
         write_text_atomic(out / "result.json", json.dumps(result, indent=1) + "\n")
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
 
     print(f"\n{'model':<12} {'params':>10} {'test ppl':>9} {'bits/byte':>9}  (at {args.eval_lengths[0]} bytes)")
     for name, e in result["models"].items():
