@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import zoo  # noqa: E402
+from zoo.inference import CUDAGraphModel  # noqa: E402
 
 ZOO_MODELS = ["vim_tiny", "vim_small", "vmamba_tiny", "efficient_vmamba_tiny", "efficient_vmamba_small"]
 TIMM_MODELS = ["deit_tiny_patch16_224", "deit_small_patch16_224", "swin_tiny_patch4_window7_224", "convnext_tiny"]
@@ -87,23 +88,13 @@ def time_steps(step, device: torch.device, warmup: int, reps: int) -> list:
     return times
 
 
-def graphed_inference(model, x, autocast, device: torch.device):
-    """``model(x)`` captured once in a CUDA graph; the returned step replays it. This removes the host's
-    per-kernel launch cost (Python, dispatcher, Triton launcher), which bounds small-batch inference of
-    deep models with many small kernels, and leaves the GPU time."""
+def graphed_inference(model, x, autocast_dtype, device: torch.device):
+    """``model(x)`` captured once in a CUDA graph (``zoo.inference.CUDAGraphModel``); the returned step replays
+    it. This removes the host's per-kernel launch cost (Python, dispatcher, Triton launcher), which bounds
+    small-batch inference of deep models with many small kernels, and leaves the GPU time."""
     if device.type != "cuda":
         raise RuntimeError(f"infer_graph needs CUDA, got device {device}")
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.inference_mode(), autocast:
-        with torch.cuda.stream(side):  # warm-up off the capture stream: autotuning, caches, allocations
-            for _ in range(3):
-                model(x)
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            model(x)
-    return graph.replay
+    return CUDAGraphModel(model, autocast_dtype=autocast_dtype).replay_function(x)
 
 
 def measure(name: str, size: int, batch: int, mode: str, args, device: torch.device) -> dict:
@@ -123,7 +114,7 @@ def measure(name: str, size: int, batch: int, mode: str, args, device: torch.dev
                     model(x)
         elif mode == "infer_graph":
             model.eval()
-            step = graphed_inference(model, x, autocast, device)
+            step = graphed_inference(model, x, torch.bfloat16 if args.amp else None, device)
         else:
             model.train()
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
