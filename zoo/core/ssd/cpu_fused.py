@@ -44,6 +44,12 @@ if _m1.numba is not None:
     # d_state indices are unsigned (numba's negative-index wraparound would turn vector loads into gathers).
 
     @njit(inline="always")
+    def _quad_state(rows, n, dtype):
+        # Four separate arrays, not four rows of one: LLVM's runtime alias checks between rows of one array at a
+        # runtime distance failed here and sent the vectorized loops down their scalar fallback (measured 3x slower).
+        return np.zeros((rows, n), dtype), np.zeros((rows, n), dtype), np.zeros((rows, n), dtype), np.zeros((rows, n), dtype)
+
+    @njit(inline="always")
     def _block_heads(c0, wd, headdim, lh):
         """The block's first head and head count; lh[c]: lane c's head within the block (padding lanes: the
         count, a slot that keeps transition 1 and dt 0)."""
@@ -66,7 +72,9 @@ if _m1.numba is not None:
             bi, q = w // nblk, w % nblk
             c0, wd, gb, gc = blocks[q, 0], blocks[q, 1], blocks[q, 2], blocks[q, 3]
             nq = (wd + np.uint64(3)) // np.uint64(4) * np.uint64(4)  # lanes in whole quads
-            h = np.zeros((W, B.shape[3]), x.dtype)
+            # the state: lane c is row c // 4 of array c % 4 (separate allocations: see _quad_state)
+            h0q, h1q, h2q, h3q = _quad_state(W // 4, B.shape[3], x.dtype)
+            hq = (h0q, h1q, h2q, h3q)
             lane = np.zeros((4, W + 1), x.dtype)
             ah, dth, xl, yl = lane[0], lane[1], lane[2], lane[3]  # per head: transition, dt; per lane: x, y
             ah[:] = one
@@ -75,16 +83,18 @@ if _m1.numba is not None:
             for s in range(nseg):
                 st = bi * nseg + s
                 for c in range(wd):
+                    row = hq[c % 4][c // 4]
                     for k in range(n):
-                        h[c, k] = h0[st, c0 + c, k]
+                        row[k] = h0[st, c0 + c, k]
                 start, end = segs[s, 0], segs[s, 1]
                 for i in range(end - start):
                     t = end - 1 - i if reverse else start + i
                     if save and i % CHECKPOINT == 0:
                         ck = chk[bi, chunk0[s] + i // CHECKPOINT]
                         for c in range(wd):
+                            row = hq[c % 4][c // 4]
                             for k in range(n):
-                                ck[c0 + c, k] = h[c, k]
+                                ck[c0 + c, k] = row[k]
                     xt, dtt, Bt, Ct, ot = x[bi, t], dt[bi, t], B[bi, t, gb], C[bi, t, gc], out[bi, t]
                     for m in range(nh):
                         dtv = dtt[hf + m]
@@ -96,7 +106,8 @@ if _m1.numba is not None:
                         a0, a1, a2, a3 = ah[lh[c]], ah[lh[c + 1]], ah[lh[c + 2]], ah[lh[c + 3]]
                         u0, u1 = dth[lh[c]] * xl[c], dth[lh[c + 1]] * xl[c + 1]
                         u2, u3 = dth[lh[c + 2]] * xl[c + 2], dth[lh[c + 3]] * xl[c + 3]
-                        h0r, h1r, h2r, h3r = h[c], h[c + 1], h[c + 2], h[c + 3]
+                        qi = c // 4
+                        h0r, h1r, h2r, h3r = h0q[qi], h1q[qi], h2q[qi], h3q[qi]
                         y0 = y1 = y2 = y3 = zero
                         for k in range(n):
                             bk, ck_ = Bt[k], Ct[k]
@@ -125,8 +136,9 @@ if _m1.numba is not None:
                             y *= zc / (one + math.exp(-zc))
                         ot[cc] = y
                 for c in range(wd):
+                    row = hq[c % 4][c // 4]
                     for k in range(n):
-                        last[st, c0 + c, k] = h[c, k]
+                        last[st, c0 + c, k] = row[k]
 
     @njit(parallel=True, cache=True, fastmath=_FLAGS)
     def _backward(x, dt, z, ypre, Ah, D, B, C, segs, chunk0, blocks, headdim, chk, gout, glast,
@@ -140,12 +152,18 @@ if _m1.numba is not None:
         sa, sb = (one + one, -one) if signed else (one, zero)
         for w in prange(batch * nsplit):
             bi, j = w // nsplit, w % nsplit
-            hs = np.zeros((CHECKPOINT + 1, W, B.shape[3]), x.dtype)  # states of one span, hs[0] its start
+            # lane c is row c // 4 of array c % 4 in each of: the states of one span (hs[0] its start), the running
+            # state of the rerun, and the carry a_{t+1} dS_{t+1} arriving at step t
+            hs0, hs1, hs2, hs3 = _quad_state((CHECKPOINT + 1) * (W // 4), B.shape[3], x.dtype)
+            hsq = (hs0.reshape(CHECKPOINT + 1, W // 4, B.shape[3]), hs1.reshape(CHECKPOINT + 1, W // 4, B.shape[3]),
+                   hs2.reshape(CHECKPOINT + 1, W // 4, B.shape[3]), hs3.reshape(CHECKPOINT + 1, W // 4, B.shape[3]))
+            curq = _quad_state(W // 4, B.shape[3], x.dtype)
+            e0q, e1q, e2q, e3q = _quad_state(W // 4, B.shape[3], x.dtype)
+            carq = (e0q, e1q, e2q, e3q)
             span = np.zeros((2, CHECKPOINT, W + 1), x.dtype)          # per head: transitions and dt of one span
             As, dts = span[0], span[1]
-            carry = np.zeros((W, B.shape[3]), x.dtype)                # a_{t+1} dS_{t+1}, arriving at step t
-            acc = np.zeros((2, B.shape[3]), x.dtype)                  # this step's B and C gradients
-            gBs, gCs = acc[0], acc[1]
+            gBs = np.zeros(B.shape[3], x.dtype)                       # this step's B and C gradients
+            gCs = np.zeros(B.shape[3], x.dtype)
             lane = np.zeros((6, W), x.dtype)
             xl, gl, gdul, gdal, gDv, gAv = lane[0], lane[1], lane[2], lane[3], lane[4], lane[5]
             lh = np.zeros(W, np.uint64)
@@ -156,22 +174,27 @@ if _m1.numba is not None:
                 As[:, nh] = one
                 dts[:, nh] = zero
                 lane[:] = zero
-                hs[0] = zero
-                carry[:] = zero
+                for jq in range(4):  # padding lanes: zero rows
+                    hsq[jq][0] = zero
+                    curq[jq][:] = zero
+                    carq[jq][:] = zero
                 for s in range(nseg - 1, -1, -1):
                     st = bi * nseg + s
                     start, end = segs[s, 0], segs[s, 1]
                     L = end - start
                     for c in range(wd):
+                        row = carq[c % 4][c // 4]
                         for k in range(n):
-                            carry[c, k] = glast[st, c0 + c, k]
+                            row[k] = glast[st, c0 + c, k]
                     for sp in range((L + CHECKPOINT - 1) // CHECKPOINT - 1, -1, -1):
                         i0 = sp * CHECKPOINT
                         i1 = min(L, i0 + CHECKPOINT)
                         ck = chk[bi, chunk0[s] + sp]
                         for c in range(wd):
+                            row, cur = hsq[c % 4][0, c // 4], curq[c % 4][c // 4]
                             for k in range(n):
-                                hs[0, c, k] = ck[c0 + c, k]
+                                row[k] = ck[c0 + c, k]
+                                cur[k] = ck[c0 + c, k]
                         for i in range(i0, i1):  # rerun the span from its saved state
                             t = end - 1 - i if reverse else start + i
                             r = i - i0
@@ -181,10 +204,12 @@ if _m1.numba is not None:
                                 dts[r, m] = dtv
                                 As[r, m] = sa * fast_exp(dtv * Ah[hf + m]) + sb
                             for c in range(wd):
-                                a, hp, hn = As[r, lh[c]], hs[r, c], hs[r + 1, c]
+                                a, cur, hn = As[r, lh[c]], curq[c % 4][c // 4], hsq[c % 4][r + 1, c // 4]
                                 u = dts[r, lh[c]] * xt[c0 + c]
                                 for k in range(n):
-                                    hn[k] = a * hp[k] + u * Bt[k]
+                                    v = a * cur[k] + u * Bt[k]
+                                    cur[k] = v
+                                    hn[k] = v
                         for i in range(i1 - 1, i0 - 1, -1):  # and walk it backwards
                             t = end - 1 - i if reverse else start + i
                             r = i - i0
@@ -207,9 +232,10 @@ if _m1.numba is not None:
                                 u0, u1 = dts[r, lh[c]] * xl[c], dts[r, lh[c + 1]] * xl[c + 1]
                                 u2, u3 = dts[r, lh[c + 2]] * xl[c + 2], dts[r, lh[c + 3]] * xl[c + 3]
                                 g0, g1, g2, g3 = gl[c], gl[c + 1], gl[c + 2], gl[c + 3]
-                                p0, p1, p2, p3 = hs[r, c], hs[r, c + 1], hs[r, c + 2], hs[r, c + 3]
-                                n0, n1, n2, n3 = hs[r + 1, c], hs[r + 1, c + 1], hs[r + 1, c + 2], hs[r + 1, c + 3]
-                                e0, e1, e2, e3 = carry[c], carry[c + 1], carry[c + 2], carry[c + 3]
+                                qi = c // 4
+                                p0, p1, p2, p3 = hsq[0][r, qi], hsq[1][r, qi], hsq[2][r, qi], hsq[3][r, qi]
+                                n0, n1, n2, n3 = hsq[0][r + 1, qi], hsq[1][r + 1, qi], hsq[2][r + 1, qi], hsq[3][r + 1, qi]
+                                e0, e1, e2, e3 = e0q[qi], e1q[qi], e2q[qi], e3q[qi]
                                 du0 = du1 = du2 = du3 = zero
                                 da0 = da1 = da2 = da3 = zero
                                 for k in range(n):
@@ -247,8 +273,9 @@ if _m1.numba is not None:
                                 gBt[k] += gBs[k]
                                 gCt[k] += gCs[k]
                     for c in range(wd):
+                        row = carq[c % 4][c // 4]
                         for k in range(n):
-                            gh0[st, c0 + c, k] = carry[c, k]
+                            gh0[st, c0 + c, k] = row[k]
                 for c in range(wd):
                     gAl[bi, c0 + c] = gAv[c]
                     gD[bi, c0 + c] = gDv[c]
