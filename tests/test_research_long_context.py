@@ -273,7 +273,7 @@ def test_sliding_window_equals_the_plain_scan_over_each_window():
     B, C = torch.randn(b, l, n, dtype=torch.float64), torch.randn(b, l, n, dtype=torch.float64)
     D, bias = torch.randn(d, dtype=torch.float64), torch.randn(d, dtype=torch.float64)
     h0 = torch.randn(b, d, n, dtype=torch.float64)
-    hook = lc.SlidingWindowHook(r, chunk=4)
+    hook = lc.SlidingWindowHook(r)
     for init in (None, h0):
         out = hook(Mamba(4), selective_scan, u, raw, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True, initial_state=init)
         ref = torch.zeros_like(out)
@@ -292,7 +292,7 @@ def test_sliding_window_mamba2_and_on_an_lm():
     x, raw = torch.randn(b, l, h, p, dtype=torch.float64), torch.randn(b, l, h, dtype=torch.float64)
     A, D, bias = -torch.rand(h, dtype=torch.float64) - 0.1, torch.randn(h, dtype=torch.float64), torch.randn(h, dtype=torch.float64)
     B, C = torch.randn(b, l, 1, n, dtype=torch.float64), torch.randn(b, l, 1, n, dtype=torch.float64)
-    out = lc.SlidingWindowHook(r, chunk=3)(Mamba2(16, headdim=8, d_state=4), ssd_scan, x, raw, A, B, C, D=D, dt_bias=bias,
+    out = lc.SlidingWindowHook(r)(Mamba2(16, headdim=8, d_state=4), ssd_scan, x, raw, A, B, C, D=D, dt_bias=bias,
                                             dt_softplus=True, chunk_size=4)
     dt = F.softplus(raw + bias)
     ref = torch.zeros_like(out)

@@ -40,8 +40,8 @@ Modeling", arXiv:2410.07145; the authors' code: github.com/thunlp/stuffed-mamba)
   (:func:`calibrate_state_norm`) times ``threshold_multiplier``. The authors' code multiplies the state by
   norm / threshold there (it grows the state); we divide, which is what normalisation means.
   ``method="sliding_window"`` (Method 3, sliding window by state difference): the state keeps only the last
-  ``window`` tokens, h_t - (decay over the window) h_{t - window}, computed exactly (chunked closed form, the last
-  ``window`` states kept); full forward passes only, not the packed prefill of ``generate``.
+  ``window`` tokens, h_t - (decay over the window) h_{t - window}, computed exactly with two passes of the scan op
+  (the second reads h_{t - window} through a shifted, decayed C); full forward passes only, not ``generate``.
 * state capacity: :func:`state_capacity`, the longest length at which passkey retrieval stays at or above an
   accuracy, from accuracies measured at growing lengths (``benchmarks/long_context.py`` measures them on an LM).
 """
@@ -121,11 +121,13 @@ class ScanCall:
 
     def run(self, delta: torch.Tensor, A: Optional[torch.Tensor] = None, B: Optional[torch.Tensor] = None,
             start: int = 0, stop: Optional[int] = None, initial_state="same", return_state: Optional[bool] = None,
-            unpack: bool = False):
-        """The op on positions [start, stop) with this ``delta``; ``unpack``: the slice is one sequence of a packed
-        call, run on its own (no cu_seqlens)."""
+            unpack: bool = False, C: Optional[torch.Tensor] = None, D="same"):
+        """The op on positions [start, stop) with this ``delta`` (and A, B, C, D when given); ``unpack``: the slice is
+        one sequence of a packed call, run on its own (no cu_seqlens)."""
         sl = slice(start, stop)
         kw = dict(self.kw)
+        if not isinstance(D, str):
+            kw["D"] = D
         if unpack:
             kw["cu_seqlens"] = None
         kw["initial_state"] = self.initial_state if isinstance(initial_state, str) else initial_state
@@ -137,7 +139,8 @@ class ScanCall:
         if kw.get("z") is not None:
             kw["z"] = kw["z"][:, sl]
         B = self.B if B is None else B
-        return self.op(self.u[:, sl], delta[:, sl], self.A if A is None else A, B[:, sl], self.C[:, sl], **kw)
+        C = self.C if C is None else C
+        return self.op(self.u[:, sl], delta[:, sl], self.A if A is None else A, B[:, sl], C[:, sl], **kw)
 
     def run_chunked(self, chunk: int, after_chunk: Callable, what: str):
         """The scan in slices of ``chunk`` tokens, each from the state the previous one left, passed through
@@ -421,84 +424,66 @@ class StateNormHook:
 
 class SlidingWindowHook:
     """Stuffed Mamba's Method 3, a sliding window by state difference: the state at t holds the last ``window``
-    tokens only, h^w_t = h_t - (prod_{s in (t - window, t]} exp(Delta_s A)) h_{t - window}, so y_t = C_t h^w_t + D u_t.
-    States come from the chunked closed form over ``chunk`` positions at a time; the last ``window`` states are kept
-    (memory: window x state size per sequence). Full unpacked forward passes only (no streaming: the state of a
-    window cannot be carried on without the history)."""
+    tokens only, h^w_t = h_t - P_t h_{t - window} with P_t = prod_{s in (t - window, t]} exp(Delta_s A), so
+    y_t = C_t h^w_t + D u_t (then the gate). Two passes of the mixer's own scan op: the plain one, and one whose
+    output matrix at s is C'_s = C_{s + window} P_{s + window} (per channel: Mamba-1 through d_inner groups, Mamba-2
+    through one group per head), which gives C_t P_t h_{t - window} at s = t - window. An initial state counts as
+    position -1. Full unpacked forward passes only (a window's state cannot be carried on without the history)."""
 
-    def __init__(self, window: int, chunk: int = 64):
-        if window < 1 or chunk < 1:
-            raise ValueError(f"sliding_window: window and chunk must be >= 1, got {window}, {chunk}")
-        self.window, self.chunk = int(window), int(chunk)
+    def __init__(self, window: int):
+        if window < 1:
+            raise ValueError(f"sliding_window: window must be >= 1, got {window}")
+        self.window = int(window)
 
     def __call__(self, mixer, op, *args, **kwargs):
         from zoo.core.selective_scan._checks import expand_groups
-        from zoo.core.ssd._checks import heads_of_groups, skip_term
+        from zoo.core.ssd._checks import heads_of_groups
 
         call = ScanCall(mixer, op, args, kwargs)
         if call.reverse or call.cu_seqlens is not None or call.returns_state or kwargs.get("negative_eigenvalues"):
             raise ValueError("sliding_window: takes whole forward sequences (no reverse scan, cu_seqlens, streaming "
                              "state or negative_eigenvalues); generate() cannot use it")
         delta = call.delta()
-        acc = delta.dtype
-        u, A = upcast(call.u), upcast(call.A)
-        b, length = u.shape[:2]
-        if call.mamba2:  # states (b, h, p, n); log decay per head
-            heads = u.shape[2]
-            Bx, Cx = heads_of_groups(upcast(call.B), heads), heads_of_groups(upcast(call.C), heads)
-            state_shape = (heads, u.shape[3], Bx.shape[-1])
+        A, r, length = upcast(call.A), self.window, call.length
+        z = call.kw.get("z")
+        call.kw["z"] = None  # the gate after the difference
+        try:
+            y = upcast(call.run(delta))  # C_t h_t + D u_t
+            if r >= length and call.initial_state is None:
+                return self._gate(y, z, call)
+            cum = F.pad(delta.double().cumsum(1), (0, 0, 1, 0))  # cum[:, t + 1]: sum of Delta through t, per channel
+            rate = A  # (h,) or (d, n)
+            B_old = None
+            if call.mamba2:
+                B_old = heads_of_groups(call.B, delta.shape[-1]).contiguous()  # ssd_scan: C and B of one shape
+                C = heads_of_groups(upcast(call.C), delta.shape[-1])  # (b, l, h, n)
 
-            def log_decay(summed_delta):  # (b, t, h) -> (b, t, h, 1, 1)
-                return (summed_delta * A)[..., None, None]
-
-            def inputs(c0, c1):
-                return (delta[:, c0:c1, :, None] * u[:, c0:c1])[..., None] * Bx[:, c0:c1, :, None, :]
-        else:  # states (b, d, n); log decay per channel and state
-            dim = u.shape[2]
-            Bx, Cx = expand_groups(upcast(call.B), dim), expand_groups(upcast(call.C), dim)
-            state_shape = (dim, Bx.shape[-1])
-
-            def log_decay(summed_delta):  # (b, t, d) -> (b, t, d, n)
-                return summed_delta[..., None] * A
-
-            def inputs(c0, c1):
-                return (delta[:, c0:c1] * u[:, c0:c1])[..., None] * Bx[:, c0:c1]
-        # cum[:, t + 1]: the sum of Delta through t, per channel (float64: differences of long sums)
-        cum = F.pad(delta.double().cumsum(1), (0, 0, 1, 0))
-        init = call.initial_state
-        prev = u.new_zeros((b,) + state_shape, dtype=acc) if init is None else init.to(acc)
-        hist, first = prev[:, None], -1  # states at positions first, first + 1, ... (position -1: the initial state)
-        ys = []
-        for c0 in range(0, length, self.chunk):
-            c1 = min(c0 + self.chunk, length)
-            local = log_decay((cum[:, c0 + 1 : c1 + 1] - cum[:, c0 : c0 + 1]).to(acc))  # within the chunk, through t
-            diff = local[:, :, None] - local[:, None, :]  # (b, t, s, ...)
-            causal = torch.ones(c1 - c0, c1 - c0, dtype=torch.bool, device=u.device).tril()
-            causal = causal.reshape(causal.shape + (1,) * len(state_shape))
-            weights = torch.where(causal, diff, torch.full_like(diff, float("-inf"))).exp()
-            if call.mamba2:  # per-head weights: a contraction, no (c, c, h, p, n) product
-                intra = torch.einsum("btsh,bshpn->bthpn", weights[..., 0, 0], inputs(c0, c1))
+                def decayed(c, summed):  # C (b, k, h, n) times the decay over `summed` (b, k, h)
+                    return c * torch.exp(summed.to(c.dtype) * rate)[..., None]
             else:
-                intra = (weights * inputs(c0, c1)[:, None]).sum(2)
-            states = torch.exp(local) * prev[:, None] + intra  # (b, c, *state)
-            hist = torch.cat([hist, states], 1)
-            # h_{t - window} and the decay over the window, for t in [c0, c1)
-            back = torch.arange(c0, c1, device=u.device) - self.window
-            valid = back >= -1
-            old = hist[:, (back - first).clamp(min=0)] * valid.reshape((1, -1) + (1,) * len(state_shape)).to(acc)
-            span = log_decay((cum[:, c0 + 1 : c1 + 1] - cum[:, (back + 1).clamp(min=0)]).to(acc))
-            windowed = states - torch.exp(span) * old
-            ys.append((windowed * Cx[:, c0:c1, :, None, :]).sum(-1) if call.mamba2 else (windowed * Cx[:, c0:c1]).sum(-1))
-            prev = states[:, -1]
-            keep_from = max(0, c1 - self.window - 1 - first)  # positions >= c1 - window - 1 stay needed
-            hist, first = hist[:, keep_from:], first + keep_from
-        y = torch.cat(ys, 1)
-        D, z = call.kw.get("D"), call.kw.get("z")
-        if call.mamba2:
-            skip = skip_term(D, u)
-            y = y if skip is None else y + skip
-        elif D is not None:
-            y = y + u * upcast(D)
+                C = expand_groups(upcast(call.C), delta.shape[-1])  # (b, l, d, n)
+
+                def decayed(c, summed):  # (b, k, d, n) x exp(A[d, n] * summed (b, k, d))
+                    return c * torch.exp(summed.to(c.dtype)[..., None] * rate)
+            if r < length:
+                t = torch.arange(r, length, device=delta.device)
+                shifted = torch.zeros_like(C)
+                shifted[:, : length - r] = decayed(C[:, t], cum[:, t + 1] - cum[:, t + 1 - r])
+                old = upcast(call.run(delta, B=B_old, C=shifted.to(call.C.dtype), D=None))  # at s: C_{s+r} P_{s+r} h_s
+                y = y.clone()
+                y[:, r:] = y[:, r:] - old[:, : length - r]
+            if call.initial_state is not None and r - 1 < length:  # position -1 leaves the window at t = r - 1
+                t0 = r - 1
+                c0 = decayed(C[:, t0 : t0 + 1], cum[:, t0 + 1 : t0 + 2])[:, 0]
+                h0 = call.initial_state.to(c0.dtype)
+                y = y.clone()
+                y[:, t0] = y[:, t0] - ((h0 * c0[:, :, None, :]).sum(-1) if call.mamba2 else (h0 * c0).sum(-1))
+            return self._gate(y, z, call)
+        finally:
+            call.kw["z"] = z
+
+    @staticmethod
+    def _gate(y, z, call):
         if z is not None:
             y = y * F.silu(upcast(z))
         return y.to(call.u.dtype)
@@ -519,12 +504,12 @@ STUFFED_METHODS = ("forget_more_remember_less", "state_normalization", "sliding_
 
 def apply_stuffed_mamba(model: nn.Module, method: str, *, dt_scale: float = 1.0, A_scale: float = 1.0,
                         B_scale: float = 1.0, calibration=None, threshold_multiplier: float = 1.0,
-                        chunk: int = 128, window: Optional[int] = None, window_chunk: int = 64) -> nn.Module:
+                        chunk: int = 128, window: Optional[int] = None) -> nn.Module:
     """Install one of Stuffed Mamba's training-free mitigations on every SSM mixer (in place; returns the model).
     ``"forget_more_remember_less"``: ``dt_scale``, ``A_scale``, ``B_scale``. ``"state_normalization"``:
     ``calibration`` from :func:`calibrate_state_norm` (dict or file), thresholds = its norms x
     ``threshold_multiplier``, applied every ``chunk`` tokens. ``"sliding_window"``: the state keeps the last
-    ``window`` tokens (e.g. the training length), computed ``window_chunk`` positions at a time."""
+    ``window`` tokens (e.g. the training length)."""
     if method not in STUFFED_METHODS:
         raise ValueError(f"apply_stuffed_mamba: method must be one of {STUFFED_METHODS}, got {method!r}")
     if method == "forget_more_remember_less":
@@ -532,7 +517,7 @@ def apply_stuffed_mamba(model: nn.Module, method: str, *, dt_scale: float = 1.0,
     if method == "sliding_window":
         if window is None:
             raise ValueError("apply_stuffed_mamba: sliding_window needs window= (tokens the state keeps)")
-        return _install(model, lambda i, m: SlidingWindowHook(window, window_chunk))
+        return _install(model, lambda i, m: SlidingWindowHook(window))
     if calibration is None:
         raise ValueError("apply_stuffed_mamba: state_normalization needs a calibration (calibrate_state_norm)")
     cal = load_calibration(calibration)
