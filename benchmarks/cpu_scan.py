@@ -1,9 +1,11 @@
 """CPU timing of the selective-scan paths: the chunked PyTorch path (the CPU default before the fused scan)
-against the fused numba scan (impl="cpu"), optionally the sequential loop (impl="naive").
+against the fused numba scan (impl="cpu"), optionally the sequential loop (impl="naive"); the same for Mamba-2's
+SSD scan (``zoo.core.ssd.ssd_scan``: chunked state-space-duality form against its fused numba scan).
 
-    python benchmarks/cpu_scan.py [--threads 1 2] [--rounds 5] [--train-steps 20] [--out benchmarks/results/cpu_scan.json]
+    python benchmarks/cpu_scan.py [--threads 1 2] [--rounds 5] [--ops mamba1 ssd] [--train-steps 20] [--out benchmarks/results/cpu_scan.json]
 
-Every feature of a Vim / Mamba block is on (D, z gate, delta_bias + softplus, float32). The machine may be
+Every feature of a Vim / Mamba block is on (D, z gate, delta_bias + softplus, float32); for the SSD scan every
+feature of a Mamba-2 mixer without its norm gate (D per head, z gate, dt_bias + softplus, one group of B and C). The machine may be
 shared, so the paths run in interleaved rounds in one process (chunked, fused, chunked, fused, ...), each
 round on the same inputs; reported: the median time of each path and the median of the per-round ratios.
 With --train-steps, also the README's main job (``zoo finetune``'s default model, batch 64, AdamW, random
@@ -23,12 +25,40 @@ import time
 import torch
 
 from zoo.core.selective_scan import selective_scan
+from zoo.core.ssd import ssd_scan
 
 SHAPES = [  # (batch, length, dim, d_state): issue 19's main-job block, length 1024, length 4096
     (64, 17, 384, 16),
     (2, 1024, 768, 16),
     (1, 4096, 1536, 16),
 ]
+
+
+SSD_SHAPES = [  # (batch, length, nheads, headdim, d_state): the same widths (nheads x 64 = 384, 768, 1536) with
+    (64, 17, 6, 64, 128),  # Mamba-2's defaults (headdim 64, d_state 128)
+    (2, 1024, 12, 64, 128),
+    (1, 4096, 24, 64, 128),
+]
+
+
+def ssd_inputs(b, l, h, p, n):
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    t = [r(b, l, h, p), r(b, l, h) * 0.5, -torch.rand(h, generator=g) - 0.1, r(b, l, 1, n), r(b, l, 1, n), r(h),
+         r(b, l, h, p), r(h)]
+    return [x.requires_grad_(True) for x in t]
+
+
+def ssd_timed(impl, args, backward):
+    x, dt, A, B, C, D, z, dt_bias = args
+    t0 = time.perf_counter()
+    if backward:
+        out = ssd_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus=True, impl=impl)
+        torch.autograd.grad(out.sum(), args)
+    else:
+        with torch.no_grad():
+            ssd_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus=True, impl=impl)
+    return time.perf_counter() - t0
 
 
 def inputs(b, l, d, n):
@@ -98,6 +128,11 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--impls", nargs="+", default=["chunked", "cpu"], help="first one is the baseline of the ratios")
     ap.add_argument("--shapes", nargs="+", default=None, help="batch,length,dim,d_state (default: the issue's three)")
+    ap.add_argument("--ops", nargs="+", default=["mamba1", "ssd"], choices=["mamba1", "ssd"],
+                    help="mamba1: selective_scan at --shapes; ssd: ssd_scan at --ssd-shapes")
+    ap.add_argument("--ssd-shapes", nargs="+", default=None,
+                    help="batch,length,nheads,headdim,d_state (default: SSD_SHAPES)")
+    ap.add_argument("--note", default=None, help="recorded in the JSON's meta (e.g. the machine's load)")
     ap.add_argument("--train-steps", type=int, default=0, help="also time the main job's training (steps per round)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -108,28 +143,34 @@ def main():
             return
         meta = dict(command="python " + " ".join(sys.argv), torch=torch.__version__, numba=_numba_version(),
                     processor=platform.processor() or platform.machine(), logical_cpus=os.cpu_count(),
-                    baseline=args.impls[0], rounds=args.rounds)
+                    baseline=args.impls[0], rounds=args.rounds, note=args.note)
         with open(args.out, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
 
     for threads in args.threads:
         torch.set_num_threads(threads)
-        for shape in [tuple(map(int, s.split(","))) for s in args.shapes] if args.shapes else SHAPES:
-            x = inputs(*shape)
+        parse = lambda given: [tuple(map(int, s.split(","))) for s in given]  # noqa: E731
+        cases = []
+        if "mamba1" in args.ops:
+            cases += [("selective_scan", s, inputs, timed) for s in (parse(args.shapes) if args.shapes else SHAPES)]
+        if "ssd" in args.ops:
+            cases += [("ssd", s, ssd_inputs, ssd_timed) for s in (parse(args.ssd_shapes) if args.ssd_shapes else SSD_SHAPES)]
+        for op, shape, make, run in cases:
+            x = make(*shape)
             for backward in (False, True):
                 for impl in args.impls:  # warm-up (and numba's compile or cache load)
-                    timed(impl, x, backward)
+                    run(impl, x, backward)
                 times = {impl: [] for impl in args.impls}
                 for _ in range(args.rounds):
                     for impl in args.impls:
-                        times[impl].append(timed(impl, x, backward))
+                        times[impl].append(run(impl, x, backward))
                 base = args.impls[0]
-                row = dict(threads=threads, shape=list(shape), mode="fwd+bwd" if backward else "fwd",
+                row = dict(threads=threads, op=op, shape=list(shape), mode="fwd+bwd" if backward else "fwd",
                            ms={k: statistics.median(v) * 1e3 for k, v in times.items()},
                            speedup_vs_baseline={k: statistics.median(b / t for b, t in zip(times[base], v))
                                                 for k, v in times.items() if k != base})
                 rows.append(row)
-                print(f"threads {threads}  {str(tuple(shape)):20s} {row['mode']:8s} "
+                print(f"threads {threads}  {op:14s} {str(tuple(shape)):24s} {row['mode']:8s} "
                       + "  ".join(f"{k} {v:9.1f} ms" for k, v in row["ms"].items()) + "  "
                       + "  ".join(f"{k} x{v:.1f}" for k, v in row["speedup_vs_baseline"].items()), flush=True)
                 save()

@@ -167,3 +167,19 @@ def test_second_derivatives_are_refused():
     (g,) = torch.autograd.grad(out.square().sum(), t["u"], create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
         g.sum().backward()
+
+
+def test_torch_keeps_its_thread_count():
+    # numba's OpenMP pool, started by the first fused scan, used to reset the count torch.set_num_threads gave
+    # (a fresh process: the pool starts once per process)
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.set_num_threads(1)\n"
+            "from zoo.core.selective_scan import selective_scan\n"
+            "u = torch.randn(1, 5, 4); A = -torch.rand(4, 2); B = torch.randn(1, 5, 2)\n"
+            "selective_scan(u, u, A, B, B, impl='cpu')\n"
+            "import numba\n"
+            "assert torch.get_num_threads() == 1 and numba.get_num_threads() == 1, "
+            "(torch.get_num_threads(), numba.get_num_threads())\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=600)

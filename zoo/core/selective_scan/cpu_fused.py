@@ -331,9 +331,21 @@ class _FusedScan(torch.autograd.Function):
                 gz if has_z else None, gh0 if ctx.needs_input_grad[7] else None, None, None, None)
 
 
+_pool_started = False
+
+
 def _set_threads() -> None:
-    # follow torch.set_num_threads, within the pool numba started with
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    """Follow torch.set_num_threads, within the pool numba started with. Starting numba's pool (its OpenMP
+    layer shares libgomp with torch) resets the OpenMP thread count that torch reads to the pool's size: measured
+    here, torch.set_num_threads(1) came back as 2 after the first fused scan, so torch's own ops, and every fused
+    scan after it, ran on 2 threads. The count torch had is put back once the pool is up."""
+    global _pool_started
+    threads = torch.get_num_threads()
+    if not _pool_started:
+        numba.get_num_threads()  # starts the pool
+        torch.set_num_threads(threads)
+        _pool_started = True
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
 
 
 def selective_scan_cpu(
