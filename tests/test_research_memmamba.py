@@ -162,3 +162,23 @@ def test_memmamba_lm_option_starts_plain_trains_and_is_causal(name):
     assert set(fid["horizontal"]) == {0, 1, 2, 3} and len(fid["vertical"]) == 4
     with pytest.raises(NotImplementedError, match="no streaming"):
         model.generate(ids[:1, :4], max_new_tokens=2)
+
+
+def test_memmamba_lm_grad_checkpointing_same_gradients():
+    torch.manual_seed(0)
+    model = apply_memmamba(zoo.create_model("mamba_130m", **LMS["mamba_130m"]).double(), d_mem=8, pool_size=4, chunk=4,
+                           cross_layer_every=2, write_threshold=None, read_threshold=None)
+    with torch.no_grad():
+        for block in model.backbone.layers:
+            block.mixer.gate.fill_(0.5)
+            block.mixer.cross_gate.fill_(0.5)
+    ids = torch.randint(0, 40, (2, 17))
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.set_grad_checkpointing(ckpt)
+        torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], msg=n)
