@@ -11,6 +11,11 @@ models (horizontal of layer 0 at distances 1, 16, 64; vertical per layer) on one
 
     PYTHONPATH=. OMP_NUM_THREADS=2 python benchmarks/passkey.py --config configs/passkey_smoke.yaml \
         --out benchmarks/results/passkey_smoke_cpu.json
+
+State capacity (Stuffed Mamba, Chen et al. 2024: the longest passkey length a recurrent state of a given size
+retrieves): ``--state-sizes 4 8 16 32`` trains the recipe's plain Mamba once per d_state instead (no memory, the
+recipe's width) and reports, per state size, the accuracy at each evaluation length and the capacity, the longest
+evaluation length up to which accuracy stays >= ``--capacity-accuracy`` (zoo.research.long_context.state_capacity).
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from zoo.research.long_context import state_capacity
 from zoo.research.memmamba import MemMambaModel, horizontal_fidelity, vertical_fidelity
 
 DIGITS, FILLER = 10, 10  # token ids: digits 0..9, filler 10..19, marker 20, query 21
@@ -111,12 +117,37 @@ def evaluate(model, length: int, samples: int, device, batch: int = 64) -> float
     return correct / samples
 
 
+def capacity_runs(cfg: dict, state_sizes, device, min_accuracy: float) -> tuple[list, str]:
+    """One plain Mamba per d_state, trained by the recipe; (rows, markdown table) with the accuracy per evaluation
+    length, the recurrent state's size (numbers per sequence, all layers) and the passkey capacity."""
+    rows = []
+    lengths = cfg["task"]["eval_lengths"]
+    for d_state in state_sizes:
+        torch.manual_seed(cfg["train"]["seed"])
+        model = MemMambaModel(VOCAB, DIGITS, memory=False, **dict(cfg["model"], d_state=d_state)).to(device)
+        state = sum(m.d_inner * m.d_state for m in model.layers)
+        print(f"d_state {d_state}: {n_params(model)} parameters, state {state} numbers", flush=True)
+        seconds, log = train(model, cfg, device)
+        acc = {n: evaluate(model, n, cfg["task"]["eval_samples"], device) for n in lengths}
+        rows.append(dict(d_state=d_state, state_numbers=state, params=n_params(model), train_seconds=round(seconds, 1),
+                         accuracy=acc, capacity=state_capacity(acc, min_accuracy), loss_log=log))
+        print(json.dumps(rows[-1]), flush=True)
+    table = "\n".join([f"| d_state | state numbers | " + " | ".join(f"acc @ {n}" for n in lengths) +
+                       f" | capacity (acc >= {min_accuracy}) |", "|---|---|" + "---|" * len(lengths) + "---|",
+                       *[f"| {r['d_state']} | {r['state_numbers']} | " + " | ".join(f"{100 * r['accuracy'][n]:.1f}" for n in lengths)
+                         + f" | {r['capacity']} |" for r in rows]])
+    return rows, table
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="YAML recipe, e.g. configs/passkey_smoke.yaml")
     p.add_argument("--device", default=None, help="override the recipe's device")
     p.add_argument("--out", default=None, help="JSON file to write")
     p.add_argument("--models", nargs="+", default=None, help="run only these of the recipe's models (e.g. one per process)")
+    p.add_argument("--state-sizes", type=int, nargs="+", default=None,
+                   help="state capacity instead: a plain Mamba per d_state (see the module docstring)")
+    p.add_argument("--capacity-accuracy", type=float, default=0.9)
     args = p.parse_args(argv)
     cfg = yaml.safe_load(Path(args.config).read_text())
     if args.models:
@@ -125,6 +156,14 @@ def main(argv=None) -> int:
             p.error(f"--models {unknown} not in the recipe's models {cfg['models']}")
         cfg["models"] = list(args.models)
     device = torch.device(args.device or cfg.get("device", "cpu"))
+    command = "PYTHONPATH=. python benchmarks/passkey.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    if args.state_sizes:
+        rows, table = capacity_runs(cfg, args.state_sizes, device, args.capacity_accuracy)
+        print(table)
+        if args.out:
+            Path(args.out).write_text(json.dumps(dict(command=command, config=cfg, device=str(device), threads=torch.get_num_threads(),
+                                                      torch=torch.__version__, capacity=rows, table=table), indent=1) + "\n")
+        return 0
     results = []
     for name in cfg["models"]:
         torch.manual_seed(cfg["train"]["seed"])
