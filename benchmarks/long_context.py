@@ -16,7 +16,11 @@ the model's top prediction (teacher forcing), the whole prompt being the length 
 next-token loss over whole windows of the length ("ppl"), and over their last training-length tokens ("ppl_last").
 Capacity (Stuffed Mamba): the longest length whose passkey accuracy (mean over seeds) is >= --capacity-accuracy.
 
-    # the lead's GPU run (an LM of our own trained at L tokens; any other LM likewise):
+    # a byte-level LM of our own (benchmarks/train_lm.py writes RUN/mamba/{model.safetensors,config.json}), trained
+    # at 512 bytes, on the held-out Bible books (kjv:test needs bible-kjv-text; elsewhere pass them as a file):
+    PYTHONPATH=. python benchmarks/long_context.py --model RUN/mamba --text kjv:test --train-length 512 \\
+        --device cuda --out benchmarks/results/long_context_kjv_mamba
+    # an official checkpoint (GPT-NeoX tokenizer from the Hugging Face cache), trained at 2048 tokens:
     PYTHONPATH=. python benchmarks/long_context.py --model mamba_130m --pretrained --text data.txt \\
         --train-length 2048 --device cuda --out benchmarks/results/long_context_mamba_130m
     # the CPU smoke run of the tests: a tiny random model
