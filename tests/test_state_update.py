@@ -8,6 +8,11 @@ from zoo.core.selective_scan.step import selective_state_update, selective_state
 from zoo.kernels.state_update import selective_state_update_triton
 
 F64 = torch.float64
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton kernel: natively on CUDA, else interpreted
+
+
+def on_dev(a):
+    return {k: v.to(DEV) if isinstance(v, torch.Tensor) else v for k, v in a.items()}
 
 
 def inputs(b=3, h=4, p=5, n=7, g=2, dtype=torch.float32, seed=0):
@@ -37,20 +42,20 @@ def test_triton_kernel_matches_the_torch_form(negative_eigenvalues, optional):
     if not optional:
         a.update(D=None, z=None, dt_bias=None)
     ref = selective_state_update_torch(**a, dt_softplus=True, negative_eigenvalues=negative_eigenvalues)
-    out = selective_state_update_triton(**a, dt_softplus=True, negative_eigenvalues=negative_eigenvalues)
+    out = selective_state_update_triton(**on_dev(a), dt_softplus=True, negative_eigenvalues=negative_eigenvalues)
     for r, o in zip(ref, out):
-        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(o.cpu(), r, rtol=1e-5, atol=1e-5)
 
 
 def test_broadcast_head_parameters_as_mamba2_passes_them():
-    a = inputs(b=2, h=4, p=6, n=5, g=1)
-    a["A"] = (-torch.rand(4))[:, None, None].expand(4, 6, 5)
-    a["dt"] = torch.randn(2, 4)[..., None].expand(2, 4, 6)
-    a["D"] = torch.randn(4)[:, None].expand(4, 6)
+    a = on_dev(inputs(b=2, h=4, p=6, n=5, g=1))  # expanded on the device: zero strides reach the kernel
+    a["A"] = (-torch.rand(4, device=DEV))[:, None, None].expand(4, 6, 5)
+    a["dt"] = torch.randn(2, 4, device=DEV)[..., None].expand(2, 4, 6)
+    a["D"] = torch.randn(4, device=DEV)[:, None].expand(4, 6)
     ref = selective_state_update_torch(**a, dt_softplus=True)
     out = selective_state_update_triton(**a, dt_softplus=True)
     for r, o in zip(ref, out):
-        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(o.cpu(), r, rtol=1e-5, atol=1e-5)
 
 
 def test_the_state_passed_in_is_not_modified_and_errors_name_shapes():

@@ -4,6 +4,8 @@ are passed as they are, so broadcast A / dt / D (a Mamba-2 head shares them acro
 Inference only (no autograd): decoding does not train."""
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -57,6 +59,9 @@ def _state_update_kernel(
 def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
                                   negative_eigenvalues=False):
     """Same contract as ``zoo.core.selective_scan.step.selective_state_update`` (inputs validated there)."""
+    if not state.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"selective_state_update_triton: expected CUDA tensors (or Triton's interpreter, "
+                         f"TRITON_INTERPRET=1), got state on {state.device}")
     b, h, P, N = state.shape
     out = torch.empty_like(x)
     new = torch.empty_like(state)
