@@ -84,7 +84,7 @@ if numba is not None:
     # through numba's negative-index wraparound, which turns vector loads into gathers. ``one`` carries the
     # float type, so that no integer constant promotes float32 arithmetic to float64.
 
-    @njit(parallel=True, cache=True, fastmath=_FLAGS)
+    @njit(parallel=True, cache=True, fastmath=_FLAGS, error_model="numpy")
     def _forward(u, dt, z, At, D, B, C, h0, segs, chunk0, blocks, out, last, chk, ypre,
                  reverse, signed, has_D, has_z, save, one):
         batch, n = u.shape[0], At.shape[0]
@@ -96,8 +96,8 @@ if numba is not None:
             c0, wd, gb, gc = blocks[q, 0], blocks[q, 1], blocks[q, 2], blocks[q, 3]
             h = np.zeros((n, W), u.dtype)
             Ab = np.zeros((n, W), u.dtype)
-            vec = np.zeros((3, W), u.dtype)
-            y, dtv, dtu = vec[0], vec[1], vec[2]
+            vec = np.zeros((4, W), u.dtype)
+            y, dtv, dtu, zl = vec[0], vec[1], vec[2], vec[3]
             for k in range(n):
                 for c in range(wd):
                     Ab[k, c] = At[k, c0 + c]
@@ -135,7 +135,9 @@ if numba is not None:
                                 yp[c0 + c] = y[c]
                         zt = z[bi, t]
                         for c in range(wd):
-                            y[c] *= zt[c0 + c] / (one + math.exp(-zt[c0 + c]))
+                            zl[c] = zt[c0 + c]
+                        for c in range(W):  # all W lanes: vectorized exp (padding lanes: z 0)
+                            y[c] *= zl[c] / (one + fast_exp(-zl[c]))
                     ot = out[bi, t]
                     for c in range(wd):
                         ot[c0 + c] = y[c]
@@ -143,7 +145,7 @@ if numba is not None:
                     for c in range(wd):
                         last[st, c0 + c, k] = h[k, c]
 
-    @njit(parallel=True, cache=True, fastmath=_FLAGS)
+    @njit(parallel=True, cache=True, fastmath=_FLAGS, error_model="numpy")
     def _backward(u, dt, z, ypre, At, D, B, C, segs, chunk0, blocks, chk, gout, glast,
                   gu, gdt, gz, gAt, gD, gB, gC, gh0, reverse, signed, has_D, has_z, one):
         batch, n = u.shape[0], At.shape[0]
@@ -159,8 +161,8 @@ if numba is not None:
             carry = np.zeros((n, W), u.dtype)               # a_{t+1} dh_{t+1}, arriving at step t
             gAk = np.zeros((n, W), u.dtype)
             Ab = np.zeros((n, W), u.dtype)
-            vec = np.zeros((5, W), u.dtype)
-            g, dtu, gdtu, gdtv, gDv = vec[0], vec[1], vec[2], vec[3], vec[4]
+            vec = np.zeros((8, W), u.dtype)
+            g, dtu, gdtu, gdtv, gDv, zl, ypl, gzl = vec[0], vec[1], vec[2], vec[3], vec[4], vec[5], vec[6], vec[7]
             for q in range(j, nblk, nsplit):  # this split's blocks; it alone writes gB[j], gC[j]
                 c0, wd, gb, gc = blocks[q, 0], blocks[q, 1], blocks[q, 2], blocks[q, 3]
                 Ab[:] = zero
@@ -169,6 +171,8 @@ if numba is not None:
                 dts[:] = zero
                 dtu[:] = zero
                 g[:] = zero
+                zl[:] = zero
+                ypl[:] = zero
                 for k in range(n):
                     for c in range(wd):
                         Ab[k, c] = At[k, c0 + c]
@@ -213,10 +217,14 @@ if numba is not None:
                             if has_z:
                                 zt, gzt, yp = z[bi, t], gz[bi, t], ypre[bi, t]
                                 for c in range(wd):
-                                    zc = zt[c0 + c]
-                                    sz = one / (one + math.exp(-zc))
-                                    gzt[c0 + c] = g[c] * yp[c0 + c] * sz * (one + zc * (one - sz))
-                                    g[c] *= zc * sz
+                                    zl[c] = zt[c0 + c]
+                                    ypl[c] = yp[c0 + c]
+                                for c in range(W):  # vectorized; padding lanes have g = z = 0
+                                    sz = one / (one + fast_exp(-zl[c]))
+                                    gzl[c] = g[c] * ypl[c] * sz * (one + zl[c] * (one - sz))
+                                    g[c] *= zl[c] * sz
+                                for c in range(wd):
+                                    gzt[c0 + c] = gzl[c]
                             for c in range(wd):
                                 gDv[c] += g[c] * ut[c0 + c]
                             gBt, gCt = gB[j, bi, t, gb], gC[j, bi, t, gc]

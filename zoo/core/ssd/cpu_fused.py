@@ -59,7 +59,7 @@ if _m1.numba is not None:
             lh[c] = (c0 + c) // headdim - hf if c < wd else nh
         return hf, nh
 
-    @njit(parallel=True, cache=True, fastmath=_FLAGS)
+    @njit(parallel=True, cache=True, fastmath=_FLAGS, error_model="numpy")
     def _forward(x, dt, z, Ah, D, B, C, h0, segs, chunk0, blocks, headdim, out, last, chk, ypre,
                  reverse, signed, has_D, has_z, save, one):
         # x, z, out, ypre (b, l, c) with c = nheads * headdim; dt (b, l, nheads); Ah (nheads,); D (c,);
@@ -75,8 +75,8 @@ if _m1.numba is not None:
             # the state: lane c is row c // 4 of array c % 4 (separate allocations: see _quad_state)
             h0q, h1q, h2q, h3q = _quad_state(W // 4, B.shape[3], x.dtype)
             hq = (h0q, h1q, h2q, h3q)
-            lane = np.zeros((4, W + 1), x.dtype)
-            ah, dth, xl, yl = lane[0], lane[1], lane[2], lane[3]  # per head: transition, dt; per lane: x, y
+            lane = np.zeros((5, W + 1), x.dtype)
+            ah, dth, xl, yl, zl = lane[0], lane[1], lane[2], lane[3], lane[4]  # per head: transition, dt; per lane: x, y, z
             ah[:] = one
             lh = np.zeros(W, np.uint64)
             hf, nh = _block_heads(c0, wd, headdim, lh)
@@ -124,23 +124,25 @@ if _m1.numba is not None:
                             y2 += ck_ * v2
                             y3 += ck_ * v3
                         yl[c], yl[c + 1], yl[c + 2], yl[c + 3] = y0, y1, y2, y3
-                    for c in range(wd):
-                        cc = c0 + c
-                        y = yl[c]
-                        if has_D:
-                            y += D[cc] * xl[c]
-                        if has_z:
+                    if has_D:
+                        for c in range(wd):
+                            yl[c] += D[c0 + c] * xl[c]
+                    if has_z:
+                        zt = z[bi, t]
+                        for c in range(wd):
+                            zl[c] = zt[c0 + c]
                             if save:  # y before the gate, for the gate's gradient
-                                ypre[bi, t, cc] = y
-                            zc = z[bi, t, cc]
-                            y *= zc / (one + math.exp(-zc))
-                        ot[cc] = y
+                                ypre[bi, t, c0 + c] = yl[c]
+                        for c in range(W):  # all lanes: vectorized exp (padding lanes: z 0)
+                            yl[c] *= zl[c] / (one + fast_exp(-zl[c]))
+                    for c in range(wd):
+                        ot[c0 + c] = yl[c]
                 for c in range(wd):
                     row = hq[c % 4][c // 4]
                     for k in range(n):
                         last[st, c0 + c, k] = row[k]
 
-    @njit(parallel=True, cache=True, fastmath=_FLAGS)
+    @njit(parallel=True, cache=True, fastmath=_FLAGS, error_model="numpy")
     def _backward(x, dt, z, ypre, Ah, D, B, C, segs, chunk0, blocks, headdim, chk, gout, glast,
                   gx, gdtc, gz, gAl, gD, gB, gC, gh0, reverse, signed, has_D, has_z, one):
         # gdtc (b, l, c): dt's gradient per channel (the caller sums each head's); gAl, gD (b, c): A's and D's per
@@ -164,8 +166,9 @@ if _m1.numba is not None:
             As, dts = span[0], span[1]
             gBs = np.zeros(B.shape[3], x.dtype)                       # this step's B and C gradients
             gCs = np.zeros(B.shape[3], x.dtype)
-            lane = np.zeros((6, W), x.dtype)
+            lane = np.zeros((9, W), x.dtype)
             xl, gl, gdul, gdal, gDv, gAv = lane[0], lane[1], lane[2], lane[3], lane[4], lane[5]
+            zl, ypl, gzl = lane[6], lane[7], lane[8]
             lh = np.zeros(W, np.uint64)
             for q in range(j, nblk, nsplit):  # this split's blocks
                 c0, wd, gb, gc = blocks[q, 0], blocks[q, 1], blocks[q, 2], blocks[q, 3]
@@ -215,16 +218,21 @@ if _m1.numba is not None:
                             r = i - i0
                             xt, Bt, Ct, got = x[bi, t], B[bi, t, gb], C[bi, t, gc], gout[bi, t]
                             for c in range(wd):
-                                cc = c0 + c
-                                g = got[cc]
-                                xl[c] = xt[cc]
-                                if has_z:
-                                    zc = z[bi, t, cc]
-                                    sz = one / (one + math.exp(-zc))
-                                    gz[bi, t, cc] = g * ypre[bi, t, cc] * sz * (one + zc * (one - sz))
-                                    g *= zc * sz
-                                gl[c] = g
-                                gDv[c] += g * xl[c]
+                                gl[c] = got[c0 + c]
+                                xl[c] = xt[c0 + c]
+                            if has_z:
+                                zt, yp, gzt = z[bi, t], ypre[bi, t], gz[bi, t]
+                                for c in range(wd):
+                                    zl[c] = zt[c0 + c]
+                                    ypl[c] = yp[c0 + c]
+                                for c in range(W):  # vectorized; padding lanes have g = z = 0
+                                    sz = one / (one + fast_exp(-zl[c]))
+                                    gzl[c] = gl[c] * ypl[c] * sz * (one + zl[c] * (one - sz))
+                                    gl[c] *= zl[c] * sz
+                                for c in range(wd):
+                                    gzt[c0 + c] = gzl[c]
+                            for c in range(W):
+                                gDv[c] += gl[c] * xl[c]
                             gBs[:] = zero
                             gCs[:] = zero
                             for c in range(0, nq, 4):
