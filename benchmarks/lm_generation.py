@@ -98,7 +98,13 @@ def hf_model(model, device, dtype):
     return hf
 
 
-def run(args) -> dict:
+def _save(out: dict, path) -> None:
+    if path:
+        with open(path, "w") as f:
+            f.write(json.dumps(out, indent=1) + "\n")
+
+
+def run(args, command: str = "") -> dict:
     from zoo.tasks.classification import parse_model_kwargs
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -110,7 +116,8 @@ def run(args) -> dict:
     out = dict(model=args.model, model_kwargs=args.model_kwargs, device=str(device), dtype=args.dtype,
                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None, torch=torch.__version__,
                weight_bytes=weight_bytes, copy_bandwidth_bytes_per_s=bandwidth,
-               weights_read_ms=1e3 * weight_bytes / (bandwidth / 2), zoo={}, transformers={})
+               weights_read_ms=1e3 * weight_bytes / bandwidth, zoo={}, transformers={},  # bandwidth: bytes moved
+               command=command)
     runners = {"zoo": model}
     if args.hf:
         import transformers
@@ -130,6 +137,7 @@ def run(args) -> dict:
             with torch.no_grad():
                 seconds, peak = timed(fn, device)
             res[f"prefill_{length}"] = dict(tokens_per_s=length / seconds, seconds=seconds, peak_extra_bytes=peak)
+            _save(out, args.out)  # after every point: a run cut short keeps what it measured
         for batch in args.batch:
             prompt = torch.randint(0, vocab, (batch, args.prompt_length), generator=g).to(device)
             n = args.new_tokens
@@ -144,6 +152,7 @@ def run(args) -> dict:
                                                 new_tokens=n)
             if name == "zoo":  # the steady-state step alone (generate above includes the prefill and the graph capture)
                 res[f"decode_batch_{batch}"]["step_ms"] = 1e3 * step_seconds(model, prompt, n, device)
+            _save(out, args.out)
         if name == "zoo" and "decode_batch_1" in res:
             res["decode_batch_1_step_vs_weights_read"] = res["decode_batch_1"]["step_ms"] / out["weights_read_ms"]
     return out
@@ -164,13 +173,9 @@ def main(argv=None) -> dict:
     p.add_argument("--hf", action="store_true", help="also transformers' model with the same weights")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
-    out = run(args)
-    out["command"] = "python benchmarks/lm_generation.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
-    text = json.dumps(out, indent=1)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    print(text)
+    out = run(args, "python benchmarks/lm_generation.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]))
+    _save(out, args.out)
+    print(json.dumps(out, indent=1))
     return out
 
 
