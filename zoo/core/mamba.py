@@ -117,14 +117,38 @@ def conv_history(x_in: torch.Tensor, k: int, conv_state: Optional[torch.Tensor] 
     return x_in[0, idx.clamp(min=0)] * inside
 
 
-def conv_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+def conv_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+              inplace: bool = False):
     """One step of the causal depthwise conv + SiLU: x (b, d), conv_state (b, k - 1, d) the previous inputs.
-    Returns (output (b, d), the new conv state)."""
+    Returns (output (b, d), the new conv state); ``inplace`` writes the new state into ``conv_state`` and returns
+    it. On CUDA (half, bfloat16, float32) one Triton kernel (``causal_conv1d_update_triton``)."""
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        from zoo.kernels.conv1d import causal_conv1d_update_triton  # lazily: the CPU path needs no Triton
+
+        return causal_conv1d_update_triton(x, conv_state, weight, bias, activation="silu",
+                                           state_out=conv_state if inplace else None)
     window = torch.cat([conv_state.to(x.dtype), x[:, None]], dim=1)  # (b, k, d)
     out = (window * weight[:, 0].t()).sum(1)
     if bias is not None:
         out = out + bias
+    if inplace:
+        conv_state.copy_(window[:, 1:])
+        return F.silu(out), conv_state
     return F.silu(out), window[:, 1:]
+
+
+def decode_A(module: nn.Module, A_log: torch.Tensor) -> torch.Tensor:
+    """-exp(A_log) in float32 (float64 stays float64) for a decoding step. Without autograd and outside
+    torch.compile it is cached on the module while A_log keeps its storage and version counter (an in-place
+    update invalidates it), so a step replayed from a CUDA graph reads it instead of recomputing it every token."""
+    if (torch.is_grad_enabled() and A_log.requires_grad) or torch.compiler.is_compiling():
+        return -torch.exp(upcast(A_log))
+    key = (A_log.data_ptr(), A_log._version, A_log.dtype, A_log.device)
+    cache = module.__dict__.setdefault("_decode_A_cache", {})
+    hit = cache.get(id(A_log))
+    if hit is None or hit[0] != key:
+        hit = cache[id(A_log)] = (key, -torch.exp(upcast(A_log.detach())))
+    return hit[1]
 
 
 def make_dt_proj(dt_rank, d_inner, dt_min, dt_max, dt_init, dt_scale, dt_init_floor, factory):
@@ -370,28 +394,30 @@ class Mamba(nn.Module):
         y, state = self._scan_direction(x, z, cu_seqlens=cu_seqlens, state=state if state is not None else (None, None))
         return self.out_proj(y), state
 
-    def step(self, hidden: torch.Tensor, state):
+    def step(self, hidden: torch.Tensor, state, inplace: bool = False):
         """One decoding step through the one-step state update (``selective_state_update``): hidden
         (b, 1, d_model), state as ``forward_stream``'s. Returns (output (b, 1, d_model), new state); the
-        state passed in is not modified. Same result as ``forward_stream`` on one token."""
+        state passed in is not modified, unless ``inplace`` (the new state is written over it). Same result as
+        ``forward_stream`` on one token."""
         if hidden.dim() != 3 or hidden.shape[1] != 1 or hidden.shape[2] != self.d_model:
             raise ValueError(f"{type(self).__name__}.step: expected input (batch, 1, {self.d_model}), got {tuple(hidden.shape)}")
         if self.reorder_tokens:
             raise ValueError(f"{type(self).__name__}: reorder_tokens works on whole sequences, it cannot decode step by step")
         conv_state, ssm_state = state
         x, z = self.in_proj(hidden[:, 0]).chunk(2, dim=-1)
-        x, conv_state = conv_step(x, conv_state, self.conv1d.weight, self.conv1d.bias)
+        x, conv_state = conv_step(x, conv_state, self.conv1d.weight, self.conv1d.bias, inplace=inplace)
         dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         if self.bc_sign is not None:
             C = B * self.signed_c_gain()
         dt = F.linear(dt, self.dt_proj.weight)
-        # One head of d_inner channels in selective_state_update's (batch, heads, dim, d_state) layout.
+        # One head of d_inner channels in selective_state_update's (batch, heads, dim, d_state) layout; D and the
+        # dt bias in their own dtype (the update computes in float32 or wider).
         y, ssm_state = selective_state_update(
-            ssm_state[:, None], x[:, None], dt[:, None], -torch.exp(upcast(self.A_log))[None], B[:, None], C[:, None],
-            D=upcast(self.D)[None], z=z[:, None], dt_bias=upcast(self.dt_proj.bias)[None], dt_softplus=True,
-            negative_eigenvalues=self.negative_eigenvalues,
+            ssm_state[:, None], x[:, None], dt[:, None], decode_A(self, self.A_log)[None], B[:, None], C[:, None],
+            D=self.D[None], z=z[:, None], dt_bias=self.dt_proj.bias[None], dt_softplus=True,
+            negative_eigenvalues=self.negative_eigenvalues, inplace=inplace,
         )
-        return self.out_proj(y[:, 0])[:, None], (conv_state, ssm_state[:, 0])
+        return self.out_proj(y[:, 0])[:, None], (conv_state, state[1] if inplace else ssm_state[:, 0])
 
 
 class BiMamba(Mamba):

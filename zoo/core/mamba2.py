@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checks import check_sizes
-from .mamba import causal_conv1d, conv_history, conv_step
+from .mamba import causal_conv1d, conv_history, conv_step, decode_A
 from .norm import RMSNormGated
 from .precision import upcast
 from .ssd import ssd_scan, ssd_step
@@ -181,22 +181,23 @@ class Mamba2(nn.Module):
         y, state = self._scan_direction(xBC, z, dt, cu_seqlens=cu_seqlens, state=state if state is not None else (None, None))
         return self._output(y, z, z0, x0), state
 
-    def step(self, hidden: torch.Tensor, state):
+    def step(self, hidden: torch.Tensor, state, inplace: bool = False):
         """One decoding step through ``ssd_step`` (the one-step state update): hidden (b, 1, d_model), state as
-        ``forward_stream``'s. Returns (output (b, 1, d_model), new state); the state passed in is not modified."""
+        ``forward_stream``'s. Returns (output (b, 1, d_model), new state); the state passed in is not modified,
+        unless ``inplace`` (the new state is written over it)."""
         if hidden.dim() != 3 or hidden.shape[1] != 1 or hidden.shape[2] != self.d_model:
             raise ValueError(f"{type(self).__name__}.step: expected input (batch, 1, {self.d_model}), got {tuple(hidden.shape)}")
         conv_state, ssm_state = state
         z0, x0, z, xBC, dt = self._split(hidden[:, 0])
-        xBC, conv_state = conv_step(xBC, conv_state, self.conv1d.weight, self.conv1d.bias)
+        xBC, conv_state = conv_step(xBC, conv_state, self.conv1d.weight, self.conv1d.bias, inplace=inplace)
         b, gn = xBC.shape[0], self.ngroups * self.d_state
         x, B, C = torch.split(xBC, [self.d_ssm, gn, gn], dim=-1)
         heads = (b, self.nheads, self.headdim)
         y, ssm_state = ssd_step(
-            ssm_state, x.reshape(heads), dt, -torch.exp(upcast(self.A_log)), B.reshape(b, self.ngroups, self.d_state),
+            ssm_state, x.reshape(heads), dt, decode_A(self, self.A_log), B.reshape(b, self.ngroups, self.d_state),
             C.reshape(b, self.ngroups, self.d_state), D=self.D.reshape(self.nheads, self.headdim) if self.D_has_hdim else self.D,
             z=None if self.rmsnorm else z.reshape(heads), dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit,
-            negative_eigenvalues=self.negative_eigenvalues,
+            negative_eigenvalues=self.negative_eigenvalues, inplace=inplace,
         )
         return self._output(y.reshape(b, self.d_ssm), z, z0, x0)[:, None], (conv_state, ssm_state)
 

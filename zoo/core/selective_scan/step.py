@@ -10,7 +10,7 @@ shares A, dt and D across its channels, passed broadcast)::
 
 CUDA tensors go to the Triton kernel (``zoo.kernels.state_update``), others to the PyTorch form below, which
 is also its test reference. Returns (out in x's dtype, the new state in the state's dtype); the state passed
-in is not modified.
+in is not modified, unless ``inplace=True`` (decoding loops: the new state is written over it and returned).
 """
 from __future__ import annotations
 
@@ -68,6 +68,7 @@ def selective_state_update(
     dt_bias: Optional[torch.Tensor] = None,
     dt_softplus: bool = False,
     negative_eigenvalues: bool = False,
+    inplace: bool = False,
 ):
     """See the module docstring. Shapes: state (b, h, p, n); x, dt, z (b, h, p); A (h, p, n); B, C (b, g, n);
     D, dt_bias (h, p). Broadcast views (expanded, stride 0) are fine for A, dt, D and dt_bias."""
@@ -75,5 +76,10 @@ def selective_state_update(
     if x.is_cuda:
         from zoo.kernels.state_update import selective_state_update_triton  # lazily: the CPU path needs no Triton
 
-        return selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, negative_eigenvalues)
-    return selective_state_update_torch(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, negative_eigenvalues)
+        return selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, negative_eigenvalues,
+                                             state_out=state if inplace else None)
+    y, new = selective_state_update_torch(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, negative_eigenvalues)
+    if inplace:
+        state.copy_(new)
+        return y, state
+    return y, new

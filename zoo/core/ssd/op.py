@@ -155,12 +155,14 @@ def ssd_step(
     dt_softplus: bool = False,
     dt_limit: Sequence[float] = NO_LIMIT,
     negative_eigenvalues: bool = False,
+    inplace: bool = False,
 ):
     """One decoding step of :func:`ssd_scan` (mamba-ssm's ``selective_state_update`` for Mamba-2).
 
     Shapes: state (batch, nheads, headdim, d_state); x, z (batch, nheads, headdim); dt (batch, nheads);
     B, C (batch, ngroups, d_state). Returns ``(out, new_state)``: out in x's dtype, the state in the
-    state's dtype (float32 or float64 keep the precision of ``ssd_scan``'s final state).
+    state's dtype (float32 or float64 keep the precision of ``ssd_scan``'s final state); ``inplace`` writes the new
+    state over ``state`` and returns it.
     """
     if x.dim() != 3 or state.dim() != 4 or state.shape[:3] != x.shape or B.dim() != 3:
         raise ValueError(
@@ -175,4 +177,5 @@ def ssd_step(
     step = prepare_dt(dt, dt_bias, dt_softplus, dt_limit)[..., None].expand(b, nheads, headdim)
     D = None if D is None else (D[:, None].expand(nheads, headdim) if D.dim() == 1 else D)
     A = upcast(A)[:, None, None].expand(nheads, headdim, d_state)
-    return selective_state_update(state, x, step, A, B, C, D=D, z=z, negative_eigenvalues=negative_eigenvalues)
+    return selective_state_update(state, x, step, A, B, C, D=D, z=z, negative_eigenvalues=negative_eigenvalues,
+                                  inplace=inplace)

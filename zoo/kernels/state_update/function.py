@@ -52,19 +52,24 @@ def _state_update_kernel(
     if HAS_Z:
         zv = tl.load(z_ptr + b * s_zb + h * s_zh + p * s_zp, mask=pm, other=0.0).to(tl.float32)
         y = y * zv * tl.sigmoid(zv)
+    tl.debug_barrier()  # the new state may be written over the old one: every read before any write
     tl.store(ns_ptr + b * s_nb + h * s_nh + p[:, None] * s_np + n[None, :] * s_nn, S.to(ns_ptr.dtype.element_ty), mask=m2)
     tl.store(out_ptr + b * s_ob + h * s_oh + p * s_op, y.to(out_ptr.dtype.element_ty), mask=pm)
 
 
 def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                                  negative_eigenvalues=False):
-    """Same contract as ``zoo.core.selective_scan.step.selective_state_update`` (inputs validated there)."""
+                                  negative_eigenvalues=False, state_out=None):
+    """Same contract as ``zoo.core.selective_scan.step.selective_state_update`` (inputs validated there); the new
+    state goes into ``state_out`` (which may be ``state`` itself: a program reads its part of the state before it
+    writes the same part) or a new tensor."""
     if not state.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"selective_state_update_triton: expected CUDA tensors (or Triton's interpreter, "
                          f"TRITON_INTERPRET=1), got state on {state.device}")
     b, h, P, N = state.shape
     out = torch.empty_like(x)
-    new = torch.empty_like(state)
+    if state_out is not None and state_out.shape != state.shape:
+        raise ValueError(f"selective_state_update_triton: state_out must be {tuple(state.shape)}, got {tuple(state_out.shape)}")
+    new = torch.empty_like(state) if state_out is None else state_out
     dummy = x  # never read: the HAS_* flags are off
     Dt, Zt, Qt = (D if D is not None else dummy), (z if z is not None else dummy), (dt_bias if dt_bias is not None else dummy)
     d_strides = D.stride() if D is not None else (0, 0)

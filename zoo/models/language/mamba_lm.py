@@ -287,7 +287,8 @@ class LMBlock(nn.Module):
     def step(self, hidden, residual, state):
         """One token: (hidden, residual); ``state`` (a list) is updated in place."""
         hidden, residual = add_norm(hidden, residual, self.norm, residual_in_fp32=self.residual_in_fp32)
-        hidden, new = self.mixer.step(hidden, state)
+        # The state-space mixers write their new state over the old; attention's cache is updated in place anyway.
+        hidden, new = self.mixer.step(hidden, state, **({} if isinstance(self.mixer, MHA) else {"inplace": True}))
         for old, fresh in zip(state, new):
             if old is not None and old is not fresh:
                 old.copy_(fresh)
