@@ -207,12 +207,23 @@ if _m1.numba is not None:
                                 dts[r, m] = dtv
                                 As[r, m] = sa * fast_exp(dtv * Ah[hf + m]) + sb
                             for c in range(wd):
-                                a, cur, hn = As[r, lh[c]], curq[c % 4][c // 4], hsq[c % 4][r + 1, c // 4]
-                                u = dts[r, lh[c]] * xt[c0 + c]
+                                xl[c] = xt[c0 + c]
+                            for c in range(0, nq, 4):  # four lanes in place, as in the forward
+                                qi = c // 4
+                                a0, a1, a2, a3 = As[r, lh[c]], As[r, lh[c + 1]], As[r, lh[c + 2]], As[r, lh[c + 3]]
+                                u0, u1 = dts[r, lh[c]] * xl[c], dts[r, lh[c + 1]] * xl[c + 1]
+                                u2, u3 = dts[r, lh[c + 2]] * xl[c + 2], dts[r, lh[c + 3]] * xl[c + 3]
+                                s0, s1, s2, s3 = curq[0][qi], curq[1][qi], curq[2][qi], curq[3][qi]
                                 for k in range(n):
-                                    v = a * cur[k] + u * Bt[k]
-                                    cur[k] = v
-                                    hn[k] = v
+                                    bk = Bt[k]
+                                    s0[k] = a0 * s0[k] + u0 * bk
+                                    s1[k] = a1 * s1[k] + u1 * bk
+                                    s2[k] = a2 * s2[k] + u2 * bk
+                                    s3[k] = a3 * s3[k] + u3 * bk
+                                for jq in range(4):  # kept for the walk
+                                    src, dst = curq[jq][qi], hsq[jq][r + 1, qi]
+                                    for k in range(n):
+                                        dst[k] = src[k]
                         for i in range(i1 - 1, i0 - 1, -1):  # and walk it backwards
                             t = end - 1 - i if reverse else start + i
                             r = i - i0
