@@ -246,11 +246,11 @@ def _dstate_walk(
 def _chunk_head_block(
     x_ptr, D_ptr, z_ptr, dout_ptr, states_ptr, dstates_ptr, dx_ptr, dD_ptr,
     h, b, k, c, p0, row, valid, n, nm, Bc, Cc, CB, W, Lmat, dt, d_in, d_out, d_all, last,
-    dB_acc, dC_acc, dcs, ddt_u, H, P, N, NC, NCS,
+    dB_acc, dC_acc, Mt_acc, dcs, ddt_u, H, P, N, NC, NCS,
     BP: tl.constexpr, HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr, IEEE: tl.constexpr,
 ):
     """One head's, one headdim block's part of a chunk's gradients: stores dx (and dD's part), returns the
-    accumulators of dB, dC (summed over heads), d cs and dt . du (summed over the headdim)."""
+    accumulators of dB's and dC's state parts and of Mt (summed over heads), d cs and dt . du (summed over the headdim)."""
     dtype = x_ptr.dtype.element_ty
     p = p0 + tl.arange(0, BP)
     pm = p < P
@@ -278,21 +278,23 @@ def _chunk_head_block(
         tl.store(dD_ptr + ((b * NC + c) * H + h) * P + p, tl.sum(dy * xf, 0), mask=pm)
     tl.store(dx_ptr + xo, dx.to(dx_ptr.dtype.element_ty), mask=xm)
     ddt_u += tl.sum(xf * du, 1)
-    M = Lmat * _mm(dyc, tl.trans(x), IEEE)  # (i, j): dy_i . x_j times the decay from j to i
-    dB_acc += dt[:, None] * _mm(tl.trans(M.to(dtype)), Cc, IEEE) \
-        + (dt * d_out)[:, None] * _mm(x, dH.to(dtype), IEEE)
+    # (i, j): dy_i . x_j times the decay from j to i and dt_j. The intra-chunk parts of dB and dC are
+    # Mt^T C and Mt B with B and C shared by the group's heads: Mt is summed over the heads and multiplied once.
+    Mt = Lmat * _mm(dyc, tl.trans(x), IEEE) * dt[None, :]
+    Mt_acc += Mt
+    dB_acc += (dt * d_out)[:, None] * _mm(x, dH.to(dtype), IEEE)
     dyH = _mm(dyc, H_in.to(dtype), IEEE)  # (i, n): dy_i H_in
-    dC_acc += _mm((M * dt[None, :]).to(dtype), Bc, IEEE) + d_in[:, None] * dyH
+    dC_acc += d_in[:, None] * dyH
     # d cs_k = dy_k . y_k - u_k . du_k (+ dH . H_out at the last step), each part summed in float32 from
     # the products it is made of (C_k . dC_k summed over d_state loses the digits that cancel); the state
     # part of dy_i . y_i, d_in_i dy_i . (H_in C_i), is d_in_i C_i . (dy_i H_in). The state leaving the chunk
     # is not loaded: H_out = decay_all H_in + sum_j u_j B_j, so dH . H_out = decay_all dH . H_in + sum_j u_j . (dH B_j).
-    R = M * CB * dt[None, :]
+    R = Mt * CB
     uBdH = dt * d_out * tl.sum(xf * BdH, 1)
     dcs += tl.sum(R, 1) - tl.sum(R, 0) + d_in * tl.sum(Cc.to(tl.float32) * dyH, 1) - uBdH
     dHH = d_all * tl.sum(tl.sum(dH.to(tl.float32) * H_in.to(tl.float32), 1), 0) + tl.sum(uBdH, 0)
     dcs += tl.where(last, dHH, 0.0)
-    return dB_acc, dC_acc, dcs, ddt_u
+    return dB_acc, dC_acc, Mt_acc, dcs, ddt_u
 
 
 @triton.jit
@@ -325,6 +327,7 @@ def _bwd_chunk_kernel(
     CB = _mm(Cc, tl.trans(Bc), IEEE)
     dB_acc = tl.zeros((Q, BN), dtype=tl.float32)
     dC_acc = tl.zeros((Q, BN), dtype=tl.float32)
+    Mt_acc = tl.zeros((Q, Q), dtype=tl.float32)
     last = tl.arange(0, Q) == Q - 1
     for hh in tl.range(HPP, num_stages=STAGES):
         h = g * HPG + split * HPP + hh
@@ -335,16 +338,16 @@ def _bwd_chunk_kernel(
         ddt_u = tl.zeros((Q,), dtype=tl.float32)
         W = CB * Lmat  # (i, j): C_i . B_j times the decay from j to i
         if ONE_BLOCK:
-            dB_acc, dC_acc, dcs, ddt_u = _chunk_head_block(
+            dB_acc, dC_acc, Mt_acc, dcs, ddt_u = _chunk_head_block(
                 x_ptr, D_ptr, z_ptr, dout_ptr, states_ptr, dstates_ptr, dx_ptr, dD_ptr,
                 h, b, k, c, 0, row, valid, n, nm, Bc, Cc, CB, W, Lmat, dt, d_in, d_out, d_all, last,
-                dB_acc, dC_acc, dcs, ddt_u, H, P, N, NC, NCS, BP, HAS_D, D_PER_CHANNEL, HAS_Z, IEEE)
+                dB_acc, dC_acc, Mt_acc, dcs, ddt_u, H, P, N, NC, NCS, BP, HAS_D, D_PER_CHANNEL, HAS_Z, IEEE)
         else:
             for p0 in range(0, P, BP):
-                dB_acc, dC_acc, dcs, ddt_u = _chunk_head_block(
+                dB_acc, dC_acc, Mt_acc, dcs, ddt_u = _chunk_head_block(
                     x_ptr, D_ptr, z_ptr, dout_ptr, states_ptr, dstates_ptr, dx_ptr, dD_ptr,
                     h, b, k, c, p0, row, valid, n, nm, Bc, Cc, CB, W, Lmat, dt, d_in, d_out, d_all, last,
-                    dB_acc, dC_acc, dcs, ddt_u, H, P, N, NC, NCS, BP, HAS_D, D_PER_CHANNEL, HAS_Z, IEEE)
+                    dB_acc, dC_acc, Mt_acc, dcs, ddt_u, H, P, N, NC, NCS, BP, HAS_D, D_PER_CHANNEL, HAS_Z, IEEE)
         # d(lm_t) = sum_{k >= t} dcs_k: everything after step t in the chunk scales with its transition
         dlm = tl.sum(dcs, 0) - tl.cumsum(dcs, 0) + dcs
         if SIGNED:  # lm = log|2 exp(dA) - 1|: d lm / d dA = 2 exp(dA) / (2 exp(dA) - 1), 0 where clamped
@@ -357,5 +360,9 @@ def _bwd_chunk_kernel(
     rows = NCS * Q
     po = split * (tl.num_programs(1).to(tl.int64) * rows * G * N) \
         + ((b * rows + k * Q + tl.arange(0, Q))[:, None] * G + g) * N + n[None, :]
+    dtype = x_ptr.dtype.element_ty
+    Mt_c = Mt_acc.to(dtype)
+    dB_acc += _mm(tl.trans(Mt_c), Cc, IEEE)
+    dC_acc += _mm(Mt_c, Bc, IEEE)
     tl.store(dB_ptr + po, dB_acc, mask=bm)
     tl.store(dC_ptr + po, dC_acc, mask=bm)
