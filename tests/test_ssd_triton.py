@@ -122,9 +122,12 @@ def test_chunk_length_segments_and_head_splits(monkeypatch, block_q, bwd_block_q
         check(inputs(1, 50, 2, 40, 1, 8))
 
 
-def test_pipelined_head_loop(monkeypatch):
-    """The backward chunk kernel's loop over a group's heads with software-pipelining stages."""
+def test_pipelined_head_loop_and_narrow_walks(monkeypatch):
+    """The backward chunk kernel's loop over a group's heads with software-pipelining stages; the backward's walks
+    over headdim blocks of 16 (headdim 40: three blocks)."""
     monkeypatch.setattr(ssd_fn, "BWD_STAGES", 2)
+    monkeypatch.setattr(ssd_fn, "WALK_BLOCK_P", 16)
+    check(inputs(1, 37, 2, 40, 1, 10), reverse=True)
     monkeypatch.setattr(ssd_fn, "TARGET_PROGRAMS", 1)
     check(inputs(2, 37, 4, 12, 1, 10, D_per_channel=True))
 

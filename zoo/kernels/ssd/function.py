@@ -13,11 +13,13 @@ from ..launch import cdiv, next_power_of_2
 from .kernels import _bwd_chunk_kernel, _bwd_walks_kernel, _fwd_kernel
 
 # Chunk length Q of the forward and of the backward (a multiple of the forward's: the forward stores the states
-# where the backward's segments start), the backward chunk kernel's headdim block (None: the forward's), and the
-# warps of each kernel (measured on an H200: benchmarks/results/ssd_h200.json).
+# where the backward's segments start), the headdim blocks of the backward's chunk kernel and of its walks (None:
+# the forward's; smaller blocks give the walks more programs), and the warps of each kernel (measured on an H200:
+# benchmarks/results/ssd_h200.json).
 BLOCK_Q = 32
 BWD_BLOCK_Q = 32
 BWD_BLOCK_P = None
+WALK_BLOCK_P = None
 FWD_WARPS = 4
 BWD_WARPS = 8
 # Software-pipelining stages of the backward chunk kernel's loop over heads (where the headdim is one block).
@@ -112,6 +114,7 @@ class _SSDFunction(torch.autograd.Function):
         reverse, signed, Q, seg, has_init = ctx.cfg
         b, L, H, P, G, N, bp, bn = _common(x, B)
         bp_chunk = min(BWD_BLOCK_P, bp) if BWD_BLOCK_P else bp
+        bp_walk = min(WALK_BLOCK_P, bp) if WALK_BLOCK_P else bp
         NC = cdiv(L, Q)
         hpg = H // G
         dev = x.device
@@ -137,10 +140,10 @@ class _SSDFunction(torch.autograd.Function):
                       HAS_Z=z is not None, REVERSE=reverse, SIGNED=signed, IEEE=ieee)
         for s in reversed(range(cdiv(NC, seg))):
             c0, ncs = s * seg, min(seg, NC - s * seg)
-            _bwd_walks_kernel[(H * cdiv(P, bp), b, 2)](
+            _bwd_walks_kernel[(H * cdiv(P, bp_walk), b, 2)](
                 x, dt, A, B, C, dummy_D, starts[:, s], scratch, states, starts.stride(0), dout, dummy_z,
                 dz if dz is not None else dx, dcarry, dstates,
-                L, H, P, N, G, hpg, c0, ncs, BP=bp, num_warps=FWD_WARPS, **common,
+                L, H, P, N, G, hpg, c0, ncs, BP=bp_walk, num_warps=FWD_WARPS, **common,
             )
             _bwd_chunk_kernel[(ncs, b, G * nsplit)](
                 x, dt, A, B, C, dummy_D, dummy_z, dout, states, dstates,
