@@ -239,3 +239,27 @@ def test_bad_configurations_raise_clear_errors():
         QuantizedLinear(nn.Linear(4, 4), 8, 8)
     with pytest.raises(ValueError, match=r"expected input \(\.\.\., 4\)"):
         QuantizedLinear(nn.Linear(4, 4), 8, None)(torch.randn(2, 5))
+
+
+def test_benchmark_runs_on_a_shipped_tag(tmp_path, monkeypatch):
+    """benchmarks/quamba2.py on the smallest shipped tag: every setting measured, fp32 row = the recorded metric,
+    the converted models are smaller, the JSON records the command."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench_dir))
+    spec = importlib.util.spec_from_file_location("bench_quamba2", bench_dir / "quamba2.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "q2.json"
+    assert bench.main(["--entries", "smamba_classifier.basicmotions", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = [r for r in result["results"] if "setting" in r]
+    assert [r["setting"] for r in rows] == [m if s is None else f"{m} {s}" for m, s in bench.SETTINGS]
+    recorded = json.loads((bench_dir / "results" / "pretrained_smamba_classifier.basicmotions.json").read_text())
+    assert rows[0]["accuracy"] == recorded["accuracy"]
+    sizes = {r["setting"]: r["model_bytes"] for r in rows}
+    assert sizes["Quamba2 W4A16"] < sizes["Quamba2 W8A8"] < sizes["fp32"] / 2
+    assert "smamba_classifier.basicmotions" in result["command"]

@@ -256,7 +256,7 @@ class QuantizedLinear(nn.Module):
             from zoo.kernels.quant import w4a16_matmul_triton
 
             xp = F.pad(x2, (0, self.k_pad - k)).contiguous()
-            y = w4a16_matmul_triton(xp, self.qweight, self.w_scale.to(x.dtype), self.group_size)[:, :n]
+            y = w4a16_matmul_triton(xp, self.qweight, self.w_scale, self.group_size)[:, :n]
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
         else:
@@ -292,8 +292,16 @@ class QuantizedEmbedding(nn.Module):
             object.__setattr__(self, "_tied", table)  # not a submodule: lm_head owns (and moves) the buffers
         self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
 
+    def _table(self) -> QuantizedLinear:
+        return self.table if "table" in self._modules else self._tied
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantised table (num_embeddings, embedding_dim), for code that reads it (or its device)."""
+        return self._table().dequantized()[:, : self.embedding_dim].to(self._table().dtype)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        t = self.table if "table" in self._modules else self._tied
+        t = self._table()
         q = t.int_weight()[ids].float()
         if t.group_size is None:
             rows = q * t.w_scale[ids][..., None]
