@@ -79,21 +79,33 @@ def accuracy(args) -> dict:
 
 
 def _time(fn, iters: int, warmup: int = 3) -> float:
+    """Median milliseconds of ``fn`` (CUDA events on the GPU, the wall clock elsewhere)."""
+    cuda = torch.cuda.is_available()
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     times = []
     for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
+        if cuda:
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            torch.cuda.synchronize()
+            times.append(s.elapsed_time(e))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
     return sorted(times)[len(times) // 2]
 
 
-def _peak(fn) -> int:
+def _peak(fn):
+    """Peak bytes allocated above what was resident, during one call (None off the GPU)."""
+    if not torch.cuda.is_available():
+        fn()
+        return None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -102,67 +114,82 @@ def _peak(fn) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-@torch.inference_mode()
+GPU_ENTRIES = {  # name -> (create_model kwargs, kind); the *_tiny ones only for a CPU dry run (--smoke)
+    "vim_small": (dict(model_name="vim_small", img_size=224), "vision"),
+    "mamba_130m": (dict(model_name="mamba_130m"), "lm"),
+    "vim_tiny": (dict(model_name="vim_tiny", img_size=224), "vision"),
+    "mamba_tiny_lm": (dict(model_name="mamba_tiny_lm", n_layer=2), "lm"),
+}
+
+
+@torch.no_grad()
 def gpu(args) -> dict:
     import zoo
 
-    if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/quamba2.py --gpu: needs a CUDA GPU")
-    dev = torch.device("cuda")
+    if args.smoke:
+        dev, dtype = torch.device("cpu"), torch.float32
+        entries, batch, prefill, decode_batches, iters = ["vim_tiny", "mamba_tiny_lm"], 2, 64, (1, 2), 2
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("benchmarks/quamba2.py --gpu: needs a CUDA GPU (--smoke: a short CPU dry run)")
+        dev, dtype = torch.device("cuda"), torch.bfloat16
+        entries, batch, prefill, decode_batches, iters = args.gpu_entries, args.batch, 2048, (1, 32), args.iters
     torch.manual_seed(0)
     results = []
-    cases = []
-    if "vim_small" in args.gpu_entries:
-        cases.append(("vim_small", lambda: zoo.create_model("vim_small", img_size=224),
-                      lambda b: torch.randn(b, 3, 224, 224, device=dev, dtype=torch.bfloat16)))
-    if "mamba_130m" in args.gpu_entries:
-        cases.append(("mamba_130m", lambda: zoo.create_model("mamba_130m"),
-                      lambda b: torch.randint(0, 50000, (b, 512), device=dev)))
-    for name, build, make_input in cases:
-        base = build().to(dev, torch.bfloat16).eval()
+    for name in entries:
+        kwargs, kind = GPU_ENTRIES[name]
+        base = zoo.create_model(**kwargs).to(dev, dtype).eval()
+        if kind == "vision":
+            make_input = lambda b: torch.randn(b, 3, 224, 224, device=dev, dtype=dtype)  # noqa: E731
+        else:
+            vocab = base.backbone.embedding.num_embeddings
+            make_input = lambda b, n=512: torch.randint(0, vocab, (b, n), device=dev)  # noqa: E731
         calib = [make_input(4) for _ in range(2)]
-        for scheme in ["bf16", *SCHEMES]:
-            model = base if scheme == "bf16" else quantize_model(copy.deepcopy(base), calib, scheme)
-            torch.cuda.empty_cache()
+        for scheme in ["bf16" if dtype == torch.bfloat16 else "fp32", *SCHEMES]:
+            model = base if scheme in ("bf16", "fp32") else quantize_model(copy.deepcopy(base), calib, scheme)
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
             row = dict(entry=name, scheme=scheme, weights_bytes=model_bytes(model))
-            if name == "vim_small":
-                x = make_input(args.batch)
-                row["forward_ms_batch%d" % args.batch] = _time(lambda: model(x), args.iters)
-                row["img_per_s"] = round(args.batch / row["forward_ms_batch%d" % args.batch] * 1e3, 1)
+            if kind == "vision":
+                x = make_input(batch)
+                row[f"forward_ms_batch{batch}"] = ms = _time(lambda: model(x), iters)
+                row["img_per_s"] = round(batch / ms * 1e3, 1)
                 row["peak_extra_bytes"] = _peak(lambda: model(x))
             else:
-                ids = torch.randint(0, 50000, (1, 2048), device=dev)
-                row["prefill_ms_1x2048"] = _time(lambda: model(ids), args.iters)
+                ids = make_input(1, prefill)
+                row[f"prefill_ms_1x{prefill}"] = _time(lambda: model(ids), iters)
                 row["prefill_peak_extra_bytes"] = _peak(lambda: model(ids))
-                for batch in (1, 32):
-                    prompts = torch.randint(0, 50000, (batch, 128)).tolist()
+                for b in decode_batches:
+                    prompts = make_input(b, 128).tolist()
 
                     def decode():
                         logits, cache = model.prefill(prompts, max_new_tokens=33)
                         tok = logits.argmax(-1)
-                        torch.cuda.synchronize()
+                        if dev.type == "cuda":
+                            torch.cuda.synchronize()
                         t0 = time.perf_counter()
                         for _ in range(32):
                             tok = model.decode_step(tok, cache).argmax(-1)
-                        torch.cuda.synchronize()
+                        if dev.type == "cuda":
+                            torch.cuda.synchronize()
                         return (time.perf_counter() - t0) / 32 * 1e3
 
                     decode()
-                    row[f"decode_ms_per_token_batch{batch}"] = sorted(decode() for _ in range(3))[1]
+                    row[f"decode_ms_per_token_batch{b}"] = sorted(decode() for _ in range(3))[1]
             print(json.dumps(row), flush=True)
             results.append(row)
             del model
     rows = []
     for r in results:
-        metrics = {k: v for k, v in r.items() if k not in ("entry", "scheme")}
+        metrics = {k: v for k, v in r.items() if k not in ("entry", "scheme") and v is not None}
         rows.append(f"| {r['entry']} | {r['scheme']} | " + ", ".join(
             f"{k} {v / 2**20:.1f} MiB" if k.endswith("bytes") else f"{k} {v:.3f}" for k, v in metrics.items()) + " |")
     table = "\n".join(["| entry | scheme | measurements |", "|---|---|---|", *rows])
     print(table)
-    return dict(results=results, table=table, device=torch.cuda.get_device_name(),
-                note="random weights; bf16 activations; calibration on 2 random batches; latency: median of CUDA-event "
-                     "timings; peak_extra_bytes: max allocated above the resident model during one call; decode: "
-                     "32 decode_step calls after a 128-token prefill, ms per token (median of 3 runs)")
+    return dict(results=results, table=table, device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+                note="random weights; bf16 activations on the GPU; calibration on 2 random batches of 4; latency: median "
+                     "of CUDA-event timings; peak_extra_bytes: max allocated above what was resident during one call; "
+                     "decode: 32 decode_step calls after a 128-token prefill, ms per token (median of 3 runs)")
 
 
 def main(argv=None) -> int:
@@ -170,6 +197,7 @@ def main(argv=None) -> int:
     p.add_argument("--entries", nargs="+", default=SHIPPED, choices=SHIPPED)
     p.add_argument("--gpu", action="store_true", help="latency and memory on the GPU instead of accuracy")
     p.add_argument("--gpu-entries", nargs="+", default=["vim_small", "mamba_130m"], choices=["vim_small", "mamba_130m"])
+    p.add_argument("--smoke", action="store_true", help="with --gpu: a short dry run of the GPU mode on the CPU (tiny models)")
     p.add_argument("--batch", type=int, default=64, help="vision batch (--gpu)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
