@@ -406,6 +406,8 @@ def _float64_input(model, name):
         args = ([args[0][0][:100]],)
     elif cls == "MambaLMHeadModel":
         args = (args[0][:, :40],)
+    elif cls == "MambAttention":
+        args = (args[0][:, :2000],)
     return tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else
                  [t.double() for t in a] if isinstance(a, list) else a for a in args)
 

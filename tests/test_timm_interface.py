@@ -20,8 +20,10 @@ VISION = ("VisionMamba", "VMamba", "EfficientVMamba")
 MLP_HEADS = ("PointMamba", "PointCloudMamba")
 # Heads with BatchNorm over one value per sample (the official layouts): training on a batch of 1 is a clear error.
 BATCHNORM_HEADS = MLP_HEADS + ("PointMambaPartSeg",)
-# Entries without a classifier: the masked point modelling model returns its loss.
-NO_CLASSIFIER = ("pointmamba_mpm",)
+# Entries without a classifier: the masked point modelling model returns its loss; the speech enhancement models
+# map waveforms to waveforms.
+ENHANCEMENT = ("mambattention", "mambattention_tiny", "mamba_se", "mamba_se_tiny")
+NO_CLASSIFIER = ("pointmamba_mpm",) + ENHANCEMENT
 # Heads without a bias in the official layout: the language models' lm_head (mamba-ssm's, tied to the embedding).
 NO_HEAD_BIAS = ("MambaLMHeadModel",)
 
@@ -248,6 +250,7 @@ TIMM_TINY = {  # by the entry's module
     "baselines": dict(embed_dim=32),
     "smamba": dict(d_model=16, d_ff=16, e_layers=1),
     "mamba_asr": dict(d_model=32, depth=1, d_ffn=32),
+    "mambattention": dict(hid_feature=16, num_blocks=1, num_heads=4, expand=1),
 }
 TIMM_ENTRIES = zoo.list_models()
 VISION_MODULES = ("vim", "vmamba", "efficient_vmamba")
@@ -255,7 +258,7 @@ VISION_MODULES = ("vim", "vmamba", "efficient_vmamba")
 # timm's NON_STD_FILTERS: models whose forward_features is not a (B, C, H, W)-style map of the cfg's pool_size. Vim
 # is a ViT (tokens), and no non-image family has a spatial map. VMamba and EfficientVMamba are the standard ones.
 NON_STD_FILTERS = ["vim_*", "pointmamba_*", "pcm_*", "mambamil*", "abmil*", "transmil", "smamba*", "mamba_*",
-                   "mamba2*", "conmamba_*"]
+                   "mamba2*", "conmamba_*", "mambattention*"]
 # timm's FEAT_INTER_FILTERS (models with forward_intermediates and the getter features_only wrapper): the vision ones.
 FEAT_INTER_FILTERS = ["vim_*", "vmamba_*", "efficient_vmamba_*"]
 # test_model_backward builds the model with num_classes=42 and checks the logits' last dimension. Excluded: the
@@ -265,7 +268,7 @@ FEAT_INTER_FILTERS = ["vim_*", "vmamba_*", "efficient_vmamba_*"]
 # pointmamba_partseg: its classes are num_parts, per point (num_classes is not its argument).
 LM_FILTERS = ["mamba_*m", "mamba_*b", "mamba2*"]
 FORECASTER_FILTERS = ["smamba", "smamba_[!c]*"]
-EXCLUDE_BWD_FILTERS = LM_FILTERS + FORECASTER_FILTERS + ["pointmamba_mpm", "pointmamba_partseg"]
+EXCLUDE_BWD_FILTERS = LM_FILTERS + FORECASTER_FILTERS + ["pointmamba_mpm", "pointmamba_partseg"] + list(ENHANCEMENT)
 # test_model_default_cfgs_non_std resets the classifier to nothing (reset_classifier(0), num_classes=0) and expects
 # pooled pre-logits out of forward. Excluded: pointmamba_mpm (no classifier), pointmamba_partseg (per-point part
 # logits: it refuses 0 parts, there is no pooled output), the language models (the head is the vocabulary
@@ -340,6 +343,8 @@ def TIMM_INPUT(model, batch_size, target=None):
         return (torch.randn(batch_size, model.seq_len, model.enc_in or 7, generator=g),)
     if cls == "MambaSpeechEncoder":
         return torch.randn(batch_size, 4000, generator=g), torch.full((batch_size,), 4000)
+    if cls == "MambAttention":
+        return (torch.randn(batch_size, 4000, generator=g),)
     if cls == "MambaLMHeadModel":
         return (torch.randint(0, model.vocab_size, (batch_size, 24), generator=g),)
     raise AssertionError(f"no input for {cls}")

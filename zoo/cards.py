@@ -109,6 +109,8 @@ def default_input(model, name: str):
         return (torch.randn(1, model.seq_len, c, generator=g),), f"1 series of {model.seq_len} steps x {c} variates"
     if cls == "MambaSpeechEncoder":
         return (torch.randn(1, 16000, generator=g), torch.tensor([16000])), "1 s of 16 kHz audio"
+    if cls == "MambAttention":
+        return (torch.randn(1, 16000, generator=g),), "1 s of 16 kHz (noisy) audio"
     if cls == "MambaLMHeadModel":
         n = 128
         return (torch.randint(0, model.vocab_size, (1, n), generator=g),), f"1 sequence of {n} tokens"

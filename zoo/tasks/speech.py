@@ -132,6 +132,10 @@ def add_cli(subparsers) -> None:
     p.add_argument("--output", default=None, help="write the result JSON here")
     p.add_argument("--save-weights", default=None, help="write the trained model's state dict here (safetensors)")
     p.set_defaults(func=_cli_main)
+    # Speech enhancement: `zoo speech enhance-train | enhance-eval | enhance FILE` (zoo.tasks.speech_enhance).
+    from zoo.tasks.speech_enhance import add_speech_subcommands
+
+    add_speech_subcommands(p.add_subparsers(dest="speech_command", metavar="{enhance-train,enhance-eval,enhance}"))
 
 
 def _cli_main(args: argparse.Namespace) -> int:

@@ -1,2 +1,3 @@
 """Speech: Mamba speech encoders with a torchaudio front end."""
 from . import mamba_asr  # noqa: F401  (registers the entries)
+from . import mambattention  # noqa: F401  (speech enhancement entries)
