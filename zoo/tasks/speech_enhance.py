@@ -208,6 +208,7 @@ def run_enhance_eval(model_name: str, checkpoint: Optional[str] = None, seed: in
     if output:
         check_output_file(output)
     _metric_modules()
+    torch.manual_seed(seed)  # without a checkpoint: the initialisation that enhance-train with this seed starts from
     model = _load(model_name, checkpoint, device)
     test = NoisySpeech(_corpus(cache_dir, n_strings, seed, voices_per_split, progress), "test", train=False, seed=seed)
     result = dict(command=command, task="speech enhancement", model=model_name, checkpoint=checkpoint, seed=seed,
