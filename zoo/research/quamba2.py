@@ -37,7 +37,10 @@ What Quamba2 does and what is done here, mixer by mixer (Mamba-1 ``Mamba`` and i
   ``PerSSDGroupObserver``); Mamba-1 has one group.
 * dt (the scan's step before softplus) and the scan's gate z (Mamba-1) to int8 with per-tensor scales.
   The scan receives these int8 values dequantised (Quamba2's scan kernels load int8 and compute in float;
-  the zoo's scan kernels take float inputs), its state and arithmetic stay in float32.
+  the zoo's scan kernels take float inputs), its state and arithmetic stay in float32. A two-direction mixer
+  (BiMamba, SRMamba, BiMamba2) has one set of scan-input scales and one permutation, shared by both directions
+  (its x comes from one in_proj). The one-token decode ``step`` runs the converted Linears but not this rounding
+  (it does not go through the scan hook).
 * **Hadamard rotations** of the inputs of each mixer's in_proj and out_proj (``hadamard=True``), fused into the
   weights offline (W H) and applied to the activation online (a fast Walsh-Hadamard transform, block-diagonal
   I (x) H_b when the width is not a power of two, the same matrix as ``mambaquant.hadamard``). The authors
