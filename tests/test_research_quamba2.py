@@ -263,3 +263,18 @@ def test_benchmark_runs_on_a_shipped_tag(tmp_path, monkeypatch):
     sizes = {r["setting"]: r["model_bytes"] for r in rows}
     assert sizes["Quamba2 W4A16"] < sizes["Quamba2 W8A8"] < sizes["fp32"] / 2
     assert "smamba_classifier.basicmotions" in result["command"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA paths: torch._int_mm's shape rules, the W4A16 kernel in bf16")
+@pytest.mark.parametrize("rows", [1, 9, 17, 40])
+@pytest.mark.parametrize("w_bits,a_bits", [(8, 8), (4, 8), (4, None)])
+def test_cuda_paths_equal_the_reference(rows, w_bits, a_bits):
+    torch.manual_seed(0)
+    lin = nn.Linear(200, 72)
+    x = torch.randn(rows, 200)
+    a_scale = float(x.abs().max()) / 127 if a_bits else None
+    q = QuantizedLinear(lin, w_bits, a_bits, a_scale, hadamard=True, group_size=None if a_bits else 128).cuda()
+    out = q(x.cuda().to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, 72)
+    ref = reference_linear(q.cpu(), x)  # same buffers, on the CPU in float64
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=2e-2, atol=2e-2)  # bf16 input and output rounding
