@@ -567,8 +567,9 @@ def quantize_model(
 
     ``calib_batches``: a re-iterable of inputs (as ``mambaquant.quantize_model``), needed for 8-bit activations
     (run twice: channel statistics for sort-and-cluster, then the scales); W4A16 needs none. ``sort_cluster``
-    False: one scale for all of x (per-tensor), no reordering (the ablation). The model's mixers that are not
-    Mamba / Mamba-2 (Hydra) keep a float scan; their Linears are converted all the same.
+    False: one scale for all of x (per-tensor), no reordering (the ablation). Mixers that are not Mamba / Mamba-2
+    (Hydra, VMamba's and EfficientVMamba's SS2D) keep a float scan and no reordering; their Linears are converted all
+    the same (checked on random vim_tiny with hydra / bimamba2 mixers, vmamba_tiny, efficient_vmamba_tiny).
     """
     if scheme not in SCHEMES:
         raise ValueError(f"quantize_model: scheme must be one of {list(SCHEMES)}, got {scheme!r}")
