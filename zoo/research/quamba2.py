@@ -246,7 +246,9 @@ class QuantizedLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QuantizedLinear: expected input (..., {self.in_features}), got {tuple(x.shape)}")
         lead = x.shape[:-1]
-        x2 = self.transform_input(x.reshape(-1, self.in_features))
+        x2 = x.reshape(-1, self.in_features)
+        # 8-bit activations: rotate and scale in float32 (a bf16 intermediate would round before the int8 grid does).
+        x2 = self.transform_input(x2.float() if self.a_bits is not None else x2)
         k, n = self.in_features, self.out_features
         if self.a_bits is not None:
             xq = F.pad(quantize_act(x2.float(), self.a_scale), (0, self.k_pad - k))
