@@ -128,7 +128,7 @@ def run(args, command: str = "") -> dict:
     vocab = model.vocab_size
     for name, m in runners.items():
         res = out[name]
-        for length in args.prefill:
+        for length in (args.prefill if name == "zoo" or args.hf_prefill is None else args.hf_prefill):
             ids = torch.randint(0, vocab, (1, length), generator=g).to(device)
             if name == "zoo":  # the prefill of generation: the scan returning its final states
                 fn = lambda: model.prefill([ids[0].tolist()], 1)  # noqa: E731
@@ -171,6 +171,8 @@ def main(argv=None) -> dict:
     p.add_argument("--prompt-length", type=int, default=16, help="prompt of each decode run")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--hf", action="store_true", help="also transformers' model with the same weights")
+    p.add_argument("--hf-prefill", type=int, nargs="*", default=None,
+                   help="transformers' prompt lengths, when not --prefill's (its sequential scan at 16k takes minutes)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     out = run(args, "python benchmarks/lm_generation.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]))
