@@ -1,7 +1,5 @@
 """Speech encoders: front end, padding invariance, streaming, CTC utilities, the synthesized corpus."""
 import json
-import os
-import shutil
 
 import pytest
 import torch
@@ -111,16 +109,9 @@ def test_bad_configuration():
         zoo.create_model("mamba_kws_tiny", head="pool")
 
 
-def _need_espeak():
-    if shutil.which("espeak-ng") is None:
-        if os.environ.get("CI"):
-            pytest.fail("espeak-ng must be installed in CI (.ci/run installs the Debian package)")
-        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
-
 
 @pytest.mark.parametrize("task", ["kws", "digits"])
-def test_corpus_and_task_end_to_end(task, tmp_path):
-    _need_espeak()
+def test_corpus_and_task_end_to_end(task, tmp_path, espeak):
     from zoo.data.speech import KEYWORDS, SynthSpeech, build_corpus
     from zoo.tasks.speech import run_speech_task
 

@@ -1,7 +1,5 @@
 """Speech enhancement: MambAttention and the plain TF-Mamba baseline, the noisy corpus, metrics and `zoo speech enhance*`."""
 import json
-import os
-import shutil
 
 import pytest
 import torch
@@ -14,12 +12,6 @@ def small(**kw):
     return MambAttention(**{**dict(hid_feature=8, num_blocks=1, num_heads=2, expand=1, n_fft=64, hop_length=16,
                                    win_length=64, dense_depth=2), **kw})
 
-
-def _need_espeak():
-    if shutil.which("espeak-ng") is None:
-        if os.environ.get("CI"):
-            pytest.fail("espeak-ng must be installed in CI (.ci/run installs the Debian package)")
-        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
 
 
 def test_entries_and_the_paper_size():
@@ -119,8 +111,7 @@ def test_metrics_against_the_reference():
     assert noisy["si_sdr"] < same["si_sdr"] and noisy["stoi"] < same["stoi"]
 
 
-def test_noisy_corpus_cli_train_eval_and_enhance_a_file(tmp_path, capsys):
-    _need_espeak()
+def test_noisy_corpus_cli_train_eval_and_enhance_a_file(tmp_path, capsys, espeak):
     pytest.importorskip("pesq"), pytest.importorskip("pystoi"), pytest.importorskip("torchmetrics")
     import soundfile as sf
 
