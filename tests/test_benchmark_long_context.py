@@ -1,20 +1,17 @@
 """benchmarks/long_context.py (issue 23 item 4): the passkey prompt, and a CPU smoke run of the whole benchmark on
 tiny random LMs (Mamba-1 with every method and the state diagnostic, Mamba-2, a MemMamba checkpoint)."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 
 import zoo
 from zoo.research import long_context as lc
 from zoo.research.memmamba import apply_memmamba
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "long_context.py"
-_spec = importlib.util.spec_from_file_location("bench_long_context", _PATH)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = load_benchmark("long_context")
 
 TEXT = ("In the beginning God created the heaven and the earth. And the earth was without form, and void; and darkness "
         "was upon the face of the deep. ") * 40

@@ -1,23 +1,12 @@
 """benchmarks/parity.py (task generator, model, a short run, the table) and benchmarks/mixers.py (speed rows and
 the table of finetune results)."""
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
+from benchmark_scripts import load_benchmark
 
-_ROOT = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", _ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-parity = _load("parity")
-mixers = _load("mixers")
+parity = load_benchmark("parity")
+mixers = load_benchmark("mixers")
 
 
 def test_parity_batches_are_right_and_padded():

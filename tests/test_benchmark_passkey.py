@@ -1,14 +1,10 @@
 """benchmarks/passkey.py: the task generator and the training-length curriculum."""
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "passkey.py"
-_spec = importlib.util.spec_from_file_location("bench_passkey", _PATH)
-passkey = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(passkey)
+passkey = load_benchmark("passkey")
 
 
 def test_passkey_batch_places_marker_digit_and_query():

@@ -1,5 +1,4 @@
 """benchmarks/token_dynamics.py: the associative-recall generator, the paired summary, one tiny run."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -8,11 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "token_dynamics.py"
-_spec = importlib.util.spec_from_file_location("bench_token_dynamics", _PATH)
-td = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(td)
+td = load_benchmark("token_dynamics")
+_PATH = Path(td.__file__)
 
 
 def test_recall_batch_pairs_distinct_keys_with_values_and_asks_one():

@@ -1,19 +1,15 @@
 """benchmarks/vision.py: a CPU smoke run of the script, and its mamba-ssm scan stand-ins checked for layout
 by feeding them the zoo's own mamba-ssm-compatible selective_scan_fn (same outputs as the zoo path)."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 
 import zoo
 from zoo.core.selective_scan import selective_scan_fn
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "vision.py"
-_spec = importlib.util.spec_from_file_location("bench_vision", _PATH)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = load_benchmark("vision")
 
 
 def test_cpu_quick_run_writes_json(tmp_path):

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from benchmark_scripts import load_benchmark
 
 import zoo
 from zoo.tasks.engine import (
@@ -219,19 +220,12 @@ def test_torchrun_finetune_resume_continues_exactly(tmp_path):
     assert json.loads((resumed / "result.json").read_text())["accuracy"] == result["accuracy"]
 
 
-def _load_ddp_scaling():
-    spec = importlib.util.spec_from_file_location("bench_ddp_scaling", ROOT / "benchmarks" / "ddp_scaling.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_ddp_scaling_worker_and_summary(tmp_path, monkeypatch):
     """benchmarks/ddp_scaling.py: its per-process worker at a tiny size in this process (no torchrun; the full
     1-vs-2-process launch is the command in the README), and the efficiency arithmetic."""
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
-    bench = _load_ddp_scaling()
+    bench = load_benchmark("ddp_scaling")
     out = tmp_path / "n1.json"
     assert bench.main(["--device", "cpu", "--model", "vim_tiny", "--img-size", "16", "--batch-per-gpu", "2", "--amp", "none",
                        "--warmup", "1", "--steps", "1", "--model-kwargs", "depth=1", "embed_dim=32", "patch_size=4", "stride=4",

@@ -1,19 +1,15 @@
 """benchmarks/lm_generation.py (issue 17 item 4) runs end to end on a tiny model on the CPU (the GPU run is the
 benchmark itself, not a test): every point, zoo and transformers, in the JSON it writes."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
 pytest.importorskip("transformers")
 
 
 def test_lm_generation_benchmark_smoke(tmp_path):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "lm_generation.py"
-    spec = importlib.util.spec_from_file_location("lm_generation", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("lm_generation", "lm_generation")
     out_file = tmp_path / "out.json"
     bench.main(["--model", "mamba_130m", "--model-kwargs", "d_model=32", "n_layer=2", "--device", "cpu", "--dtype", "float32",
                 "--prefill", "24", "--batch", "1", "3", "--new-tokens", "3", "--repeats", "1", "--hf", "--out", str(out_file)])

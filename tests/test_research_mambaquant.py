@@ -4,6 +4,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from benchmark_scripts import load_benchmark
 
 from zoo.core import Mamba
 from zoo.research.mambaquant import QuantLinear, hadamard, klt_hadamard, quantize_model, quantize_symmetric
@@ -82,15 +83,12 @@ def test_w8a8_error_is_small_and_mambaquant_calibrates():
 def test_benchmark_quantizes_a_shipped_tag(tmp_path, monkeypatch):
     """benchmarks/mambaquant.py on a shipped tag (as published, no training): the float row is the tag's
     recorded test metric, every setting is measured, the JSON records the command."""
-    import importlib.util
     import json
     from pathlib import Path
 
     bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
     monkeypatch.syspath_prepend(str(bench_dir))  # the script imports its sibling token_dynamics
-    spec = importlib.util.spec_from_file_location("bench_mambaquant", bench_dir / "mambaquant.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("mambaquant")
     out = tmp_path / "mq.json"
     assert bench.main(["--entries", "smamba_classifier.basicmotions", "--out", str(out)]) == 0
     result = json.loads(out.read_text())

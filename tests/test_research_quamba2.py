@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from benchmark_scripts import load_benchmark
 
 from zoo.core import Mamba
 from zoo.core.mamba import BiMamba
@@ -244,15 +245,12 @@ def test_bad_configurations_raise_clear_errors():
 def test_benchmark_runs_on_a_shipped_tag(tmp_path, monkeypatch):
     """benchmarks/quamba2.py on the smallest shipped tag: every setting measured, fp32 row = the recorded metric,
     the converted models are smaller, the JSON records the command."""
-    import importlib.util
     import json
     from pathlib import Path
 
     bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
     monkeypatch.syspath_prepend(str(bench_dir))
-    spec = importlib.util.spec_from_file_location("bench_quamba2", bench_dir / "quamba2.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("quamba2")
     out = tmp_path / "q2.json"
     assert bench.main(["--entries", "smamba_classifier.basicmotions", "--out", str(out)]) == 0
     result = json.loads(out.read_text())

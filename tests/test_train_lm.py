@@ -1,12 +1,12 @@
 """Byte-level LMs on the King James Bible: the corpus loader (whole books held out), the byte tokenizer through
 generate and `zoo generate`, and benchmarks/train_lm.py end to end on a small text written here (no Debian file, nothing
 downloaded)."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 
 import zoo
 from zoo.cli import main as zoo_main
@@ -29,13 +29,6 @@ def _write_bible(path: Path, verses: int = 3) -> Path:
             lines.append(f"{abbrev}{1 + v // 3}:{v} {' '.join(words).capitalize()}, book {b}.")
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def _train_lm():
-    spec = importlib.util.spec_from_file_location("train_lm", REPO / "benchmarks" / "train_lm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_books_are_held_out_whole(tmp_path):
@@ -122,7 +115,7 @@ def test_byte_tokenizer_and_generation():
 def test_train_lm_end_to_end(tmp_path, capsys):
     """The script on CPU with --tiny and a budget: three models, the same steps, result.json, reloadable weights;
     the Mamba weights package into a tag's file and generate through `zoo generate`."""
-    train_lm = _train_lm()
+    train_lm = load_benchmark("train_lm", "train_lm")
     data = _write_bible(tmp_path / "kjv.txt", verses=6)
     out = tmp_path / "run"
     argv = ["--tiny", "--data", str(data), "--out", str(out), "--threads", "1", "--max-minutes", "5"]
@@ -167,7 +160,7 @@ def test_train_lm_end_to_end(tmp_path, capsys):
 
 
 def test_train_lm_keeps_the_others_when_one_model_fails(tmp_path, monkeypatch, capsys):
-    train_lm = _train_lm()
+    train_lm = load_benchmark("train_lm", "train_lm")
     data = _write_bible(tmp_path / "kjv.txt")
     monkeypatch.setattr(train_lm, "transformer_config", lambda d, n: dict(d_model=d, n_layer=1, attn_layer_idx=[0],
                                                                           attn_cfg=dict(num_heads=3)))
@@ -187,7 +180,7 @@ def test_ship_packages_the_mamba_weights_as_tags(tmp_path, capsys):
     recipe whose train command is the run's, the run's result copied; a --tiny run is refused."""
     import yaml
 
-    train_lm = _train_lm()
+    train_lm = load_benchmark("train_lm", "train_lm")
     data = _write_bible(tmp_path / "kjv.txt")
     run = tmp_path / "run"
     argv = ["--data", str(data), "--out", str(run), "--models", "mamba", "--steps", "1", "--batch-size", "2",
