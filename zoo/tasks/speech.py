@@ -14,7 +14,7 @@ from torchaudio.functional import edit_distance  # the Levenshtein distance behi
 from tqdm import tqdm
 
 from zoo.data.speech import SynthSpeech, build_corpus, collate_waves, digits_to_targets
-from zoo.tasks.engine import check_fields, check_output_file, number_arg, write_text_atomic
+from zoo.tasks.engine import check_fields, check_output_file, number_arg, param_groups_weight_decay, write_text_atomic
 
 # What each numeric argument of the task allows (number_arg / check_fields keywords).
 LIMITS = dict(
@@ -81,9 +81,7 @@ def run_speech_task(task: str = "kws", model_name: Optional[str] = None, epochs:
     train_loader, test_loader = _loaders(task, corpus, batch_size, seed)
     model_name = model_name or ("mamba_kws_tiny" if task == "kws" else "mamba_ctc_causal_tiny")
     model = zoo.create_model(model_name, **model_kwargs)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and n not in model.no_weight_decay()]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 or n in model.no_weight_decay()]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    opt = torch.optim.AdamW(param_groups_weight_decay(model, 0.05), lr=lr)
     steps = epochs * (min(len(train_loader), limit_batches) if limit_batches else len(train_loader))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.15)
     t0, seen = time.time(), 0

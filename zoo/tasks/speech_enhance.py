@@ -12,7 +12,6 @@ overall, per noise type and per SNR. ``pip install "mamba-zoo[speech]"`` brings 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import sys
@@ -25,7 +24,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from zoo.tasks.engine import check_fields, check_output_file, number_arg, resolve_device, write_text_atomic
+from zoo.tasks.engine import (
+    check_fields, check_output_file, number_arg, param_groups_weight_decay, resolve_device, write_text_atomic,
+)
 
 LIMITS = dict(
     epochs=dict(kind=int, low=1), batch_size=dict(kind=int, low=1), lr=dict(kind=float, low=0, low_open=True),
@@ -139,10 +140,7 @@ def run_enhance_train(model_name: str = "mambattention_tiny", epochs: int = 4, b
     loader = DataLoader(train, batch_size, shuffle=True, drop_last=len(train) >= batch_size, collate_fn=collate_pairs,
                         generator=torch.Generator().manual_seed(seed))
     model = zoo.create_model(model_name, **model_kwargs).to(dev)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and n not in model.no_weight_decay()]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 or n in model.no_weight_decay()]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.8, 0.99))
+    opt = torch.optim.AdamW(param_groups_weight_decay(model, 0.01), lr=lr, betas=(0.8, 0.99))
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.99)
     scaler = torch.amp.GradScaler(dev.type) if amp == "fp16" else None
     t0, steps, seen, last, stopped, history = time.time(), 0, 0, {}, False, []
