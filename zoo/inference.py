@@ -35,6 +35,10 @@ class CUDAGraphModel:
         self.warmup, self.max_graphs, self.clone_output = warmup, max_graphs, clone_output
         self._graphs: Dict[Tuple, Tuple[torch.cuda.CUDAGraph, torch.Tensor, object]] = {}
 
+    @staticmethod
+    def _key(x: torch.Tensor) -> Tuple:
+        return tuple(x.shape), x.dtype, tuple(x.stride())
+
     def _device(self) -> torch.device:
         p = next(self.model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
@@ -70,7 +74,7 @@ class CUDAGraphModel:
         if self.model.training:
             raise RuntimeError("CUDAGraphModel replays inference: call model.eval() first (dropout and batch-norm "
                                "statistics would be frozen into the graph)")
-        key = (tuple(x.shape), x.dtype, tuple(x.stride()))
+        key = self._key(x)
         if key not in self._graphs:
             if len(self._graphs) >= self.max_graphs:
                 raise RuntimeError(f"CUDAGraphModel: already {self.max_graphs} captured shapes "
@@ -87,5 +91,4 @@ class CUDAGraphModel:
         """A no-argument function that replays the graph of ``x``'s shape on its static input (capturing it first):
         what a benchmark times, without the input and output copies."""
         self(x)
-        graph = self._graphs[(tuple(x.shape), x.dtype, tuple(x.stride()))][0]
-        return graph.replay
+        return self._graphs[self._key(x)][0].replay
