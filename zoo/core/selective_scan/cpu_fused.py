@@ -78,6 +78,15 @@ if numba is not None:
 
     _FLAGS = {"contract", "reassoc", "nsz", "arcp", "afn"}  # no nnan / ninf: infinities stay honest
 
+    @njit(inline="always")
+    def gate_backward(g, zl, ypl, gzl, one):
+        """The z gate's backward over a block's W lanes (both fused scans): gzl = g * d(y silu(z))/dz with y the
+        ungated output ypl, and g becomes the gradient of y, g silu(z). Vectorized; padding lanes have g = z = 0."""
+        for c in range(W):
+            sz = one / (one + fast_exp(-zl[c]))
+            gzl[c] = g[c] * ypl[c] * sz * (one + zl[c] * (one - sz))
+            g[c] *= zl[c] * sz
+
     # The heavy loops run over exactly W lanes of block-local buffers (a trip count LLVM knows, so it
     # vectorizes them whole); a narrower block leaves its extra lanes at zero (dt 0, state 0), which stay
     # zero. Channel indices into the inputs are unsigned (the block table is uint64): a signed index goes
@@ -219,10 +228,7 @@ if numba is not None:
                                 for c in range(wd):
                                     zl[c] = zt[c0 + c]
                                     ypl[c] = yp[c0 + c]
-                                for c in range(W):  # vectorized; padding lanes have g = z = 0
-                                    sz = one / (one + fast_exp(-zl[c]))
-                                    gzl[c] = g[c] * ypl[c] * sz * (one + zl[c] * (one - sz))
-                                    g[c] *= zl[c] * sz
+                                gate_backward(g, zl, ypl, gzl, one)
                                 for c in range(wd):
                                     gzt[c0 + c] = gzl[c]
                             for c in range(wd):

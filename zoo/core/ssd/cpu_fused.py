@@ -34,7 +34,7 @@ if _m1.numba is not None:
 
     from numba import njit, prange
 
-    from ..selective_scan.cpu_fused import _FLAGS, fast_exp
+    from ..selective_scan.cpu_fused import _FLAGS, fast_exp, gate_backward
 
     # The state of a block is W x d_state, each channel's row contiguous: the transition is one scalar per head
     # and step (computed once per step for the block's heads), so the inner loops run over d_state, four channels
@@ -236,10 +236,7 @@ if _m1.numba is not None:
                                 for c in range(wd):
                                     zl[c] = zt[c0 + c]
                                     ypl[c] = yp[c0 + c]
-                                for c in range(W):  # vectorized; padding lanes have g = z = 0
-                                    sz = one / (one + fast_exp(-zl[c]))
-                                    gzl[c] = gl[c] * ypl[c] * sz * (one + zl[c] * (one - sz))
-                                    gl[c] *= zl[c] * sz
+                                gate_backward(gl, zl, ypl, gzl, one)
                                 for c in range(wd):
                                     gzt[c0 + c] = gzl[c]
                             for c in range(W):
