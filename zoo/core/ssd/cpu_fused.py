@@ -30,7 +30,6 @@ from ..selective_scan.cpu_fused import CHECKPOINT, W, _blocks, _np, _num_splits,
 __all__ = ["available", "ssd_scan_cpu"]
 
 if _m1.numba is not None:
-    import math
 
     from numba import njit, prange
 
