@@ -30,7 +30,6 @@ from ..selective_scan.cpu_fused import CHECKPOINT, W, _blocks, _np, _num_splits,
 __all__ = ["available", "ssd_scan_cpu"]
 
 if _m1.numba is not None:
-
     from numba import njit, prange
 
     from ..selective_scan.cpu_fused import _FLAGS, fast_exp, gate_backward
