@@ -67,21 +67,152 @@ def test_padding_does_not_change_the_unpadded_part(name, kw):
             torch.testing.assert_close(out[i], alone[0], rtol=1e-5, atol=1e-5)
 
 
-def test_streaming_equals_full_utterance():
+def _causal_float64_model():
     torch.manual_seed(1)
-    model = tiny("mamba_ctc_causal_tiny")
-    feats, frames = model.frontend(torch.randn(2, 16000 * 2 // 5 + 240))  # 40 frames
-    assert feats.shape[1] % 4 == 0
-    full, _ = model.encode(feats, frames)
+    model = tiny("mamba_ctc_causal_tiny").double()
+    # Global CMVN statistics of some other audio (not zero / one), so the streamed front end must apply them too.
+    model.frontend.global_mean.normal_(15.0, 2.0)
+    model.frontend.global_std.uniform_(2.0, 4.0)
+    return model
+
+
+@pytest.mark.parametrize("sizes", [[1, 3, 5, 7, 9, 11, 13, 1], [4, 8, 16, 12, 3, 7], [37, 2, 11], [50]])
+def test_streaming_features_equal_full_utterance(sizes):
+    """Feature chunks of any sizes (odd ones, ones that do not divide the length) through forward_stream give
+    exactly the full pass's encoder frames (float64)."""
+    model = _causal_float64_model()
+    wave = torch.randn(2, 160 * 49 + 400, dtype=torch.float64)  # 50 feature frames: 13 encoder frames
+    feats, frames = model.frontend(wave)
+    full, out_frames = model.encode(feats, frames)
     state, outs = None, []
-    for chunk in torch.split(feats, [4, 8, 16, 12], dim=1):
+    for chunk in torch.split(feats, sizes, dim=1):
         y, state = model.forward_stream(chunk, state)
         outs.append(y)
-    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
+    streamed = torch.cat(outs, 1)
+    assert streamed.shape == full.shape and out_frames.tolist() == [13, 13]
+    torch.testing.assert_close(streamed, full, rtol=1e-12, atol=1e-12)
     with pytest.raises(RuntimeError, match="needs a causal model"):
-        tiny("mamba_kws_tiny").forward_stream(feats)
-    with pytest.raises(ValueError, match=r"4k frames"):
-        model.forward_stream(feats[:, :6])
+        tiny("mamba_kws_tiny").forward_stream(feats.float())
+    with pytest.raises(ValueError, match=r"expected features \(batch, frames, 80\)"):
+        model.forward_stream(feats[0])
+
+
+@pytest.mark.parametrize("chunk", [1237, 503, 161, 1, 4000, 100000])
+def test_streaming_transcriber_equals_full_pass(chunk):
+    """Waveform chunks of odd sizes (not dividing the length, down to one sample) through StreamingTranscriber:
+    the log-probabilities and the greedy transcript equal the full pass on the whole waveform (float64)."""
+    model = _causal_float64_model()
+    torch.manual_seed(2)
+    wave = torch.randn(2, 12037, dtype=torch.float64)
+    if chunk == 1:
+        wave = wave[:, :2011]  # one sample at a time: a shorter waveform keeps the test fast
+    full, frames = model(wave)
+    stream = model.stream(keep_log_probs=True)
+    emitted = [[], []]
+    for piece in torch.split(wave, chunk, dim=1):
+        for i, new in enumerate(stream.accept(piece)):
+            emitted[i] += new
+    assert stream.frames == full.shape[1]
+    torch.testing.assert_close(stream.log_probs, full, rtol=1e-12, atol=1e-12)
+    assert stream.tokens == emitted == ctc_greedy_decode(full, frames)
+    # One stream at a time: 1-D chunks give a flat list of new tokens.
+    single = model.stream()
+    for piece in torch.split(wave[0], chunk):
+        assert isinstance(single.accept(piece), list)
+    assert single.tokens == [ctc_greedy_decode(full, frames)[0]]
+
+
+def test_streaming_transcriber_checks():
+    with pytest.raises(RuntimeError, match="needs a causal CTC model"):
+        tiny("mamba_kws_tiny").stream()
+    model = zoo.create_model("mamba_ctc_causal_tiny", depth=1)
+    with pytest.raises(RuntimeError, match="eval mode"):
+        model.stream()
+    stream = model.eval().stream()
+    assert stream.accept(torch.randn(100)) == []  # less than one 25 ms window: nothing yet
+    with pytest.raises(ValueError, match="the stream has batch 1, this chunk has batch 2"):
+        stream.accept(torch.randn(2, 100))
+    stream.reset()
+    stream.accept(torch.randn(2, 100))
+
+
+def test_global_cmvn_front_end():
+    """The causal (streamable) model normalises its features with fixed per-bin statistics (issue 22: without any
+    normalisation, log energies of mean ~18 and std ~3 reached the subsampling, and the CTC model did not learn)."""
+    torch.manual_seed(0)
+    model = zoo.create_model("mamba_ctc_causal_tiny", depth=1)
+    fe = model.frontend
+    assert fe.normalize == "global" and int(fe.global_frames) == 0
+    waves = 0.1 * torch.randn(3, 8000)
+    raw, frames = fe.raw_features(waves, torch.tensor([8000, 6000, 4000]))
+    assert raw[0].mean() > 5  # raw log energies: far from zero mean
+    fe.fit_global_stats([(waves, torch.tensor([8000, 6000, 4000]))])
+    assert int(fe.global_frames) == int(frames.sum())
+    feats, _ = fe(waves, torch.tensor([8000, 6000, 4000]))
+    valid = feats[torch.arange(feats.shape[1])[None] < frames[:, None]]
+    torch.testing.assert_close(valid.mean(0), torch.zeros(80), atol=1e-4, rtol=0)
+    torch.testing.assert_close(valid.std(0, unbiased=False), torch.ones(80), atol=1e-3, rtol=0)
+    assert feats[2, int(frames[2]):].abs().max() == 0
+    # The statistics are buffers: saved and loaded with the weights.
+    other = zoo.create_model("mamba_ctc_causal_tiny", depth=1)
+    other.load_state_dict(model.state_dict())
+    assert torch.equal(other.frontend.global_mean, fe.global_mean) and int(other.frontend.global_frames) > 0
+    # Unset statistics are taken from the first training batch (data-dependent initialisation); eval leaves them.
+    fresh = zoo.create_model("mamba_ctc_causal_tiny", depth=1)
+    fresh.eval()(waves)
+    assert int(fresh.frontend.global_frames) == 0
+    fresh.train()(waves)
+    assert int(fresh.frontend.global_frames) > 0
+    with pytest.raises(RuntimeError, match="needs normalize='global'"):
+        SpeechFrontend().fit_global_stats([(waves, None)])
+
+
+def synthetic_utterances(n=8, vocab=4, seed=0, sr=16000):
+    """Tone 'words' (one frequency per token, 150 ms, 50 ms pauses) at random loudness, with a little noise."""
+    import math
+
+    g = torch.Generator().manual_seed(seed)
+    freqs = [300.0, 700.0, 1500.0, 3000.0][:vocab]
+    waves, labels = [], []
+    for _ in range(n):
+        tokens = torch.randint(0, vocab, (int(torch.randint(2, 5, (), generator=g)),), generator=g).tolist()
+        amp = 0.05 + 0.45 * float(torch.rand((), generator=g))
+        t = torch.arange(int(0.15 * sr)) / sr
+        parts = [torch.zeros(int(0.05 * sr))]
+        for k in tokens:
+            parts += [amp * torch.sin(2 * math.pi * freqs[k] * t) * torch.hann_window(t.numel()), torch.zeros(int(0.05 * sr))]
+        w = torch.cat(parts)
+        waves.append(w + 0.003 * torch.randn(w.shape, generator=g))
+        labels.append([k + 1 for k in tokens])  # 0 is the blank
+    _, batch, lengths = padded_batch([w.numel() for w in waves], max(w.numel() for w in waves))
+    for i, w in enumerate(waves):
+        batch[i, : w.numel()] = w
+    return batch, lengths, labels
+
+
+def test_causal_ctc_model_overfits_a_few_utterances():
+    """Regression test for issue 22: the causal CTC entry must learn. A working CTC model fits 8 short synthetic
+    utterances exactly within 100 steps; the entry before the fix (raw fbank, no normalisation) got 2 of 8 after
+    150 steps and stayed near loss 1.1."""
+    torch.manual_seed(0)
+    waves, lengths, labels = synthetic_utterances()
+    model = zoo.create_model("mamba_ctc_causal_tiny", num_classes=5, depth=1, d_model=32, dropout=0.0, spec_augment=False)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    targets = torch.tensor([k for seq in labels for k in seq])
+    target_lengths = torch.tensor([len(seq) for seq in labels])
+    model.train()
+    for _ in range(100):
+        log_probs, frames = model(waves, lengths)
+        assert (frames >= 2 * target_lengths).all()  # room for every token and a blank between repeats
+        loss = torch.nn.functional.ctc_loss(log_probs.transpose(0, 1), targets, frames, target_lengths)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        log_probs, frames = model(waves, lengths)
+    assert ctc_greedy_decode(log_probs, frames) == labels
+    assert loss.item() < 0.2
 
 
 def test_published_configuration_size():

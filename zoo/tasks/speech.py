@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -13,7 +14,7 @@ from torch.utils.data import DataLoader
 from torchaudio.functional import edit_distance  # the Levenshtein distance behind the CER
 from tqdm import tqdm
 
-from zoo.data.speech import SynthSpeech, build_corpus, collate_waves, digits_to_targets
+from zoo.data.speech import DIGITS, SynthSpeech, build_corpus, collate_waves, digits_to_targets
 from zoo.tasks.engine import check_fields, check_output_file, number_arg, param_groups_weight_decay, write_text_atomic
 
 # What each numeric argument of the task allows (number_arg / check_fields keywords).
@@ -44,11 +45,12 @@ def _step_loss(task, model, waves, lengths, labels):
 
 @torch.no_grad()
 def evaluate(task, model, loader):
-    """kws: top-1 accuracy; digits: character error rate of greedy CTC decoding."""
+    """kws: top-1 accuracy; digits: character and word error rates of greedy CTC decoding (the words are the
+    spoken digit names, one per digit, so on digit strings the WER equals the CER; computed apart all the same)."""
     from zoo.models.speech.mamba_asr import ctc_greedy_decode
 
     model.eval()
-    hits = errors = total = 0
+    hits = errors = total = word_errors = words = 0
     for waves, lengths, labels in loader:
         if task == "kws":
             hits += int((model(waves, lengths).argmax(-1) == torch.tensor(labels)).sum())
@@ -56,9 +58,13 @@ def evaluate(task, model, loader):
         else:
             log_probs, frames = model(waves, lengths)
             for hyp, ref in zip(ctc_greedy_decode(log_probs, frames), labels):
-                errors += edit_distance([t - 1 for t in hyp], [int(c) for c in ref])
+                hyp_text = "".join(str(t - 1) for t in hyp)
+                errors += edit_distance(hyp_text, ref)
                 total += len(ref)
-    return {"accuracy": hits / total} if task == "kws" else {"cer": errors / total}
+                hyp_words, ref_words = [DIGITS[int(c)] for c in hyp_text], [DIGITS[int(c)] for c in ref]
+                word_errors += edit_distance(hyp_words, ref_words)
+                words += len(ref_words)
+    return {"accuracy": hits / total} if task == "kws" else {"cer": errors / total, "wer": word_errors / words}
 
 
 def run_speech_task(task: str = "kws", model_name: Optional[str] = None, epochs: int = 8, batch_size: int = 32,
@@ -81,6 +87,11 @@ def run_speech_task(task: str = "kws", model_name: Optional[str] = None, epochs:
     train_loader, test_loader = _loaders(task, corpus, batch_size, seed)
     model_name = model_name or ("mamba_kws_tiny" if task == "kws" else "mamba_ctc_causal_tiny")
     model = zoo.create_model(model_name, **model_kwargs)
+    if getattr(getattr(model, "frontend", None), "normalize", None) == "global":
+        # Streaming front ends normalise with fixed per-bin statistics: estimate them on (up to 512) training utterances.
+        stats_loader = DataLoader(SynthSpeech(corpus, "train", train=False, seed=seed), batch_size, collate_fn=collate_waves)
+        batches = itertools.islice(stats_loader, max(1, 512 // batch_size))
+        model.frontend.fit_global_stats((waves, lengths) for waves, lengths, _ in batches)
     opt = torch.optim.AdamW(param_groups_weight_decay(model, 0.05), lr=lr)
     steps = epochs * (min(len(train_loader), limit_batches) if limit_batches else len(train_loader))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.15)
@@ -140,7 +151,7 @@ def _cli_main(args: argparse.Namespace) -> int:
     result = run_speech_task(args.task, args.model, args.epochs, args.batch_size, args.lr, args.seed, args.cache_dir,
                              args.output, args.voices_per_split, n_strings=args.n_strings, limit_batches=args.limit_batches,
                              command="zoo " + " ".join(sys.argv[1:]), save_weights=args.save_weights)
-    metric = f"accuracy {result['accuracy']:.4f}" if args.task == "kws" else f"CER {result['cer']:.4f}"
+    metric = f"accuracy {result['accuracy']:.4f}" if args.task == "kws" else f"CER {result['cer']:.4f}, WER {result['wer']:.4f}"
     print(f"{result['model']} on {args.task}: {metric} on {result['test_utterances']} held-out-voice utterances "
           f"({result['train_seconds']:.0f} s training, {result['params'] / 1e6:.2f}M params)")
     return 0

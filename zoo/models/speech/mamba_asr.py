@@ -62,19 +62,32 @@ class SpeechFrontend(nn.Module):
     """Waveform (b, samples) at ``sample_rate`` -> features (b, frames, n_mels) and frame counts.
 
     ``kind="fbank"``: Kaldi-compatible log mel filterbank (torchaudio.compliance.kaldi.fbank,
-    per utterance). ``kind="logmel"``: torchaudio MelSpectrogram, batched. ``normalize="utterance"``
-    removes each utterance's mean and variance over its valid frames; streaming models use
-    ``"none"`` because an utterance mean needs the whole utterance.
+    per utterance). ``kind="logmel"``: torchaudio MelSpectrogram, batched.
+
+    ``normalize``: ``"utterance"`` removes each utterance's mean and variance over its valid frames
+    (needs the whole utterance). ``"global"`` (streaming models) removes a fixed per-bin mean and
+    divides by a fixed per-bin standard deviation (global CMVN, as WeNet / ESPnet streaming
+    recipes), kept as buffers ``global_mean`` / ``global_std`` in the state dict: estimate them with
+    ``fit_global_stats`` on training audio; if still unset when the module first runs in training
+    mode, the first batch sets them (a data-dependent initialisation, as ActNorm's). ``"none"``:
+    raw log energies (mean about 18, std about 3 for speech at int16 scale, which the 4x
+    subsampling's first conv + LayerNorm over 16 channels turns into an almost constant vector:
+    a causal CTC encoder on such features did not learn, issue 22).
     """
 
     def __init__(self, n_mels: int = 80, sample_rate: int = 16000, kind: str = "fbank", normalize: str = "utterance"):
         super().__init__()
         if kind not in ("fbank", "logmel"):
             raise ValueError(f"SpeechFrontend: kind must be 'fbank' or 'logmel', got {kind!r}")
-        if normalize not in ("utterance", "none"):
-            raise ValueError(f"SpeechFrontend: normalize must be 'utterance' or 'none', got {normalize!r}")
+        if normalize not in ("utterance", "global", "none"):
+            raise ValueError(f"SpeechFrontend: normalize must be 'utterance', 'global' or 'none', got {normalize!r}")
         self.n_mels, self.sample_rate, self.kind, self.normalize = n_mels, sample_rate, kind, normalize
         self.win, self.hop = sample_rate * 25 // 1000, sample_rate * 10 // 1000
+        if normalize == "global":
+            self.register_buffer("global_mean", torch.zeros(n_mels))
+            self.register_buffer("global_std", torch.ones(n_mels))
+            # How many frames the statistics come from (0: not estimated yet).
+            self.register_buffer("global_frames", torch.zeros((), dtype=torch.long))
         if kind == "logmel":
             import torchaudio
 
@@ -85,7 +98,45 @@ class SpeechFrontend(nn.Module):
     def num_frames(self, num_samples: torch.Tensor) -> torch.Tensor:
         return torch.clamp((num_samples - self.win) // self.hop + 1, min=0)
 
+    @torch.no_grad()
+    def fit_global_stats(self, batches) -> "SpeechFrontend":
+        """Global CMVN statistics from an iterable of (waves (b, samples), num_samples (b,) or None): per-bin mean and
+        standard deviation over every valid frame, accumulated in float64. Returns self."""
+        if self.normalize != "global":
+            raise RuntimeError(f"fit_global_stats: needs normalize='global', this front end has {self.normalize!r}")
+        total = torch.zeros((), dtype=torch.float64)
+        s1 = torch.zeros(self.n_mels, dtype=torch.float64)
+        s2 = torch.zeros(self.n_mels, dtype=torch.float64)
+        for wave, num_samples in batches:
+            feats, frames = self.raw_features(wave, num_samples)
+            valid = feats[lengths_to_mask(frames, feats.shape[1])].double()
+            total += valid.shape[0]
+            s1 += valid.sum(0)
+            s2 += (valid**2).sum(0)
+        if total == 0:
+            raise ValueError("fit_global_stats: no frames in the batches given")
+        mean = s1 / total
+        self.global_mean.copy_(mean)
+        self.global_std.copy_((s2 / total - mean**2).clamp(min=1e-10).sqrt())
+        self.global_frames.fill_(int(total))
+        return self
+
     def forward(self, wave: torch.Tensor, num_samples: Optional[torch.Tensor] = None):
+        feats, frames = self.raw_features(wave, num_samples)
+        mask = lengths_to_mask(frames, feats.shape[1])[..., None]
+        if self.normalize == "utterance":
+            count = frames[:, None, None].clamp(min=1)
+            mean = feats.sum(1, keepdim=True) / count
+            var = ((feats - mean) ** 2 * mask).sum(1, keepdim=True) / count
+            feats = (feats - mean) / torch.sqrt(var + 1e-5) * mask
+        elif self.normalize == "global":
+            if self.training and int(self.global_frames) == 0:
+                self.fit_global_stats([(wave, num_samples)])
+            feats = (feats - self.global_mean.to(feats.dtype)) / self.global_std.to(feats.dtype) * mask
+        return feats, frames
+
+    def raw_features(self, wave: torch.Tensor, num_samples: Optional[torch.Tensor] = None):
+        """Waveforms -> log mel features before any normalisation (padded frames zero) and frame counts."""
         if wave.dim() != 2:
             raise ValueError(f"SpeechFrontend: expected waveforms (batch, samples), got shape {tuple(wave.shape)}")
         b, n = wave.shape
@@ -107,14 +158,7 @@ class SpeechFrontend(nn.Module):
                 feats[i, : f.shape[0]] = f
         else:
             feats = torch.log(self.mel(upcast(wave)).transpose(1, 2)[:, :T] + 1e-6)
-        mask = lengths_to_mask(frames, T)[..., None]
-        feats = feats * mask
-        if self.normalize == "utterance":
-            count = frames[:, None, None].clamp(min=1)
-            mean = feats.sum(1, keepdim=True) / count
-            var = ((feats - mean) ** 2 * mask).sum(1, keepdim=True) / count
-            feats = (feats - mean) / torch.sqrt(var + 1e-5) * mask
-        return feats, frames
+        return feats * lengths_to_mask(frames, T)[..., None], frames
 
 
 class SpecAugment(nn.Module):
@@ -287,7 +331,7 @@ class MambaSpeechEncoder(nn.Module):
         check_rates("MambaSpeechEncoder", dropout=dropout)
         self.num_classes, self.head_type, self.causal, self.layer_type = num_classes, head, causal, layer_type
         self.num_features = self.head_hidden_size = self.embed_dim = d_model
-        self.frontend = SpeechFrontend(n_mels, sample_rate, frontend, normalize="none" if causal else "utterance")
+        self.frontend = SpeechFrontend(n_mels, sample_rate, frontend, normalize="global" if causal else "utterance")
         self.spec_augment = SpecAugment() if spec_augment else nn.Identity()
         self.subsample = ConvSubsampling(n_mels, d_model, subsampling_channels, causal=causal)
         self.drop = nn.Dropout(dropout)
@@ -377,23 +421,33 @@ class MambaSpeechEncoder(nn.Module):
 
     @torch.no_grad()
     def forward_stream(self, feats: torch.Tensor, state: Optional[dict] = None):
-        """Streaming for the causal configuration: feature chunks (b, 4k frames, n_mels) in,
-        encoder frames (b, k, d_model) out, plus the state to pass with the next chunk. The
-        concatenated outputs equal ``encode`` of the whole utterance (tested).
-        Features come from ``self.frontend`` (no utterance normalisation in causal models)."""
+        """Streaming for the causal configuration: normalised feature frames (b, n, n_mels) in, any n >= 0, encoder
+        frames (b, k, d_model) out, plus the state to pass with the next chunk. The concatenated outputs of a whole
+        utterance fed in chunks of any sizes equal ``encode`` of the whole utterance (tested): encoder frame k needs
+        feature frame 4k and the frames before it, so it comes out with the chunk that brings feature frame 4k,
+        and nothing is left to flush at the end. Features come from ``self.frontend`` (``StreamingTranscriber``
+        runs the front end on waveform chunks too).
+
+        The state holds, per subsampling stage, the input frames not yet consumed (with the two frames before
+        them that play the role of the causal left padding), and each Mamba layer's conv and SSM state."""
         if not self.causal:
             raise RuntimeError("forward_stream needs a causal model (causal=True, layer_type='mamba')")
-        if feats.dim() != 3 or feats.shape[1] % 4:
-            raise ValueError(f"forward_stream: expected features (batch, 4k frames, n_mels), got shape {tuple(feats.shape)}")
+        if feats.dim() != 3 or feats.shape[2] != self.frontend.n_mels:
+            raise ValueError(f"forward_stream: expected features (batch, frames, {self.frontend.n_mels}), got shape "
+                             f"{tuple(feats.shape)}")
         state = state or {"sub1": None, "sub2": None, "layers": [None] * len(self.layers)}
         sub = self.subsample
         x = feats[:, None]
         for key, conv, norm in (("sub1", sub.conv1, sub.norm1), ("sub2", sub.conv2, sub.norm2)):
-            # The two frames before the chunk play the role of the causal left padding.
+            # Output j of a stage reads its input frames 2j-2, 2j-1, 2j (frames before 0: the zero left padding).
+            # buf starts at input frame 2j-2 of the next output j to produce.
             past = state[key] if state[key] is not None else x.new_zeros(*x.shape[:2], 2, x.shape[3])
-            x_in = torch.cat([past, x], dim=2)
-            state[key] = x_in[:, :, -2:]
-            x = F.leaky_relu(norm(conv(x_in).transpose(1, -1)).transpose(1, -1))
+            buf = torch.cat([past, x], dim=2)
+            n_out = (buf.shape[2] - 1) // 2
+            state[key] = buf[:, :, 2 * n_out :]
+            if n_out == 0:
+                return feats.new_zeros(feats.shape[0], 0, self.embed_dim), state
+            x = F.leaky_relu(norm(conv(buf[:, :, : 2 * n_out + 1]).transpose(1, -1)).transpose(1, -1))
         x = sub.out(x.permute(0, 2, 1, 3).flatten(2))
         residual = None
         for i, block in enumerate(self.layers):
@@ -401,6 +455,97 @@ class MambaSpeechEncoder(nn.Module):
             x, state["layers"][i] = block.mixer.forward_stream(x, state["layers"][i])
         x, _ = add_norm(x, residual, self.norm)
         return x, state
+
+    def stream(self, **kwargs) -> "StreamingTranscriber":
+        """A ``StreamingTranscriber`` over this (causal, CTC) model: feed waveform chunks, get tokens as they come."""
+        return StreamingTranscriber(self, **kwargs)
+
+
+class StreamingTranscriber:
+    """Chunk-by-chunk transcription with a causal CTC model (``mamba_ctc_causal_tiny``).
+
+    Feed waveform chunks of any length (``(samples,)`` for one stream or ``(batch, samples)`` for streams that
+    advance together); each call returns the tokens decoded so far from that chunk (greedy CTC: repeats merged
+    across chunk boundaries, blanks dropped). The carried state is the unconsumed samples (less than one 25 ms
+    window), the subsampling stages' pending frames, and each Mamba layer's conv and SSM state, so memory and
+    the cost per chunk do not grow with the stream. The concatenated log-probabilities equal the full pass
+    ``model(wave)`` on the whole waveform, and so does the transcript (tested in float64 with chunk sizes that do
+    not divide the length)::
+
+        model = zoo.create_model("mamba_ctc_causal_tiny", checkpoint_path="digits.safetensors").eval()
+        stream = model.stream()
+        for chunk in chunks:                     # e.g. 100 ms of 16 kHz audio each
+            new_tokens = stream.accept(chunk)    # tokens 1..10 are the digits 0..9, 0 the blank
+        tokens = stream.tokens[0]                # the whole transcript so far (one list per stream)
+
+    ``keep_log_probs=True`` keeps every emitted frame's log-probabilities in ``log_probs`` (tests, inspection).
+    """
+
+    def __init__(self, model: MambaSpeechEncoder, blank: int = 0, keep_log_probs: bool = False):
+        if not getattr(model, "causal", False) or model.head_type != "ctc":
+            raise RuntimeError("StreamingTranscriber needs a causal CTC model (causal=True, layer_type='mamba', head='ctc'), "
+                               f"got causal={getattr(model, 'causal', None)}, head={getattr(model, 'head_type', None)!r}")
+        if model.training:
+            raise RuntimeError("StreamingTranscriber: put the model in eval mode first (model.eval()): dropout and "
+                               "SpecAugment would make chunks differ from the full pass")
+        self.model, self.blank, self.keep_log_probs = model, blank, keep_log_probs
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new stream (the model is kept)."""
+        self._samples = None
+        self._state = None
+        self._prev = None
+        self.tokens: List[List[int]] = []
+        self._log_probs: List[torch.Tensor] = []
+        self.frames = 0  # encoder frames emitted so far
+
+    @property
+    def log_probs(self) -> torch.Tensor:
+        """(batch, frames, classes): every frame emitted so far (needs keep_log_probs=True)."""
+        if not self.keep_log_probs:
+            raise RuntimeError("StreamingTranscriber: log_probs are kept only with keep_log_probs=True")
+        return torch.cat(self._log_probs, 1)
+
+    @torch.no_grad()
+    def accept(self, chunk: torch.Tensor) -> List[List[int]]:
+        """One waveform chunk (samples,) or (batch, samples) -> the new tokens: a list for a (samples,) chunk, a list
+        per stream for (batch, samples)."""
+        single = chunk.dim() == 1
+        if chunk.dim() not in (1, 2):
+            raise ValueError(f"StreamingTranscriber.accept: expected a waveform chunk (samples,) or (batch, samples), "
+                             f"got shape {tuple(chunk.shape)}")
+        wave = chunk[None] if single else chunk
+        if self._samples is not None and self._samples.shape[0] != wave.shape[0]:
+            raise ValueError(f"StreamingTranscriber.accept: the stream has batch {self._samples.shape[0]}, "
+                             f"this chunk has batch {wave.shape[0]}")
+        fe = self.model.frontend
+        buf = wave if self._samples is None else torch.cat([self._samples, wave.to(self._samples.dtype)], 1)
+        n_frames = (buf.shape[1] - fe.win) // fe.hop + 1 if buf.shape[1] >= fe.win else 0
+        if not self.tokens:
+            self.tokens = [[] for _ in range(buf.shape[0])]
+            self._prev = [None] * buf.shape[0]
+        new: List[List[int]] = [[] for _ in range(buf.shape[0])]
+        if n_frames == 0:
+            self._samples = buf
+            return new[0] if single else new
+        # Frames are independent 25 ms windows every 10 ms (Kaldi's snip_edges): the next frame starts n_frames hops on.
+        feats, _ = fe(buf[:, : (n_frames - 1) * fe.hop + fe.win])
+        self._samples = buf[:, n_frames * fe.hop :]
+        x, self._state = self.model.forward_stream(feats, self._state)
+        if x.shape[1] == 0:
+            return new[0] if single else new
+        log_probs = self.model.forward_head(x).log_softmax(-1)
+        if self.keep_log_probs:
+            self._log_probs.append(log_probs)
+        self.frames += x.shape[1]
+        for i, seq in enumerate(log_probs.argmax(-1).tolist()):
+            for t in seq:
+                if t != self._prev[i] and t != self.blank:
+                    new[i].append(t)
+                self._prev[i] = t
+            self.tokens[i].extend(new[i])
+        return new[0] if single else new
 
 
 def ctc_greedy_decode(log_probs: torch.Tensor, frames: torch.Tensor, blank: int = 0) -> List[List[int]]:
