@@ -139,7 +139,7 @@ def test_benchmark_end_to_end(tmp_path):
         plot=str(tmp_path / "r.png") if has_mpl else None, progress=False, command="pytest",
     )
     rows = {r["model"]: r for r in result["rows"]}
-    assert list(rows) == ["naive", "seasonal_naive", "dlinear", "itransformer", "smamba"]
+    assert list(rows) == ["naive", "seasonal_naive", "dlinear", "itransformer", "smamba", "chimera"]
     assert result["time_marks"] and result["split"]["test_windows"] == len(data.test)
     # A clean seasonal signal: the seasonal forecast and every trained model beat the last value.
     for name in ("seasonal_naive", "dlinear", "itransformer", "smamba"):

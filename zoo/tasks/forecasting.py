@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
 from zoo.data.timeseries import ForecastData, WindowDataset, list_series, load_forecast_data
-from zoo.models.timeseries import DLinear, ITransformer, LastValue, SeasonalNaive, SMamba
+from zoo.models.timeseries import Chimera, DLinear, ITransformer, LastValue, SeasonalNaive, SMamba
 from zoo.tasks.engine import atomic_write, check_fields, check_output_file, number_arg, resolve_device, write_text_atomic
 
 __all__ = [
@@ -35,15 +35,16 @@ __all__ = [
     "run_forecast_benchmark", "format_table", "add_cli",
 ]
 
-BENCH_MODELS = ("naive", "seasonal_naive", "dlinear", "itransformer", "smamba")
+BENCH_MODELS = ("naive", "seasonal_naive", "dlinear", "itransformer", "smamba", "chimera")
 _USES_MARKS = (SMamba, ITransformer)  # variate-token models read the timestamp tokens, as in their papers
 
 
 def build_forecaster(
     name: str, seq_len: int, pred_len: int, period: int = 24, d_model: int = 128, d_ff: int = 128,
-    e_layers: int = 2, d_state: int = 2, dropout: float = 0.1,
+    e_layers: int = 2, d_state: int = 2, dropout: float = 0.1, chimera_patch_len: int = 8,
 ) -> nn.Module:
-    """A benchmark model by name (``BENCH_MODELS``); sizes apply to the variate-token models."""
+    """A benchmark model by name (``BENCH_MODELS``); sizes apply to the variate-token models and Chimera (d_ff
+    aside: Chimera has no feed-forward network). ``chimera_patch_len``: steps per Chimera cell (1: every step)."""
     if name == "naive":
         return LastValue(seq_len, pred_len)
     if name == "seasonal_naive":
@@ -54,6 +55,9 @@ def build_forecaster(
         return ITransformer(seq_len, pred_len, d_model=d_model, e_layers=e_layers, d_ff=d_ff, dropout=dropout)
     if name == "smamba":
         return SMamba(seq_len, pred_len, d_model=d_model, d_state=d_state, d_ff=d_ff, e_layers=e_layers, dropout=dropout)
+    if name == "chimera":
+        return Chimera(seq_len, pred_len, d_model=d_model, d_state=d_state, e_layers=e_layers, dropout=dropout,
+                       patch_len=chimera_patch_len)
     raise ValueError(f"unknown forecaster {name!r}; expected one of {list(BENCH_MODELS)}")
 
 
@@ -185,6 +189,7 @@ BENCH_LIMITS = dict(
     lr=dict(kind=float, low=0, low_open=True), batch_size=dict(kind=int, low=1), patience=dict(kind=int, low=1),
     steps_per_epoch=dict(kind=int, low=1, optional=True), d_model=dict(kind=int, low=1), d_ff=dict(kind=int, low=1),
     e_layers=dict(kind=int, low=1), d_state=dict(kind=int, low=1), seed=dict(kind=int, low=0),
+    chimera_patch_len=dict(kind=int, low=1),
 )
 
 
@@ -194,7 +199,7 @@ def run_forecast_benchmark(
     steps_per_epoch: Optional[int] = None, d_model: int = 128, d_ff: int = 128, e_layers: int = 2,
     d_state: int = 2, time_marks: bool = True, seed: int = 0, device: str = "cpu", data: Optional[ForecastData] = None,
     output: Optional[str] = None, markdown: Optional[str] = None, plot: Optional[str] = None, progress: bool = True,
-    command: Optional[str] = None,
+    command: Optional[str] = None, chimera_patch_len: int = 8,
 ) -> dict:
     """Train and test every model in ``models`` on one data set's windows; print and return the table.
 
@@ -213,7 +218,8 @@ def run_forecast_benchmark(
     rows, trained = [], {}
     for name in models:
         torch.manual_seed(seed)
-        model = build_forecaster(name, data.seq_len, data.pred_len, data.period, d_model, d_ff, e_layers, d_state)
+        model = build_forecaster(name, data.seq_len, data.pred_len, data.period, d_model, d_ff, e_layers, d_state,
+                                 chimera_patch_len=chimera_patch_len)
         hist = train_forecaster(model, data, epochs, lr, batch_size, patience, steps_per_epoch, seed, device, progress)
         test = evaluate_forecaster(model, data.test, device=device)
         rows.append({
@@ -232,7 +238,8 @@ def run_forecast_benchmark(
         "time_marks": bool(data.train.marks.shape[1]), "period": data.period,
         "settings": {"epochs": epochs, "lr": lr, "lr_schedule": "halved every epoch", "batch_size": batch_size,
                      "patience": patience, "steps_per_epoch": steps_per_epoch, "d_model": d_model, "d_ff": d_ff,
-                     "e_layers": e_layers, "d_state": d_state, "seed": seed},
+                     "e_layers": e_layers, "d_state": d_state, "seed": seed,
+                     **({"chimera_patch_len": chimera_patch_len} if "chimera" in models else {})},
         "rows": rows, "device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": platform.machine(), "command": command,
     }
@@ -254,7 +261,7 @@ def add_cli(subparsers) -> None:
     p = subparsers.add_parser("forecast", help="multivariate forecasting on series shipped by installed packages")
     sub = p.add_subparsers(dest="forecast_command", required=True)
     sub.add_parser("datasets", help="list the available series").set_defaults(func=_cli_datasets)
-    b = sub.add_parser("bench", help="train S-Mamba and the baselines the same way on one series and compare")
+    b = sub.add_parser("bench", help="train S-Mamba, Chimera and the baselines the same way on one series and compare")
     b.add_argument("--dataset", default="epf_fr_be", choices=list_series())
     b.add_argument("--models", nargs="+", default=list(BENCH_MODELS), choices=BENCH_MODELS)
     b.add_argument("--seq-len", type=limit("seq_len"), default=96)
@@ -268,6 +275,8 @@ def add_cli(subparsers) -> None:
     b.add_argument("--d-ff", type=limit("d_ff"), default=128)
     b.add_argument("--e-layers", type=limit("e_layers"), default=2)
     b.add_argument("--d-state", type=limit("d_state"), default=2)
+    b.add_argument("--chimera-patch-len", type=limit("chimera_patch_len"), default=8,
+                   help="Chimera's cells: patches of this many steps along time (1: every step is a cell)")
     b.add_argument("--no-time-marks", action="store_true", help="no timestamp tokens for the variate-token models")
     b.add_argument("--seed", type=limit("seed"), default=0)
     b.add_argument("--device", default="cpu")
@@ -289,6 +298,7 @@ def _cli_bench(args: argparse.Namespace) -> int:
         args.steps_per_epoch, args.d_model, args.d_ff, args.e_layers, args.d_state, not args.no_time_marks, args.seed,
         args.device, output=args.output, markdown=args.markdown, plot=args.plot, progress=not args.quiet,
         command=getattr(args, "command_line", None) or "zoo " + shlex.join(sys.argv[1:]),
+        chimera_patch_len=args.chimera_patch_len,
     )
     return 0
 

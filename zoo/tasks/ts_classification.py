@@ -1,4 +1,4 @@
-"""Time-series classification with the S-Mamba encoder on UCR/UEA sets that aeon ships
+"""Time-series classification with the S-Mamba and Chimera encoders on UCR/UEA sets that aeon ships
 (``zoo tsc bench``), against the classic 1-nearest-neighbour (Euclidean) baseline.
 
 The official train / test splits are used as they are; with no validation part, every model trains
@@ -14,7 +14,6 @@ import shlex
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -23,10 +22,27 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from zoo.data.timeseries import list_classification_sets, load_classification_set
-from zoo.models.timeseries import SMambaClassifier
+from zoo.models.timeseries import ChimeraClassifier, SMambaClassifier
 from zoo.tasks.engine import check_float, check_int, check_output_file, number_arg, write_text_atomic
 
-__all__ = ["nearest_neighbour_accuracy", "train_classifier", "run_tsc_benchmark", "add_cli"]
+__all__ = ["TSC_MODELS", "nearest_neighbour_accuracy", "train_classifier", "build_classifier", "run_tsc_benchmark", "add_cli"]
+
+TSC_MODELS = ("smamba_classifier", "chimera_classifier")
+
+
+def build_classifier(
+    name: str, seq_len: int, num_classes: int, d_model: int = 64, d_state: int = 16, d_ff: int = 128,
+    e_layers: int = 2, patch_len: Optional[int] = None, layer_shuffle: float = 0.0,
+) -> torch.nn.Module:
+    """A classifier by name (``TSC_MODELS``). ``patch_len`` None: S-Mamba's variate tokens, Chimera's cells of one
+    step; d_ff and layer_shuffle apply to S-Mamba only (Chimera has neither)."""
+    if name == "smamba_classifier":
+        return SMambaClassifier(seq_len, num_classes, d_model=d_model, d_state=d_state, d_ff=d_ff, e_layers=e_layers,
+                                patch_len=patch_len, layer_shuffle=layer_shuffle)
+    if name == "chimera_classifier":
+        return ChimeraClassifier(seq_len, num_classes, d_model=d_model, d_state=d_state, e_layers=e_layers,
+                                 patch_len=patch_len or 1)
+    raise ValueError(f"unknown classifier {name!r}; expected one of {list(TSC_MODELS)}")
 
 
 def nearest_neighbour_accuracy(X_train, y_train, X_test, y_test) -> float:
@@ -73,13 +89,20 @@ def run_tsc_benchmark(
     batch_size: int = 16, d_model: int = 64, d_state: int = 16, d_ff: int = 128, e_layers: int = 2,
     patch_len: Optional[int] = None, output: Optional[str] = None, progress: bool = True,
     command: Optional[str] = None, save_weights: Optional[str] = None, layer_shuffle: float = 0.0,
+    models: Sequence[str] = ("smamba_classifier",),
 ) -> dict:
-    """Test accuracy of 1-NN (Euclidean) and the S-Mamba classifier (mean and per seed); printed and returned.
+    """Test accuracy of 1-NN (Euclidean) and each classifier of ``models`` (``TSC_MODELS``; mean and per seed);
+    printed and returned.
 
-    ``save_weights`` (one seed) writes the trained classifier's state dict (safetensors).
+    ``save_weights`` (one seed, one model) writes the trained classifier's state dict (safetensors).
     """
+    unknown = [m for m in models if m not in TSC_MODELS]
+    if unknown or not models:
+        raise ValueError(f"tsc bench: unknown classifiers {unknown}; expected some of {list(TSC_MODELS)}")
     if save_weights and len(seeds) != 1:
         raise ValueError(f"tsc bench: --save-weights needs one seed, got {list(seeds)}")
+    if save_weights and len(models) != 1:
+        raise ValueError(f"tsc bench: --save-weights needs one model, got {list(models)}")
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("d_model", d_model), ("d_state", d_state),
                         ("d_ff", d_ff), ("e_layers", e_layers)):
         check_int(f"tsc bench: {name}", value, 1)
@@ -93,21 +116,20 @@ def run_tsc_benchmark(
     X_train, y_train, classes = load_classification_set(dataset, "train")
     X_test, y_test, _ = load_classification_set(dataset, "test")
     knn = nearest_neighbour_accuracy(X_train, y_train, X_test, y_test)
-    accs, seconds = [], []
-    for seed in seeds:
-        torch.manual_seed(seed)
-        model = SMambaClassifier(X_train.shape[1], len(classes), d_model=d_model, d_state=d_state, d_ff=d_ff,
-                                 e_layers=e_layers, patch_len=patch_len, layer_shuffle=layer_shuffle)
-        seconds.append(train_classifier(model, X_train, y_train, epochs, lr, batch_size, seed=seed, progress=progress))
-        accs.append(_accuracy(model, X_test, y_test))
-    params = sum(p.numel() for p in model.parameters())
+    rows = [{"model": "1nn_euclidean", "params": 0, "test_acc_mean": knn, "test_acc": [knn], "seconds": 0.0}]
+    for name in models:
+        accs, seconds = [], []
+        for seed in seeds:
+            torch.manual_seed(seed)
+            model = build_classifier(name, X_train.shape[1], len(classes), d_model, d_state, d_ff, e_layers, patch_len,
+                                     layer_shuffle)
+            seconds.append(train_classifier(model, X_train, y_train, epochs, lr, batch_size, seed=seed, progress=progress))
+            accs.append(_accuracy(model, X_test, y_test))
+        rows.append({"model": name, "params": sum(p.numel() for p in model.parameters()),
+                     "test_acc_mean": statistics.mean(accs), "test_acc": accs, "seconds": statistics.mean(seconds)})
     result = {
         "dataset": dataset, "classes": classes, "train": list(X_train.shape), "test": list(X_test.shape),
-        "rows": [
-            {"model": "1nn_euclidean", "params": 0, "test_acc_mean": knn, "test_acc": [knn], "seconds": 0.0},
-            {"model": "smamba_classifier", "params": params, "test_acc_mean": statistics.mean(accs),
-             "test_acc": accs, "seconds": statistics.mean(seconds)},
-        ],
+        "rows": rows,
         "settings": {"seeds": list(seeds), "epochs": epochs, "lr": lr, "batch_size": batch_size, "d_model": d_model,
                      "d_state": d_state, "d_ff": d_ff, "e_layers": e_layers, "patch_len": patch_len,
                      "layer_shuffle": layer_shuffle},
@@ -130,8 +152,9 @@ def run_tsc_benchmark(
 def add_cli(subparsers) -> None:
     p = subparsers.add_parser("tsc", help="time-series classification on UCR/UEA sets shipped by aeon")
     sub = p.add_subparsers(dest="tsc_command", required=True)
-    b = sub.add_parser("bench", help="S-Mamba classifier against 1-NN (Euclidean)")
+    b = sub.add_parser("bench", help="S-Mamba (and Chimera) classifiers against 1-NN (Euclidean)")
     b.add_argument("--dataset", default="BasicMotions", choices=list_classification_sets())
+    b.add_argument("--models", nargs="+", default=["smamba_classifier"], choices=TSC_MODELS)
     b.add_argument("--seeds", nargs="+", type=number_arg(int, 0), default=[0, 1, 2])
     b.add_argument("--epochs", type=number_arg(int, 1), default=100)
     b.add_argument("--lr", type=number_arg(float, 0, low_open=True), default=1e-3)
@@ -140,7 +163,7 @@ def add_cli(subparsers) -> None:
     b.add_argument("--d-state", type=number_arg(int, 1), default=16)
     b.add_argument("--d-ff", type=number_arg(int, 1), default=128)
     b.add_argument("--e-layers", type=number_arg(int, 1), default=2)
-    b.add_argument("--patch-len", type=number_arg(int, 1), default=None, help="patch tokens of this length (default: variate tokens)")
+    b.add_argument("--patch-len", type=number_arg(int, 1), default=None, help="patch tokens of this length (default: S-Mamba's variate tokens, Chimera's one-step cells)")
     b.add_argument("--layer-shuffle", type=number_arg(float, 0, 1), default=0.0,
                    help="stochastic layer-wise token shuffle in training (ShuffleMamba): the last layer's probability")
     b.add_argument("--output", default=None, help="write the result as JSON here")
@@ -154,7 +177,7 @@ def _cli_bench(args: argparse.Namespace) -> int:
         args.dataset, args.seeds, args.epochs, args.lr, args.batch_size, args.d_model, args.d_state, args.d_ff,
         args.e_layers, args.patch_len, args.output, progress=not args.quiet,
         command=getattr(args, "command_line", None) or "zoo " + shlex.join(sys.argv[1:]), save_weights=args.save_weights,
-        layer_shuffle=args.layer_shuffle,
+        layer_shuffle=args.layer_shuffle, models=args.models,
     )
     return 0
 
