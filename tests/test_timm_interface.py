@@ -121,6 +121,8 @@ def _small():
         "transmil": (dict(in_dim=64, embed_dim=32), (bags,)),
         "smamba_classifier": (dict(seq_len=96, num_classes=3, d_model=16, d_ff=16, e_layers=1), (series,)),
         "smamba_etth1": (dict(d_model=16, d_ff=16, e_layers=1), (series,)),
+        "chimera": (dict(d_model=16, e_layers=1, patch_len=8), (series,)),
+        "chimera_classifier": (dict(seq_len=96, num_classes=3, d_model=16, e_layers=1, patch_len=8), (series,)),
         "mamba_kws_tiny": (dict(), (torch.randn(2, 4000, generator=g), torch.tensor([4000, 3000]))),
         "conmamba_ctc_large": (dict(d_model=32, depth=1, d_ffn=32), (torch.randn(2, 4000, generator=g), torch.tensor([4000, 3000]))),
     }
@@ -147,7 +149,7 @@ def test_reset_classifier_then_forward(name):
     with torch.no_grad():
         out = model(*inputs)
     out = out[0] if isinstance(out, tuple) else out
-    forecaster = type(model).__name__ == "SMamba"  # its "classifier" is the horizon: (batch, pred_len, variates)
+    forecaster = type(model).__name__ in ("SMamba", "Chimera")  # the "classifier" is the horizon: (batch, pred_len, variates)
     assert out.shape[0] == 2 and out.shape[1 if forecaster else -1] == 5
     clf = model.get_classifier()
     assert (clf.out_features if isinstance(clf, nn.Linear) else clf.out_channels) == 5
@@ -249,6 +251,7 @@ TIMM_TINY = {  # by the entry's module
     "mambamil": dict(embed_dim=32),
     "baselines": dict(embed_dim=32),
     "smamba": dict(d_model=16, d_ff=16, e_layers=1),
+    "chimera": dict(d_model=16, e_layers=1),
     "mamba_asr": dict(d_model=32, depth=1, d_ffn=32),
     "mambattention": dict(hid_feature=16, num_blocks=1, num_heads=4, expand=1),
 }
@@ -257,7 +260,7 @@ VISION_MODULES = ("vim", "vmamba", "efficient_vmamba")
 
 # timm's NON_STD_FILTERS: models whose forward_features is not a (B, C, H, W)-style map of the cfg's pool_size. Vim
 # is a ViT (tokens), and no non-image family has a spatial map. VMamba and EfficientVMamba are the standard ones.
-NON_STD_FILTERS = ["vim_*", "pointmamba_*", "pcm_*", "mambamil*", "abmil*", "transmil", "smamba*", "mamba_*",
+NON_STD_FILTERS = ["vim_*", "pointmamba_*", "pcm_*", "mambamil*", "abmil*", "transmil", "smamba*", "chimera*", "mamba_*",
                    "mamba2*", "conmamba_*", "mambattention*"]
 # timm's FEAT_INTER_FILTERS (models with forward_intermediates and the getter features_only wrapper): the vision ones.
 FEAT_INTER_FILTERS = ["vim_*", "vmamba_*", "efficient_vmamba_*"]
@@ -267,7 +270,7 @@ FEAT_INTER_FILTERS = ["vim_*", "vmamba_*", "efficient_vmamba_*"]
 # modelling: it returns its loss and has no classifier).
 # pointmamba_partseg: its classes are num_parts, per point (num_classes is not its argument).
 LM_FILTERS = ["mamba_*m", "mamba_*b", "mamba2*"]
-FORECASTER_FILTERS = ["smamba", "smamba_[!c]*"]
+FORECASTER_FILTERS = ["smamba", "smamba_[!c]*", "chimera"]
 EXCLUDE_BWD_FILTERS = LM_FILTERS + FORECASTER_FILTERS + ["pointmamba_mpm", "pointmamba_partseg"] + list(ENHANCEMENT)
 # test_model_default_cfgs_non_std resets the classifier to nothing (reset_classifier(0), num_classes=0) and expects
 # pooled pre-logits out of forward. Excluded: pointmamba_mpm (no classifier), pointmamba_partseg (per-point part
@@ -339,7 +342,7 @@ def TIMM_INPUT(model, batch_size, target=None):
         return (torch.randn(batch_size, 256, 3, generator=g),)
     if cls in ("MambaMIL", "ABMIL", "TransMIL"):
         return ([torch.randn(20 + 7 * i, model.in_dim, generator=g) for i in range(batch_size)],)
-    if cls in ("SMamba", "SMambaClassifier"):
+    if cls in ("SMamba", "SMambaClassifier", "Chimera", "ChimeraClassifier"):
         return (torch.randn(batch_size, model.seq_len, model.enc_in or 7, generator=g),)
     if cls == "MambaSpeechEncoder":
         return torch.randn(batch_size, 4000, generator=g), torch.full((batch_size,), 4000)

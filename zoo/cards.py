@@ -68,7 +68,7 @@ def count_params(name: str) -> int:
 
 def _extra_kwargs(name: str) -> dict:
     # Entries that cannot be built without arguments: the smallest meaningful ones.
-    return {"seq_len": 96, "num_classes": 2} if name == "smamba_classifier" else {}
+    return {"seq_len": 96, "num_classes": 2} if name in ("smamba_classifier", "chimera_classifier") else {}
 
 
 def entry_names() -> List[str]:
@@ -104,6 +104,12 @@ def default_input(model, name: str):
     if cls == "SMamba":
         c = model.enc_in or 7
         return (torch.randn(1, model.seq_len, c, generator=g),), f"1 window of {model.seq_len} steps x {c} variates"
+    if cls == "Chimera":
+        c = model.enc_in or (size[1] if len(size) > 1 else 7)
+        return (torch.randn(1, model.seq_len, c, generator=g),), f"1 window of {model.seq_len} steps x {c} variates"
+    if cls == "ChimeraClassifier":
+        c = model.enc_in or (size[1] if len(size) > 1 else 6)
+        return (torch.randn(1, model.seq_len, c, generator=g),), f"1 series of {model.seq_len} steps x {c} variates"
     if cls == "SMambaClassifier":
         c = model.enc_in or (size[1] if len(size) > 1 else 6)
         return (torch.randn(1, model.seq_len, c, generator=g),), f"1 series of {model.seq_len} steps x {c} variates"

@@ -355,6 +355,7 @@ def _check_input(name: str, x: torch.Tensor, seq_len: int, enc_in: Optional[int]
 
 
 class _ChimeraBase(nn.Module):
+    feature_dim = -1  # forward_features: (batch, variates, cells, d_model), channels last
     @torch.jit.ignore
     def no_weight_decay(self):
         return {n for n, p in self.named_parameters() if getattr(p, "_no_weight_decay", False)}
@@ -385,10 +386,11 @@ class Chimera(_ChimeraBase):
         check_sizes("Chimera", seq_len=seq_len, pred_len=pred_len, head_dim=head_dim)
         check_int("Chimera: enc_in", enc_in, 1, optional=True)
         self.seq_len, self.pred_len, self.enc_in, self.use_norm, self.head_dim = seq_len, pred_len, enc_in, use_norm, head_dim
-        self.num_features = self.head_hidden_size = d_model
+        self.num_features = d_model
         self.encoder = ChimeraEncoder(d_model, e_layers, d_state, expand, dropout, bidirectional, patch_len)
         self.head_proj = nn.Linear(d_model, head_dim)
-        self.head = nn.Linear(self.encoder.num_cells(seq_len) * head_dim, pred_len)
+        self.head_hidden_size = self.encoder.num_cells(seq_len) * head_dim  # the head reads a variate's cells flattened
+        self.head = nn.Linear(self.head_hidden_size, pred_len)
         self.pretrained_cfg: dict = {}
 
     @property
@@ -399,7 +401,7 @@ class Chimera(_ChimeraBase):
     def reset_classifier(self, pred_len: int, global_pool: Optional[str] = None) -> None:
         """A fresh projection to a new horizon (the forecaster's 'classifier')."""
         self.pred_len = pred_len
-        self.head = nn.Linear(self.encoder.num_cells(self.seq_len) * self.head_dim, pred_len)
+        self.head = nn.Linear(self.head_hidden_size, pred_len)
         self._model_args = {**getattr(self, "_model_args", {}), "pred_len": pred_len}
 
     def forward_features(self, x: torch.Tensor, scan=chimera_scan) -> torch.Tensor:
