@@ -267,3 +267,26 @@ def test_corpus_and_task_end_to_end(task, tmp_path, espeak):
 
     reloaded = zoo.create_model(res["model"], depth=1, checkpoint_path=str(tmp_path / "w.safetensors"))
     assert sum(p.numel() for p in reloaded.parameters()) == res["params"]
+
+
+def test_transcribe_cli_full_and_streamed(tmp_path, capsys):
+    """`zoo speech transcribe FILE [--stream --chunk-ms N]`: the streamed transcript is the full pass's."""
+    import soundfile as sf
+
+    from zoo.cli import main
+    from zoo.hub import save_state_dict
+
+    torch.manual_seed(3)
+    model = zoo.create_model("mamba_ctc_causal_tiny")
+    model.frontend.global_mean.fill_(12.0)
+    model.frontend.global_std.fill_(3.0)
+    save_state_dict(model, str(tmp_path / "w.safetensors"))
+    sf.write(tmp_path / "a.wav", (0.1 * torch.randn(8000 * 3 // 2)).numpy(), 8000)  # 8 kHz: resampled to 16 kHz
+    args = ["speech", "transcribe", str(tmp_path / "a.wav"), "--checkpoint", str(tmp_path / "w.safetensors")]
+    assert main(args) == 0
+    full = capsys.readouterr().out.strip().splitlines()[-1]
+    assert main(args + ["--stream", "--chunk-ms", "70"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == full and "".join(line.split("] ")[1] for line in lines[:-1]) == full
+    assert main(["speech", "transcribe", str(tmp_path / "w.safetensors")]) == 2  # not audio: an error, no traceback
+    assert main(["speech", "transcribe", str(tmp_path / "a.wav"), "--model", "mamba_kws_tiny"]) == 2

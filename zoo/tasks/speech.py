@@ -123,6 +123,50 @@ def run_speech_task(task: str = "kws", model_name: Optional[str] = None, epochs:
     return result
 
 
+def transcribe_file(path: str, model_name: str = "mamba_ctc_causal_tiny", checkpoint: Optional[str] = None,
+                    stream: bool = False, chunk_ms: int = 100) -> dict:
+    """Transcribe one audio file (any rate, mono or the mean of its channels) with a CTC digits model: greedy CTC
+    over the whole waveform, or with ``stream`` chunk by chunk (``chunk_ms`` of audio each) through
+    ``StreamingTranscriber`` (causal models), recording when each digit came out. Both give the same transcript."""
+    import soundfile as sf
+    import torchaudio.functional as AF
+
+    import zoo
+    from zoo.models.speech.mamba_asr import ctc_greedy_decode
+
+    model = zoo.create_model(model_name, checkpoint_path=checkpoint).eval()
+    if getattr(model, "head_type", None) != "ctc":
+        raise ValueError(f"transcribe: {model_name} has no CTC head (expected a CTC entry such as mamba_ctc_causal_tiny)")
+    try:
+        wave, sr = sf.read(path, dtype="float32", always_2d=True)
+    except Exception as e:
+        raise ValueError(f"transcribe: could not read {path} as audio ({type(e).__name__}: {e})") from e
+    wave = torch.from_numpy(wave).mean(1)
+    rate = model.frontend.sample_rate
+    wave = AF.resample(wave, sr, rate) if sr != rate else wave
+    if wave.shape[0] < model.frontend.win:
+        raise ValueError(f"transcribe: {path} is shorter than one 25 ms window ({wave.shape[0]} samples at {rate} Hz)")
+    events = []
+    if stream:
+        if chunk_ms < 1:
+            raise ValueError(f"transcribe: chunk_ms must be >= 1, got {chunk_ms}")
+        transcriber = model.stream()
+        size = max(1, rate * chunk_ms // 1000)
+        for start in range(0, wave.shape[0], size):
+            new = transcriber.accept(wave[start : start + size])
+            if new:
+                events.append(dict(audio_seconds=min(start + size, wave.shape[0]) / rate,
+                                   text="".join(str(t - 1) for t in new)))
+        tokens = transcriber.tokens[0]
+    else:
+        with torch.no_grad():
+            log_probs, frames = model(wave[None])
+        tokens = ctc_greedy_decode(log_probs, frames)[0]
+    return dict(file=path, model=model_name, checkpoint=checkpoint, seconds=wave.shape[0] / rate,
+                text="".join(str(t - 1) for t in tokens), stream=stream, chunk_ms=chunk_ms if stream else None,
+                events=events)
+
+
 def add_cli(subparsers) -> None:
     def limit(name: str):
         return number_arg(**LIMITS[name])
@@ -144,7 +188,24 @@ def add_cli(subparsers) -> None:
     # Speech enhancement: `zoo speech enhance-train | enhance-eval | enhance FILE` (zoo.tasks.speech_enhance).
     from zoo.tasks.speech_enhance import add_speech_subcommands
 
-    add_speech_subcommands(p.add_subparsers(dest="speech_command", metavar="{enhance-train,enhance-eval,enhance}"))
+    sub = p.add_subparsers(dest="speech_command", metavar="{transcribe,enhance-train,enhance-eval,enhance}")
+    t = sub.add_parser("transcribe", help="transcribe an audio file with a CTC digits model (--stream: chunk by chunk)")
+    t.add_argument("file", help="audio file (wav, flac, ...; any rate, channels averaged)")
+    t.add_argument("--model", default="mamba_ctc_causal_tiny", help="CTC entry")
+    t.add_argument("--checkpoint", default=None, help="trained weights, e.g. from zoo speech --task digits --save-weights")
+    t.add_argument("--stream", action="store_true", help="decode chunk by chunk with carried state (causal models), "
+                   "printing digits as they come out")
+    t.add_argument("--chunk-ms", type=number_arg(kind=int, low=1), default=100, help="chunk length with --stream")
+    t.set_defaults(func=_cli_transcribe)
+    add_speech_subcommands(sub)
+
+
+def _cli_transcribe(args: argparse.Namespace) -> int:
+    result = transcribe_file(args.file, args.model, args.checkpoint, args.stream, args.chunk_ms)
+    for event in result["events"]:
+        print(f"[{event['audio_seconds']:7.2f} s] {event['text']}")
+    print(result["text"])
+    return 0
 
 
 def _cli_main(args: argparse.Namespace) -> int:

