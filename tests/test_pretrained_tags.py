@@ -101,7 +101,8 @@ def test_weights_are_package_data():
     files = [cfg["file"] for tags in registry._pretrained_cfgs.values() for cfg in tags.values() if cfg.get("file")]
     assert files and all(any(fnmatch(f, p) for p in patterns) for f in files)
     total = sum(resolve_pretrained_file(f).stat().st_size for f in files)
-    assert total < 10e6, f"shipped weights should stay a few MB, got {total / 1e6:.1f} MB"
+    # the two byte-level KJV LMs are 7 MB each (3.5M parameters in float16); the rest together about 6 MB
+    assert total < 25e6, f"shipped weights should stay a few MB, got {total / 1e6:.1f} MB"
 
 
 @pytest.mark.parametrize("tag", TAGS)

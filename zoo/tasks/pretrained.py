@@ -100,8 +100,7 @@ def _eval_speech(task: str) -> Callable:
 
 
 # The byte-level LMs (mamba_tiny_lm, mamba2_tiny_lm) trained by benchmarks/train_lm.py on the King James Bible: held-out
-# perplexity on its test books at the training length. Their tags are added to SHIPPED once trained weights exist:
-# "mamba_tiny_lm.kjv": _eval_kjv,
+# perplexity on its test books at the training length.
 KJV_EVAL_LENGTH = 512
 
 
@@ -127,6 +126,8 @@ SHIPPED: Dict[str, Callable] = {
     "smamba_classifier.basicmotions": _eval_basicmotions,
     "mamba_kws_tiny.kws": _eval_speech("kws"),
     "mamba_ctc_causal_tiny.digits": _eval_speech("digits"),
+    "mamba_tiny_lm.kjv": _eval_kjv,
+    "mamba2_tiny_lm.kjv": _eval_kjv,
 }
 
 

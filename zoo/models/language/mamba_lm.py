@@ -653,9 +653,14 @@ def _byte_cfg(name: str, **extra) -> dict:
                 **_HEAD_CFG, **extra)
 
 
-# Tag-less cfgs (no weights) until trained ones are packaged; shipping them replaces each by its tag, e.g.
-# "mamba_tiny_lm.kjv": _byte_cfg("mamba_tiny_lm", file="weights/mamba_tiny_lm.kjv.safetensors", sha256="...").
-register_pretrained_cfgs({name: _byte_cfg(name) for name in _BYTE_ARCHS})
+# Trained on the King James Bible by benchmarks/train_lm.py (recipes: configs/pretrained/<tag>.yaml; packaged by
+# `python benchmarks/train_lm.py ship RUN_DIR`).
+register_pretrained_cfgs({
+    "mamba_tiny_lm.kjv": _byte_cfg("mamba_tiny_lm", file="weights/mamba_tiny_lm.kjv.safetensors",
+                                   sha256="d10b09e97a9e475bd103d5c4ed18227ee5964beb0a0819fc8c6cbb69f58bf1e5"),
+    "mamba2_tiny_lm.kjv": _byte_cfg("mamba2_tiny_lm", file="weights/mamba2_tiny_lm.kjv.safetensors",
+                                    sha256="97ad263a1b65d2221fc8688f0e04f102feffb47653cb6e3bd6eadc96605b629a"),
+})
 
 
 def _byte_entry(name: str, doc: str):
