@@ -141,13 +141,13 @@ class _SSDFunction(torch.autograd.Function):
         for s in reversed(range(cdiv(NC, seg))):
             c0, ncs = s * seg, min(seg, NC - s * seg)
             _bwd_walks_kernel[(H * cdiv(P, bp_walk), b, 2)](
-                x, dt, A, B, C, dummy_D, starts[:, s], scratch, states, starts.stride(0), dout, dummy_z,
-                dz if dz is not None else dx, dcarry, dstates,
-                L, H, P, N, G, hpg, c0, ncs, BP=bp_walk, num_warps=FWD_WARPS, **common,
+                x, dt, A, B, C, dummy_D, starts[:, s], scratch, states, starts.stride(0), dout, dummy_z, dcarry,
+                dstates, L, H, P, N, G, hpg, c0, ncs, Q=Q, BP=bp_walk, BN=bn, HAS_Z=z is not None, REVERSE=reverse,
+                SIGNED=signed, IEEE=ieee, num_warps=FWD_WARPS,
             )
             _bwd_chunk_kernel[(ncs, b, G * nsplit)](
                 x, dt, A, B, C, dummy_D, dummy_z, dout, states, dstates,
-                dx, ddt, parts[0], parts[1], dA, dD if dD is not None else dA,
+                dx, ddt, parts[0], parts[1], dA, dD if dD is not None else dA, dz if dz is not None else dx,
                 L, H, P, N, G, hpg, NC, c0, ncs, nsplit, hpg // nsplit,
                 BP=bp_chunk, ONE_BLOCK=bp_chunk >= P, STAGES=BWD_STAGES if bp_chunk >= P else 1,
                 num_warps=BWD_WARPS, **common,

@@ -103,25 +103,23 @@ def _fwd_kernel(
     HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr, HAS_INIT: tl.constexpr,
     STORE_STATES: tl.constexpr, REVERSE: tl.constexpr, SIGNED: tl.constexpr, IEEE: tl.constexpr,
 ):
-    _state_walk(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, x_ptr, init_ptr, out_ptr, final_ptr, states_ptr,
+    _state_walk(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, init_ptr, out_ptr, final_ptr, states_ptr,
                 L, H, P, N, G, HPG, C0, NCS, STEP, NSTORED, init_sb, tl.program_id(0), tl.program_id(1).to(tl.int64),
-                Q, BP, BN, HAS_D, D_PER_CHANNEL, HAS_Z, HAS_INIT, True, False, STORE_STATES, REVERSE, SIGNED, IEEE)
+                Q, BP, BN, HAS_D, D_PER_CHANNEL, HAS_Z, HAS_INIT, True, STORE_STATES, REVERSE, SIGNED, IEEE)
 
 
 @triton.jit
 def _state_walk(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dout_ptr, init_ptr, out_ptr, final_ptr, states_ptr,
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, init_ptr, out_ptr, final_ptr, states_ptr,
     L, H, P, N, G, HPG, C0, NCS, STEP, NSTORED, init_sb, pid, b,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr, HAS_INIT: tl.constexpr,
-    STORE_OUT: tl.constexpr, GRAD_Z: tl.constexpr, STORE_STATES: tl.constexpr, REVERSE: tl.constexpr,
+    STORE_OUT: tl.constexpr, STORE_STATES: tl.constexpr, REVERSE: tl.constexpr,
     SIGNED: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Program (pid = head x headdim block, b) walks chunks C0 .. C0 + NCS - 1 from the state init (batch
     stride init_sb). With STORE_STATES the state entering every STEP-th chunk of the walk goes to states[b, k]
-    (NSTORED slots), and the state leaving the walk to the slot after the last one. STORE_OUT writes the output;
-    with GRAD_Z (the backward's recomputation) it writes instead the gradient of the gate z, dout times the
-    derivative of y silu(z)."""
+    (NSTORED slots), and the state leaving the walk to the slot after the last one. STORE_OUT writes the output."""
     h, p, n, pm, nm, g, A_h, sp = _walk_program(pid, b, A_ptr, H, P, N, HPG, BP, BN)
     dtype = x_ptr.dtype.element_ty
     hp = h * P * N + p[:, None] * N + n[None, :]
@@ -163,12 +161,7 @@ def _state_walk(
                     y += Dv * x.to(tl.float32)
             if HAS_Z:
                 zv = tl.load(z_ptr + xo, mask=xm, other=0.0).to(tl.float32)
-                sz = tl.sigmoid(zv)
-                if GRAD_Z:
-                    do = tl.load(dout_ptr + xo, mask=xm, other=0.0).to(tl.float32)
-                    y = do * y * sz * (1.0 + zv * (1.0 - sz))
-                else:
-                    y = y * zv * sz
+                y = y * zv * tl.sigmoid(zv)
             tl.store(out_ptr + xo, y.to(out_ptr.dtype.element_ty), mask=xm)
         u = (x.to(tl.float32) * (dt * d_out)[:, None]).to(dtype)
         state = d_all * state + _mm(tl.trans(u), Bc, IEEE)
@@ -191,21 +184,19 @@ def _gated_dout(dout_ptr, z_ptr, xo, xm, HAS_Z: tl.constexpr):
 @triton.jit
 def _bwd_walks_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, starts_ptr, scratch_ptr, states_ptr, starts_sb,
-    dout_ptr, z_ptr, dz_ptr, dcarry_ptr, dstates_ptr,
+    dout_ptr, z_ptr, dcarry_ptr, dstates_ptr,
     L, H, P, N, G, HPG, C0, NCS,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-    HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr,
-    REVERSE: tl.constexpr, SIGNED: tl.constexpr, IEEE: tl.constexpr,
+    HAS_Z: tl.constexpr, REVERSE: tl.constexpr, SIGNED: tl.constexpr, IEEE: tl.constexpr,
 ):
     """The two walks of a backward segment, independent of each other, in one launch (program_id(2) picks):
-    its chunk states from the stored segment start (with the z gate, recomputing the output on the way for dz),
-    and the gradients of the states leaving its chunks."""
+    its chunk states from the stored segment start, and the gradients of the states leaving its chunks."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     if tl.program_id(2) == 0:
-        _state_walk(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dout_ptr, starts_ptr, dz_ptr, scratch_ptr,
+        _state_walk(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, starts_ptr, x_ptr, scratch_ptr,
                     states_ptr, L, H, P, N, G, HPG, C0, NCS, 1, NCS + 1, starts_sb, pid, b,
-                    Q, BP, BN, HAS_D, D_PER_CHANNEL, HAS_Z, True, HAS_Z, True, True, REVERSE, SIGNED, IEEE)
+                    Q, BP, BN, False, False, False, True, False, True, REVERSE, SIGNED, IEEE)
     else:
         _dstate_walk(dout_ptr, dt_ptr, A_ptr, C_ptr, z_ptr, dcarry_ptr, dstates_ptr, L, H, P, N, G, HPG, C0, NCS,
                      pid, b, Q, BP, BN, HAS_Z, REVERSE, SIGNED, IEEE)
@@ -244,12 +235,13 @@ def _dstate_walk(
 
 @triton.jit
 def _chunk_head_block(
-    x_ptr, D_ptr, z_ptr, dout_ptr, states_ptr, dstates_ptr, dx_ptr, dD_ptr,
+    x_ptr, D_ptr, z_ptr, dout_ptr, states_ptr, dstates_ptr, dx_ptr, dD_ptr, dz_ptr,
     h, b, k, c, p0, row, valid, n, nm, Bc, Cc, CB, W, Lmat, dt, d_in, d_out, d_all, last,
     dB_acc, dC_acc, Mt_acc, dcs, ddt_u, H, P, N, NC, NCS,
     BP: tl.constexpr, HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """One head's, one headdim block's part of a chunk's gradients: stores dx (and dD's part), returns the
+    """One head's, one headdim block's part of a chunk's gradients: stores dx (and dD's part, and dz from the
+    output recomputed from the chunk's inputs and the state entering it), returns the
     accumulators of dB's and dC's state parts and of Mt (summed over heads), d cs and dt . du (summed over the headdim)."""
     dtype = x_ptr.dtype.element_ty
     p = p0 + tl.arange(0, BP)
@@ -258,23 +250,33 @@ def _chunk_head_block(
     xo = (row[:, None] * H + h) * P + p[None, :]
     x = tl.load(x_ptr + xo, mask=xm, other=0.0)
     xf = x.to(tl.float32)
-    dy = _gated_dout(dout_ptr, z_ptr, xo, xm, HAS_Z)
-    dyc = dy.to(dtype)
+    do = tl.load(dout_ptr + xo, mask=xm, other=0.0).to(tl.float32)
     sm = pm[:, None] & nm[None, :]
     so = p[:, None] * N + n[None, :]
     H_in = tl.load(states_ptr + ((b * (NCS + 1) + k) * H + h) * P * N + so, mask=sm, other=0.0)
+    if HAS_D:
+        if D_PER_CHANNEL:
+            Dv = tl.load(D_ptr + h * P + p, mask=pm, other=0.0).to(tl.float32)[None, :]
+        else:
+            Dv = tl.load(D_ptr + h).to(tl.float32)
+    if HAS_Z:  # y silu(z) was the output: dz = dout y silu'(z), dy = dout silu(z)
+        zv = tl.load(z_ptr + xo, mask=xm, other=0.0).to(tl.float32)
+        sz = tl.sigmoid(zv)
+        y = _mm((W * dt[None, :]).to(dtype), x, IEEE) + d_in[:, None] * _mm(Cc, tl.trans(H_in.to(dtype)), IEEE)
+        if HAS_D:
+            y += Dv * xf
+        tl.store(dz_ptr + xo, (do * y * sz * (1.0 + zv * (1.0 - sz))).to(dz_ptr.dtype.element_ty), mask=xm)
+        dy = do * zv * sz
+    else:
+        dy = do
+    dyc = dy.to(dtype)
     dH = tl.load(dstates_ptr + ((b * NCS + k) * H + h) * P * N + so, mask=sm, other=0.0)
     # du_j = sum_{i >= j} W_ij dy_i + decay_out_j dH B_j
     BdH = _mm(Bc, tl.trans(dH.to(dtype)), IEEE)
     du = _mm(tl.trans(W.to(dtype)), dyc, IEEE) + d_out[:, None] * BdH
     dx = dt[:, None] * du
     if HAS_D:
-        if D_PER_CHANNEL:
-            Dv = tl.load(D_ptr + h * P + p, mask=pm, other=0.0).to(tl.float32)
-            dx += Dv[None, :] * dy
-        else:
-            Dv = tl.load(D_ptr + h).to(tl.float32)
-            dx += Dv * dy
+        dx += Dv * dy
         tl.store(dD_ptr + ((b * NC + c) * H + h) * P + p, tl.sum(dy * xf, 0), mask=pm)
     tl.store(dx_ptr + xo, dx.to(dx_ptr.dtype.element_ty), mask=xm)
     ddt_u += tl.sum(xf * du, 1)
@@ -300,7 +302,7 @@ def _chunk_head_block(
 @triton.jit
 def _bwd_chunk_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dout_ptr, states_ptr, dstates_ptr,
-    dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr,  # dA (b, NC, H) and dD (b, NC, H, P): per-chunk parts
+    dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dz_ptr,  # dA (b, NC, H) and dD (b, NC, H, P): per-chunk parts
     L, H, P, N, G, HPG, NC, C0, NCS, NSPLIT, HPP,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr,
@@ -339,13 +341,13 @@ def _bwd_chunk_kernel(
         W = CB * Lmat  # (i, j): C_i . B_j times the decay from j to i
         if ONE_BLOCK:
             dB_acc, dC_acc, Mt_acc, dcs, ddt_u = _chunk_head_block(
-                x_ptr, D_ptr, z_ptr, dout_ptr, states_ptr, dstates_ptr, dx_ptr, dD_ptr,
+                x_ptr, D_ptr, z_ptr, dout_ptr, states_ptr, dstates_ptr, dx_ptr, dD_ptr, dz_ptr,
                 h, b, k, c, 0, row, valid, n, nm, Bc, Cc, CB, W, Lmat, dt, d_in, d_out, d_all, last,
                 dB_acc, dC_acc, Mt_acc, dcs, ddt_u, H, P, N, NC, NCS, BP, HAS_D, D_PER_CHANNEL, HAS_Z, IEEE)
         else:
             for p0 in range(0, P, BP):
                 dB_acc, dC_acc, Mt_acc, dcs, ddt_u = _chunk_head_block(
-                    x_ptr, D_ptr, z_ptr, dout_ptr, states_ptr, dstates_ptr, dx_ptr, dD_ptr,
+                    x_ptr, D_ptr, z_ptr, dout_ptr, states_ptr, dstates_ptr, dx_ptr, dD_ptr, dz_ptr,
                     h, b, k, c, p0, row, valid, n, nm, Bc, Cc, CB, W, Lmat, dt, d_in, d_out, d_all, last,
                     dB_acc, dC_acc, Mt_acc, dcs, ddt_u, H, P, N, NC, NCS, BP, HAS_D, D_PER_CHANNEL, HAS_Z, IEEE)
         # d(lm_t) = sum_{k >= t} dcs_k: everything after step t in the chunk scales with its transition
