@@ -49,7 +49,7 @@ def test_spec_augment_masks_only_in_training():
 
 @pytest.mark.parametrize(
     "name, kw",
-    [("mamba_kws_tiny", {}), ("mamba_ctc_causal_tiny", {}),
+    [("mamba_kws_tiny", {}), ("mamba_ctc_causal_tiny", {}), ("mamba_ctc_tiny", {}),
      ("conmamba_ctc_large", dict(d_model=32, d_ffn=64, num_classes=7, kernel_size=7))],
 )
 def test_padding_does_not_change_the_unpadded_part(name, kw):
@@ -290,3 +290,17 @@ def test_transcribe_cli_full_and_streamed(tmp_path, capsys):
     assert lines[-1] == full and "".join(line.split("] ")[1] for line in lines[:-1]) == full
     assert main(["speech", "transcribe", str(tmp_path / "w.safetensors")]) == 2  # not audio: an error, no traceback
     assert main(["speech", "transcribe", str(tmp_path / "a.wav"), "--model", "mamba_kws_tiny"]) == 2
+
+
+def test_shipped_digits_tag_transcribes_a_held_out_voice(tmp_path, capsys, espeak):
+    """The shipped mamba_ctc_causal_tiny.digits (the default weights of `zoo speech transcribe`) on a fresh utterance
+    in a test-split voice (never in training), streamed in 100 ms chunks and in one pass."""
+    import soundfile as sf
+
+    from zoo.cli import main
+    from zoo.data.speech import SAMPLE_RATE, synthesize
+
+    sf.write(tmp_path / "digits.wav", synthesize("three one four one five", "en-gb+edward", 160, 50).numpy(), SAMPLE_RATE)
+    for extra in ([], ["--stream", "--chunk-ms", "100"]):
+        assert main(["speech", "transcribe", str(tmp_path / "digits.wav"), *extra]) == 0
+        assert capsys.readouterr().out.strip().splitlines()[-1] == "31415"

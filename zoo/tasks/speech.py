@@ -127,14 +127,17 @@ def transcribe_file(path: str, model_name: str = "mamba_ctc_causal_tiny", checkp
                     stream: bool = False, chunk_ms: int = 100) -> dict:
     """Transcribe one audio file (any rate, mono or the mean of its channels) with a CTC digits model: greedy CTC
     over the whole waveform, or with ``stream`` chunk by chunk (``chunk_ms`` of audio each) through
-    ``StreamingTranscriber`` (causal models), recording when each digit came out. Both give the same transcript."""
+    ``StreamingTranscriber`` (causal models), recording when each digit came out. Both give the same transcript.
+    ``checkpoint`` None: the entry's shipped weights (``mamba_ctc_causal_tiny.digits``)."""
     import soundfile as sf
     import torchaudio.functional as AF
 
     import zoo
     from zoo.models.speech.mamba_asr import ctc_greedy_decode
 
-    model = zoo.create_model(model_name, checkpoint_path=checkpoint).eval()
+    # Without a checkpoint: the entry's shipped weights (mamba_ctc_causal_tiny.digits); an entry without any is an error.
+    kwargs = dict(checkpoint_path=checkpoint) if checkpoint else dict(pretrained=True)
+    model = zoo.create_model(model_name, **kwargs).eval()
     if getattr(model, "head_type", None) != "ctc":
         raise ValueError(f"transcribe: {model_name} has no CTC head (expected a CTC entry such as mamba_ctc_causal_tiny)")
     try:
@@ -192,7 +195,8 @@ def add_cli(subparsers) -> None:
     t = sub.add_parser("transcribe", help="transcribe an audio file with a CTC digits model (--stream: chunk by chunk)")
     t.add_argument("file", help="audio file (wav, flac, ...; any rate, channels averaged)")
     t.add_argument("--model", default="mamba_ctc_causal_tiny", help="CTC entry")
-    t.add_argument("--checkpoint", default=None, help="trained weights, e.g. from zoo speech --task digits --save-weights")
+    t.add_argument("--checkpoint", default=None, help="trained weights, e.g. from zoo speech --task digits --save-weights "
+                   "(default: the entry's shipped weights, mamba_ctc_causal_tiny.digits)")
     t.add_argument("--stream", action="store_true", help="decode chunk by chunk with carried state (causal models), "
                    "printing digits as they come out")
     t.add_argument("--chunk-ms", type=number_arg(kind=int, low=1), default=100, help="chunk length with --stream")

@@ -46,9 +46,19 @@ register_pretrained_cfgs({
         notes="Keyword spotting on the espeak-ng corpus built by zoo.data.speech (12 command words + 10 digits); "
               "input: 16 kHz waveforms (batch, samples) with their lengths.",
     ),
-    "mamba_ctc_causal_tiny": dict(
+    "mamba_ctc_tiny": dict(
         num_classes=11, license="Apache-2.0", source="mamba-zoo", **_HEAD_CFG,
-        notes="Causal, streamable encoder: CTC over the digits of synthesized digit strings (blank + 10).",
+        notes="Bidirectional (offline) encoder: CTC over the digits of synthesized digit strings (blank + 10).",
+    ),
+    # Trained here on CPU (configs/pretrained/mamba_ctc_causal_tiny.digits.yaml: `zoo speech --task digits --n-strings
+    # 3000 --epochs 16`); float16 package data; the arch's default tag.
+    "mamba_ctc_causal_tiny.digits": dict(
+        file="weights/mamba_ctc_causal_tiny.digits.safetensors",
+        sha256="71a791e66661f9dd39d298b1a96d59ab58b618a5d395913b1aa31f9cf74a305f",
+        num_classes=11, input_size=(16000,), license="Apache-2.0", source="mamba-zoo", **_HEAD_CFG,
+        notes="Causal, streamable encoder: CTC over the digits of synthesized digit strings (blank + 10; token k is "
+              "the digit k - 1); input: 16 kHz waveforms (batch, samples) with their lengths; model.stream() decodes "
+              "chunk by chunk.",
     ),
 })
 
@@ -581,6 +591,15 @@ def mamba_kws_tiny(pretrained: bool = False, **kwargs):
     cfg = dict(num_classes=22, d_model=96, depth=4, layer_type="mamba", head="classify", dropout=0.1,
                subsampling_channels=(16, 16))
     return build_model(MambaSpeechEncoder, "mamba_kws_tiny", pretrained, **{**cfg, **kwargs})
+
+
+@register_model
+def mamba_ctc_tiny(pretrained: bool = False, **kwargs):
+    """Bidirectional Mamba stack (utterance-normalised fbank, bidirectional Mamba blocks) with a CTC head over digits
+    (blank + 10): the offline counterpart of mamba_ctc_causal_tiny, same sizes."""
+    cfg = dict(num_classes=11, d_model=96, depth=4, layer_type="mamba", head="ctc", causal=False, dropout=0.1,
+               subsampling_channels=(16, 16))
+    return build_model(MambaSpeechEncoder, "mamba_ctc_tiny", pretrained, **{**cfg, **kwargs})
 
 
 @register_model
