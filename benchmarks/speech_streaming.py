@@ -1,7 +1,7 @@
 """Streaming ASR latency on CPU: the causal CTC entry (``mamba_ctc_causal_tiny``) fed chunk by chunk through
 ``StreamingTranscriber`` (``model.stream()``), against the full pass on the same utterances.
 
-    OMP_NUM_THREADS=1 python benchmarks/speech_streaming.py --checkpoint digits.safetensors \
+    OMP_NUM_THREADS=1 python benchmarks/speech_streaming.py [--checkpoint W | --untrained] \
         [--chunk-ms 10 40 100 200 400] [--utterances 40] [--threads 1] [--out benchmarks/results/speech_streaming_cpu.json]
 
 Audio: the first ``--utterances`` held-out-voice test utterances of the digits corpus (zoo.data.speech, built and
@@ -10,9 +10,9 @@ size: the compute time of one ``accept`` call (median, 90th percentile, max, ove
 factor (compute / audio duration), the algorithmic latency (the chunk plus the 15 ms a 25 ms window reaches past a
 10 ms hop; encoder frames are emitted as soon as their 4th feature frame is complete, nothing waits for
 look-ahead), whether the streamed transcripts equal the full pass's (they must), the largest difference of the
-log-probabilities from the full pass (float32 rounding), and the CER of the streamed transcripts. Without
-``--checkpoint`` the model is untrained (timings only; the CER is then meaningless and left out). The first
-utterance of each chunk size is a warm-up and is not timed.
+log-probabilities from the full pass (float32 rounding), and the CER of the streamed transcripts. Weights: the
+shipped tag (``mamba_ctc_causal_tiny.digits``), or ``--checkpoint``; ``--untrained`` times a random model (the CER
+is then meaningless and left out). The first utterance of each chunk size is a warm-up and is not timed.
 """
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ from zoo.models.speech.mamba_asr import ctc_greedy_decode
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="mamba_ctc_causal_tiny")
-    p.add_argument("--checkpoint", default=None, help="trained weights (e.g. from zoo speech --task digits --save-weights)")
+    p.add_argument("--checkpoint", default=None, help="trained weights (default: the entry's shipped weights)")
+    p.add_argument("--untrained", action="store_true", help="a randomly initialised model (timings only)")
     p.add_argument("--chunk-ms", type=int, nargs="+", default=[10, 40, 100, 200, 400])
     p.add_argument("--utterances", type=int, default=40)
     p.add_argument("--n-strings", type=int, default=1200, help="the digits corpus to take test utterances from")
@@ -44,7 +45,13 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = zoo.create_model(args.model, checkpoint_path=args.checkpoint).eval()
+    if args.untrained:
+        model = zoo.create_model(args.model)
+    elif args.checkpoint:
+        model = zoo.create_model(args.model, checkpoint_path=args.checkpoint)
+    else:
+        model = zoo.create_model(args.model, pretrained=True)
+    model.eval()
     test = SynthSpeech(build_corpus("digits", n_strings=args.n_strings, progress=False), "test")
     items = [test[i] for i in range(min(args.utterances + 1, len(test)))]  # +1: the warm-up utterance
     sr = model.frontend.sample_rate
@@ -81,7 +88,7 @@ def main(argv=None) -> dict:
                    compute_ms_p90=1e3 * calls[int(0.9 * (len(calls) - 1))], compute_ms_max=1e3 * calls[-1],
                    real_time_factor=sum(calls) / audio_s, algorithmic_latency_ms=ms + 15,
                    transcripts_equal_full_pass=same, max_abs_log_prob_diff=max_diff)
-        if args.checkpoint:
+        if not args.untrained:
             row["cer_streamed"] = errors / chars
         rows.append(row)
         print(f"{ms:4d} ms chunks: compute median {row['compute_ms_median']:.2f} ms, p90 {row['compute_ms_p90']:.2f} ms, "
@@ -90,7 +97,8 @@ def main(argv=None) -> dict:
     result = dict(
         command="OMP_NUM_THREADS=%s python benchmarks/speech_streaming.py %s" % (
             os.environ.get("OMP_NUM_THREADS", "unset"), " ".join(sys.argv[1:] if argv is None else argv)),
-        model=args.model, checkpoint=args.checkpoint, threads=args.threads, utterances=len(items) - 1,
+        model=args.model, weights="untrained" if args.untrained else args.checkpoint or model.pretrained_cfg.get("file"),
+        threads=args.threads, utterances=len(items) - 1,
         audio_seconds=audio_s, full_pass_ms_per_utterance_median=1e3 * statistics.median(full_times),
         full_pass_real_time_factor=sum(full_times) / audio_s, chunks=rows,
         machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",

@@ -6,6 +6,12 @@ bidirectional Mamba in place of self-attention, as in xi-j/Mamba-ASR) or pre-nor
 Mamba blocks (bidirectional, or unidirectional and causal for streaming). Heads: CTC over a
 token vocabulary, or masked-mean-pooled sequence classification.
 
+Features are normalised per utterance (offline models) or with fixed global CMVN statistics (causal
+models, which cannot wait for an utterance mean). Streaming: ``model.stream()`` returns a
+``StreamingTranscriber`` that takes waveform chunks of any length and carries the state (leftover
+samples, the subsampling's pending frames, each Mamba's conv and SSM state) from chunk to chunk;
+its output equals the full pass (tested).
+
 Batches of different lengths: every operation either works per frame, masks padded frames to
 zero before it mixes frames (convolutions), or runs the Mamba over the valid frames only, packed
 with ``cu_seqlens``. So padding never changes the output on the unpadded part (tested).
