@@ -23,7 +23,8 @@ descriptions of the method, see the model card): a 2-D SSM over time and variate
 step sizes dt; diagonal transition matrices; two SSM heads with different discretizations, a small time step
 for long-term progression and a large one for seasonal patterns; because the variate axis has no natural order,
 separate forward and backward modules along the variates; 2-D SSMs stacked with nonlinearities between them; a
-data-dependent gate.
+data-dependent gate; a 2-D parallel selective scan with linear training cost (here: the exact variate-by-variate
+decomposition above).
 
 Choices that are this module's, not verified against the paper's equations (its full text and code were not
 reachable here; no official code is public):
@@ -31,14 +32,17 @@ reachable here; no official code is public):
 - Discretization: zero-order hold for each state's own transition (exp(dt1 A1), exp(dt2 A4)) and, as Mamba
   does for B, the Euler form dt * (.) for the input and for the cross-state terms A2, A3 (the other state is
   treated as an input held over the step). A1, A4 = -exp(log) (S4D-real init); A2, A3 free reals, init 0.5.
-- The two heads differ only in the initial range of the time step dt1: [1e-3, 1e-2] (long-term) and
-  [1e-1, 1] (seasonal); dt2 starts in [1e-3, 1e-1] for both. Each head has a forward and a backward variate
-  direction with its own parameters (4 2-D scans per layer, outputs summed).
+- The two heads are the two halves of the channels of one scan, each with its own B1, B2, C1, C2; they differ
+  in the initial range of the time step dt1: [1e-3, 1e-2] (long-term) and [1e-1, 1] (seasonal); dt2 starts in
+  [1e-3, 1e-1] for both. The forward and the backward variate directions are two scans with their own
+  parameters (outputs summed). All four transitions are plain diagonal (the paper restricts A1, A2 to a
+  structure that could not be read here).
 - The block around the scans is Mamba's: Linear to (x, z), the heads on x, + D * x, times silu(z), Linear back;
   pre-norm residual layers, a final LayerNorm. No convolution, no seasonal-trend decomposition of the input, no
   closed-loop decoder.
-- Embedding: each cell's scalar value by one Linear (1 -> d_model). Readout for forecasting: Linear d_model ->
-  head_dim per cell, then one Linear over (time x head_dim) -> pred_len per variate (shared by the variates);
+- Embedding: each cell's scalar value by one Linear (1 -> d_model); with ``patch_len`` p > 1 (a zoo option, used
+  by the CPU benchmark) a cell is p consecutive steps, embedded by Linear(p -> d_model). Readout for forecasting:
+  Linear d_model -> head_dim per cell, then one Linear over (cells x head_dim) -> pred_len per variate (shared);
   for classification the mean over all cells and a Linear. Inputs normalised per instance and variate (RevIN
   without affine) as in the zoo's other forecasters.
 
