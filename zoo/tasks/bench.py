@@ -8,8 +8,8 @@ modality (entries)     task (zoo.tasks module)                          metric
 =====================  ===============================================  ==========================================
 vision classifiers     digits classification (classification.finetune)  top-1 accuracy on the 360 test digits
 PointMamba / PCM       Shapes3D classification (point_classification)   overall accuracy
-S-Mamba forecasters    epf_fr_be, look-back 96 -> 96 (forecasting)      test MSE (standardised; MAE also kept)
-S-Mamba classifier     UEA BasicMotions (ts_classification)             test accuracy
+S-Mamba, Chimera       epf_fr_be, look-back 96 -> 96 (forecasting)      test MSE (standardised; MAE also kept)
+their classifiers      UEA BasicMotions (ts_classification)             test accuracy
 speech encoders        keyword spotting / CTC digits (speech)           accuracy / character error rate
 MIL aggregators        digit bags (mil)                                 test accuracy (AUC also kept)
 =====================  ===============================================  ==========================================
@@ -82,7 +82,7 @@ def task_of(name: str) -> str:
     if modality == "point":
         return "point_classification"
     if modality == "timeseries":
-        return "ts_classification" if name == "smamba_classifier" else "forecasting"
+        return "ts_classification" if name in ("smamba_classifier", "chimera_classifier") else "forecasting"
     if modality == "speech":
         return "kws" if "kws" in name else "ctc_digits"
     if modality == "mil":
