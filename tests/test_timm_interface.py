@@ -253,6 +253,7 @@ TIMM_TINY = {  # by the entry's module
     "smamba": dict(d_model=16, d_ff=16, e_layers=1),
     "chimera": dict(d_model=16, e_layers=1),
     "mamba_asr": dict(d_model=32, depth=1, d_ffn=32),
+    "samba_asr": dict(d_model=32, depth=1, dec_depth=1, num_heads=2),
     "mambattention": dict(hid_feature=16, num_blocks=1, num_heads=4, expand=1),
 }
 TIMM_ENTRIES = zoo.list_models()
@@ -261,7 +262,7 @@ VISION_MODULES = ("vim", "vmamba", "efficient_vmamba")
 # timm's NON_STD_FILTERS: models whose forward_features is not a (B, C, H, W)-style map of the cfg's pool_size. Vim
 # is a ViT (tokens), and no non-image family has a spatial map. VMamba and EfficientVMamba are the standard ones.
 NON_STD_FILTERS = ["vim_*", "pointmamba_*", "pcm_*", "mambamil*", "abmil*", "transmil", "smamba*", "chimera*", "mamba_*",
-                   "mamba2*", "conmamba_*", "mambattention*"]
+                   "mamba2*", "conmamba_*", "mambattention*", "samba_*"]
 # timm's FEAT_INTER_FILTERS (models with forward_intermediates and the getter features_only wrapper): the vision ones.
 FEAT_INTER_FILTERS = ["vim_*", "vmamba_*", "efficient_vmamba_*"]
 # test_model_backward builds the model with num_classes=42 and checks the logits' last dimension. Excluded: the
@@ -277,7 +278,9 @@ EXCLUDE_BWD_FILTERS = LM_FILTERS + FORECASTER_FILTERS + ["pointmamba_mpm", "poin
 # logits: it refuses 0 parts, there is no pooled output), the language models (the head is the vocabulary
 # projection, which they refuse to drop: num_classes >= 1) and the forecasters (reset_classifier(0) is a horizon of
 # 0 steps, (batch, 0, variates), not pre-logits).
-EXCLUDE_CFG_FILTERS = list(NO_CLASSIFIER) + ["pointmamba_partseg"] + LM_FILTERS + FORECASTER_FILTERS
+# Samba-ASR: its head is the decoder's vocabulary (padding, symbols, start/end), which it refuses to drop, as the
+# language models; its forward returns decoder logits (b, tokens, vocabulary), not encoder features.
+EXCLUDE_CFG_FILTERS = list(NO_CLASSIFIER) + ["pointmamba_partseg"] + LM_FILTERS + FORECASTER_FILTERS + ["samba_*"]
 
 
 def _module_of(name):
@@ -344,7 +347,7 @@ def TIMM_INPUT(model, batch_size, target=None):
         return ([torch.randn(20 + 7 * i, model.in_dim, generator=g) for i in range(batch_size)],)
     if cls in ("SMamba", "SMambaClassifier", "Chimera", "ChimeraClassifier"):
         return (torch.randn(batch_size, model.seq_len, model.enc_in or 7, generator=g),)
-    if cls == "MambaSpeechEncoder":
+    if cls in ("MambaSpeechEncoder", "SambaASR"):
         return torch.randn(batch_size, 4000, generator=g), torch.full((batch_size,), 4000)
     if cls == "MambAttention":
         return (torch.randn(batch_size, 4000, generator=g),)

@@ -115,6 +115,11 @@ def default_input(model, name: str):
         return (torch.randn(1, model.seq_len, c, generator=g),), f"1 series of {model.seq_len} steps x {c} variates"
     if cls == "MambaSpeechEncoder":
         return (torch.randn(1, 16000, generator=g), torch.tensor([16000])), "1 s of 16 kHz audio"
+    if cls == "SambaASR":
+        n = 16
+        tokens = torch.randint(1, model.num_classes - 1, (1, n), generator=g)
+        return ((torch.randn(1, 16000, generator=g), torch.tensor([16000]), tokens),
+                f"1 s of 16 kHz audio + {n} decoder tokens (teacher forcing)")
     if cls == "MambAttention":
         return (torch.randn(1, 16000, generator=g),), "1 s of 16 kHz (noisy) audio"
     if cls == "MambaLMHeadModel":
