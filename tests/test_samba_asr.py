@@ -28,6 +28,13 @@ def test_shapes_and_registry():
         assert model.forward_head(model.decode(inp, enc, frames), pre_logits=True).shape == (2, 4, 32)
     loss = model.loss(wave, n, [[3, 4, 5], [6]])
     assert loss.ndim == 0 and torch.isfinite(loss)
+    # The auxiliary CTC head (blank + 28 symbols) mixes in with ctc_weight; ctc_weight=0 is cross-entropy alone.
+    assert model.ctc_weight == 0.3 and model.ctc_head.out_features == 29
+    plain = small(ctc_weight=0.0).eval()
+    assert plain.ctc_head is None
+    inp, out = plain.make_targets([[3, 4, 5], [6]])
+    ce = torch.nn.functional.cross_entropy(plain(wave, n, inp).flatten(0, 1), out.flatten(), ignore_index=-100)
+    torch.testing.assert_close(plain.loss(wave, n, [[3, 4, 5], [6]]), ce)
     assert "samba_asr_tiny" in zoo.list_models("samba*")
 
 
@@ -36,6 +43,8 @@ def test_errors():
         small().reset_classifier(0)
     with pytest.raises(ValueError, match=">= 3, got 2"):
         small(num_classes=2)
+    with pytest.raises(ValueError, match=r"ctc_weight must be in \[0, 1\), got 1.0"):
+        small(ctc_weight=1.0)
     with pytest.raises(ValueError, match="multiple of num_heads"):
         small(num_heads=5)
     model = small().eval()

@@ -121,13 +121,14 @@ def run_speech_task(task: str = "kws", model_name: Optional[str] = None, epochs:
                     lr: float = 2e-3, seed: int = 0, cache_dir: Optional[str] = None, output: Optional[str] = None,
                     voices_per_split: Optional[int] = None, n_strings: int = 1200, limit_batches: Optional[int] = None,
                     progress: bool = True, command: Optional[str] = None, save_weights: Optional[str] = None,
-                    beam: int = 1, reverb: float = 0.0, **model_kwargs) -> dict:
+                    beam: int = 1, reverb: float = 0.0, init_weights: Optional[str] = None, **model_kwargs) -> dict:
     """Build the corpus (cached), train ``model_name`` from scratch, evaluate on held-out voices.
 
     sentences: the model's head is sized for the characters (CTC: blank + 28; seq2seq: padding + 28 + start/end)
     unless ``num_classes`` is given. ``beam``: beam width of the evaluation (seq2seq models; 1 = greedy; with a
     beam > 1 the greedy numbers are reported too). ``reverb``: probability of reverberating an utterance (training
-    and test)."""
+    and test). ``init_weights``: start from these weights (e.g. a former run's ``save_weights``: training
+    continued with a fresh learning-rate schedule) instead of a random initialisation."""
     import zoo
 
     if task not in TASKS:
@@ -154,7 +155,11 @@ def run_speech_task(task: str = "kws", model_name: Optional[str] = None, epochs:
         if model.num_classes != needed:
             torch.manual_seed(seed)
             model = zoo.create_model(model_name, num_classes=needed, **model_kwargs)
-    if getattr(getattr(model, "frontend", None), "normalize", None) == "global":
+    if init_weights:
+        from zoo.hub import load_checkpoint, load_state_dict
+
+        load_state_dict(model, load_checkpoint(init_weights), source=init_weights)
+    if getattr(getattr(model, "frontend", None), "normalize", None) == "global" and not init_weights:
         # Streaming front ends normalise with fixed per-bin statistics: estimate them on (up to 512) training utterances.
         stats_loader = DataLoader(SynthSpeech(corpus, "train", train=False, seed=seed), batch_size, collate_fn=collate_waves)
         batches = itertools.islice(stats_loader, max(1, 512 // batch_size))
@@ -184,7 +189,7 @@ def run_speech_task(task: str = "kws", model_name: Optional[str] = None, epochs:
     if beam > 1:
         t1 = time.time()
         metrics["beam"] = dict(beam=beam, **evaluate(task, model, test_loader, beam=beam), eval_seconds=time.time() - t1)
-    result = dict(command=command, task=task, model=model_name, epochs=epochs, train_utterances=len(train_loader.dataset),
+    result = dict(command=command, task=task, model=model_name, init_weights=init_weights, epochs=epochs, train_utterances=len(train_loader.dataset),
                   test_utterances=len(test_loader.dataset), train_seconds=train_time, reverb=reverb,
                   params=sum(p.numel() for p in model.parameters()), **metrics)
     if output:
@@ -215,9 +220,12 @@ def transcribe_file(path: str, model_name: str = "mamba_ctc_causal_tiny", checkp
         # The head's size comes from the file (a sentence model has 29 or 30 classes, the entry's default may differ).
         from zoo.hub import load_checkpoint
 
-        head = load_checkpoint(checkpoint).get("head.weight")
+        weights = load_checkpoint(checkpoint)
+        head = weights.get("head.weight")
         if head is not None:
             kwargs["num_classes"] = head.shape[0]
+        if model_name.startswith("samba_asr") and "ctc_head.weight" not in weights:
+            kwargs["ctc_weight"] = 0.0  # trained without the auxiliary CTC head
     model = zoo.create_model(model_name, **kwargs).eval()
     head_type = getattr(model, "head_type", None)
     if head_type not in ("ctc", "seq2seq"):
@@ -278,6 +286,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--limit-batches", type=limit("limit_batches"), default=None, help="train on at most this many batches per epoch")
     p.add_argument("--output", default=None, help="write the result JSON here")
     p.add_argument("--save-weights", default=None, help="write the trained model's state dict here (safetensors)")
+    p.add_argument("--init-weights", default=None, help="start from these weights (a former run's --save-weights: "
+                   "training continues with a fresh learning-rate schedule)")
     p.set_defaults(func=_cli_main)
     # Speech enhancement: `zoo speech enhance-train | enhance-eval | enhance FILE` (zoo.tasks.speech_enhance).
     from zoo.tasks.speech_enhance import add_speech_subcommands
@@ -308,7 +318,7 @@ def _cli_main(args: argparse.Namespace) -> int:
     result = run_speech_task(args.task, args.model, args.epochs, args.batch_size, args.lr, args.seed, args.cache_dir,
                              args.output, args.voices_per_split, n_strings=args.n_strings, limit_batches=args.limit_batches,
                              command="zoo " + " ".join(sys.argv[1:]), save_weights=args.save_weights, beam=args.beam,
-                             reverb=args.reverb)
+                             reverb=args.reverb, init_weights=args.init_weights)
     metric = f"accuracy {result['accuracy']:.4f}" if args.task == "kws" else f"CER {result['cer']:.4f}, WER {result['wer']:.4f}"
     if "beam" in result:
         metric += f" (beam {result['beam']['beam']}: CER {result['beam']['cer']:.4f}, WER {result['beam']['wer']:.4f})"
