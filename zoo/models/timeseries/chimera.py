@@ -63,6 +63,7 @@ from zoo.core.checks import check_int, check_num_classes, check_rates, check_siz
 from zoo.core.selective_scan import selective_scan
 from zoo.registry import build_model, register_model, register_pretrained_cfgs
 
+from .common import EncoderHeadModel
 from .smamba import instance_norm
 
 __all__ = [
@@ -358,22 +359,8 @@ def _check_input(name: str, x: torch.Tensor, seq_len: int, enc_in: Optional[int]
         raise ValueError(f"{name}: expected at least one variate, got {tuple(x.shape)}")
 
 
-class _ChimeraBase(nn.Module):
+class _ChimeraBase(EncoderHeadModel):
     feature_dim = -1  # forward_features: (batch, variates, cells, d_model), channels last
-    @torch.jit.ignore
-    def no_weight_decay(self):
-        return {n for n, p in self.named_parameters() if getattr(p, "_no_weight_decay", False)}
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False):
-        return dict(stem=r"^encoder\.embed", blocks=r"^encoder\.layers\.(\d+)" if coarse else r"^encoder\.layers\.(\d+)\.(\w+)")
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.encoder.grad_checkpointing = enable
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
 
 
 class Chimera(_ChimeraBase):

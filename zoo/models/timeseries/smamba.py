@@ -29,6 +29,8 @@ from zoo.core.mixers import check_mixer, create_mixer
 from zoo.core.shuffle import layer_shuffle_rates, shuffled
 from zoo.registry import build_model, register_model, register_pretrained_cfgs
 
+from .common import EncoderHeadModel
+
 __all__ = ["SMamba", "SMambaClassifier", "SMambaEncoder", "SMambaLayer", "checkpoint_filter_fn", "instance_norm"]
 
 _PAPER = "Is Mamba Effective for Time Series Forecasting? (Wang et al., Neurocomputing 2024, arXiv:2403.11144)"
@@ -127,7 +129,7 @@ def _check_input(name: str, x: torch.Tensor, seq_len: int, enc_in: Optional[int]
         )
 
 
-class SMamba(nn.Module):
+class SMamba(EncoderHeadModel):
     """S-Mamba forecaster: (batch, seq_len, n_variates) -> (batch, pred_len, n_variates).
 
     Defaults are the official run.py defaults (d_model 512, d_ff 2048, d_state 32, 2 layers)."""
@@ -162,22 +164,6 @@ class SMamba(nn.Module):
         self.head = nn.Linear(d_model, pred_len)
         self.pretrained_cfg: dict = {}  # build_model sets the entry's cfg
 
-    @torch.jit.ignore
-    def no_weight_decay(self):
-        return {n for n, p in self.named_parameters() if getattr(p, "_no_weight_decay", False)}
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False):
-        return dict(stem=r"^encoder\.embed", blocks=r"^encoder\.layers\.(\d+)" if coarse else r"^encoder\.layers\.(\d+)\.(\w+)")
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.encoder.grad_checkpointing = enable
-
-    def get_classifier(self) -> nn.Module:
-        """The projection to the horizon (``head``: d_model -> pred_len per variate token)."""
-        return self.head
-
     @property
     def num_classes(self) -> int:
         """timm's name for the head's width: the horizon."""
@@ -207,7 +193,7 @@ class SMamba(nn.Module):
         return out * std + mean if self.use_norm else out
 
 
-class SMambaClassifier(nn.Module):
+class SMambaClassifier(EncoderHeadModel):
     """The S-Mamba encoder for series classification: tokens -> encoder -> mean over tokens -> Linear.
     Input (batch, seq_len, n_variates), output logits (batch, num_classes). Not in the paper: the zoo's
     use of the same encoder for labelled series.
@@ -251,21 +237,6 @@ class SMambaClassifier(nn.Module):
         self.head = nn.Linear(d_model, num_classes) if num_classes > 0 else nn.Identity()
         self.head_hidden_size = d_model
         self.pretrained_cfg: dict = {}
-
-    @torch.jit.ignore
-    def no_weight_decay(self):
-        return {n for n, p in self.named_parameters() if getattr(p, "_no_weight_decay", False)}
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False):
-        return dict(stem=r"^encoder\.embed", blocks=r"^encoder\.layers\.(\d+)" if coarse else r"^encoder\.layers\.(\d+)\.(\w+)")
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.encoder.grad_checkpointing = enable
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
