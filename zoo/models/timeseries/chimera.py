@@ -63,7 +63,7 @@ from zoo.core.checks import check_int, check_num_classes, check_rates, check_siz
 from zoo.core.selective_scan import selective_scan
 from zoo.registry import build_model, register_model, register_pretrained_cfgs
 
-from .common import EncoderHeadModel
+from .common import ClassifierModel, EncoderHeadModel, ForecasterModel
 from .smamba import instance_norm
 
 __all__ = [
@@ -363,7 +363,7 @@ class _ChimeraBase(EncoderHeadModel):
     feature_dim = -1  # forward_features: (batch, variates, cells, d_model), channels last
 
 
-class Chimera(_ChimeraBase):
+class Chimera(_ChimeraBase, ForecasterModel):
     """Chimera forecaster: (batch, seq_len, n_variates) -> (batch, pred_len, n_variates).
 
     ``x_mark`` (timestamp features) is accepted for the pipelines' sake and not used."""
@@ -384,17 +384,6 @@ class Chimera(_ChimeraBase):
         self.head = nn.Linear(self.head_hidden_size, pred_len)
         self.pretrained_cfg: dict = {}
 
-    @property
-    def num_classes(self) -> int:
-        """timm's name for the head's width: the horizon."""
-        return self.pred_len
-
-    def reset_classifier(self, pred_len: int, global_pool: Optional[str] = None) -> None:
-        """A fresh projection to a new horizon (the forecaster's 'classifier')."""
-        self.pred_len = pred_len
-        self.head = nn.Linear(self.head_hidden_size, pred_len)
-        self._model_args = {**getattr(self, "_model_args", {}), "pred_len": pred_len}
-
     def forward_features(self, x: torch.Tensor, scan=chimera_scan) -> torch.Tensor:
         """Encoded cells (batch, n_variates, cells, d_model) of an already normalised input."""
         return self.encoder(x, scan=scan)
@@ -413,7 +402,7 @@ class Chimera(_ChimeraBase):
         return out * std + mean if self.use_norm else out
 
 
-class ChimeraClassifier(_ChimeraBase):
+class ChimeraClassifier(_ChimeraBase, ClassifierModel):
     """The Chimera encoder for series classification: cells -> encoder -> mean over all cells -> Linear.
     Input (batch, seq_len, n_variates), logits (batch, num_classes)."""
 
@@ -432,10 +421,6 @@ class ChimeraClassifier(_ChimeraBase):
         self.head = nn.Linear(d_model, num_classes) if num_classes > 0 else nn.Identity()
         self.head_hidden_size = d_model
         self.pretrained_cfg: dict = {}
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_features(self, x: torch.Tensor, scan=chimera_scan) -> torch.Tensor:
         _check_input(type(self).__name__, x, self.seq_len, self.enc_in)

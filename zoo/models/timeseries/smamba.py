@@ -29,7 +29,7 @@ from zoo.core.mixers import check_mixer, create_mixer
 from zoo.core.shuffle import layer_shuffle_rates, shuffled
 from zoo.registry import build_model, register_model, register_pretrained_cfgs
 
-from .common import EncoderHeadModel
+from .common import ClassifierModel, ForecasterModel
 
 __all__ = ["SMamba", "SMambaClassifier", "SMambaEncoder", "SMambaLayer", "checkpoint_filter_fn", "instance_norm"]
 
@@ -129,7 +129,7 @@ def _check_input(name: str, x: torch.Tensor, seq_len: int, enc_in: Optional[int]
         )
 
 
-class SMamba(EncoderHeadModel):
+class SMamba(ForecasterModel):
     """S-Mamba forecaster: (batch, seq_len, n_variates) -> (batch, pred_len, n_variates).
 
     Defaults are the official run.py defaults (d_model 512, d_ff 2048, d_state 32, 2 layers)."""
@@ -164,18 +164,6 @@ class SMamba(EncoderHeadModel):
         self.head = nn.Linear(d_model, pred_len)
         self.pretrained_cfg: dict = {}  # build_model sets the entry's cfg
 
-    @property
-    def num_classes(self) -> int:
-        """timm's name for the head's width: the horizon."""
-        return self.pred_len
-
-    def reset_classifier(self, pred_len: int, global_pool: Optional[str] = None) -> None:
-        """Replace the projection with a fresh one to a new horizon (the forecaster's 'classifier')."""
-        self.pred_len = pred_len
-        self.head = nn.Linear(self.num_features, pred_len)
-        # The horizon is a constructor argument: recorded where timm's export (zoo.registry.save_for_hf) reads them.
-        self._model_args = {**getattr(self, "_model_args", {}), "pred_len": pred_len}
-
     def forward_features(self, x: torch.Tensor, x_mark: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Encoded tokens (batch, n_variates + n_marks, d_model) of an already normalised input."""
         return self.encoder(x, x_mark)
@@ -193,7 +181,7 @@ class SMamba(EncoderHeadModel):
         return out * std + mean if self.use_norm else out
 
 
-class SMambaClassifier(EncoderHeadModel):
+class SMambaClassifier(ClassifierModel):
     """The S-Mamba encoder for series classification: tokens -> encoder -> mean over tokens -> Linear.
     Input (batch, seq_len, n_variates), output logits (batch, num_classes). Not in the paper: the zoo's
     use of the same encoder for labelled series.
@@ -237,10 +225,6 @@ class SMambaClassifier(EncoderHeadModel):
         self.head = nn.Linear(d_model, num_classes) if num_classes > 0 else nn.Identity()
         self.head_hidden_size = d_model
         self.pretrained_cfg: dict = {}
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(type(self).__name__, x, self.seq_len, self.enc_in, None)
