@@ -5,7 +5,8 @@ Entries, quantized with calibration on 4 training batches:
   vim (vision)     tiny Vim on digits 16x16 (benchmarks/token_dynamics.py's baseline model), trained here first, top-1
   mambamil (MIL)   MambaMIL (SR-Mamba mixers) on digit bags (zoo.tasks.mil), trained here first, accuracy and AUC
   <tag>            each tag shipped with the package (vim_tiny.digits, pointmamba_tiny.shapes3d, mambamil.digit_bags,
-                   smamba_classifier.basicmotions, mamba_kws_tiny.kws) as published, on its recorded test split
+                   smamba_classifier.basicmotions, mamba_kws_tiny.kws, mamba_ctc_causal_tiny.digits,
+                   mamba_tiny_lm.kjv, mamba2_tiny_lm.kjv) as published, on its recorded test split
 
     PYTHONPATH=. OMP_NUM_THREADS=2 python benchmarks/mambaquant.py --out benchmarks/results/mambaquant.json
 """
@@ -110,9 +111,35 @@ def _calib_kws(model, seed):
     return calib, lambda m: evaluate("kws", m, test_loader)
 
 
+def _calib_ctc_digits(model, seed):
+    from zoo.data.speech import build_corpus
+    from zoo.tasks.speech import _loaders, evaluate
+
+    # The tag's recipe corpus (3000 digit strings, seed 0), built once; greedy CTC decoding as in the shipped evaluation.
+    corpus = build_corpus("digits", None, n_strings=3000, seed=0, progress=False)
+    train_loader, test_loader = _loaders("digits", corpus, 32, seed)
+    calib = [(waves, lengths) for (waves, lengths, _), _ in zip(train_loader, range(4))]
+    return calib, lambda m: {"cer": evaluate("digits", m, test_loader)["cer"]}
+
+
+def _calib_kjv(model, seed):
+    import os
+
+    from zoo.data.kjv import kjv_splits
+    from zoo.tasks.pretrained import KJV_EVAL_LENGTH
+
+    # 4 batches of 8 windows of the training length drawn from the training books.
+    train = kjv_splits(os.environ.get("ZOO_KJV_TEXT") or None).train
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, train.numel() - KJV_EVAL_LENGTH, (32,), generator=g)
+    windows = train[starts[:, None] + torch.arange(KJV_EVAL_LENGTH)].long()
+    return [windows[i : i + 8] for i in range(0, 32, 8)], None
+
+
 _SHIPPED_DATA = {"vim_tiny.digits": _calib_digits, "pointmamba_tiny.shapes3d": _calib_shapes3d,
                  "mambamil.digit_bags": _calib_digit_bags, "smamba_classifier.basicmotions": _calib_basicmotions,
-                 "mamba_kws_tiny.kws": _calib_kws}
+                 "mamba_kws_tiny.kws": _calib_kws, "mamba_ctc_causal_tiny.digits": _calib_ctc_digits,
+                 "mamba_tiny_lm.kjv": _calib_kjv, "mamba2_tiny_lm.kjv": _calib_kjv}
 
 ENTRIES = {"vim": vision_entry, "mambamil": mil_entry, **{tag: shipped_entry(tag) for tag in _SHIPPED_DATA}}
 EPOCHS = {"vim": 6, "mambamil": 10}  # the token-dynamics benchmark's and zoo.tasks.mil's schedules

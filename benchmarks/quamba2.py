@@ -31,7 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from zoo.research.quamba2 import SCHEMES, model_bytes, quantize_model  # noqa: E402
 
 SHIPPED = ["vim_tiny.digits", "pointmamba_tiny.shapes3d", "mambamil.digit_bags", "smamba_classifier.basicmotions",
-           "mamba_kws_tiny.kws"]
+           "mamba_kws_tiny.kws", "mamba_ctc_causal_tiny.digits", "mamba_tiny_lm.kjv", "mamba2_tiny_lm.kjv"]
+# Error rates and bits per byte: lower is better, so their drop is (quantized - fp32); bits per byte are not percentages.
+LOWER_IS_BETTER = {"cer", "wer", "bits_per_byte"}
+NOT_PERCENT = {"bits_per_byte"}
 SETTINGS = [("fp32", None), ("MambaQuant", "W8A8"), ("MambaQuant", "W4A8"), ("Quamba2", "W8A8"),
             ("Quamba2 no sort-and-cluster", "W8A8"), ("Quamba2", "W4A8"), ("Quamba2", "W4A16")]
 
@@ -45,6 +48,19 @@ def _convert(model, calib, method, scheme):
 
         return mq(copy.deepcopy(model), calib, "mambaquant", w, a)
     return quantize_model(copy.deepcopy(model), calib, scheme, sort_cluster=method == "Quamba2")
+
+
+def _scale(metric: str) -> float:
+    return 1.0 if metric in NOT_PERCENT else 100.0
+
+
+def _digits(metric: str) -> int:
+    return 4 if metric in NOT_PERCENT else 2
+
+
+def worse_by(metric: str, fp32: float, value: float) -> float:
+    """How much worse ``value`` is than the fp32 model's (points, or bits per byte); negative when better."""
+    return round(_scale(metric) * (value - fp32 if metric in LOWER_IS_BETTER else fp32 - value), 4)
 
 
 def accuracy(args) -> dict:
@@ -61,14 +77,15 @@ def accuracy(args) -> dict:
             metrics = base if method == "fp32" else evaluate(q)
             label = method if scheme is None else f"{method} {scheme}"
             res = dict(entry=tag, setting=label, **metrics, model_bytes=model_bytes(q),
-                       drop={k: round(100 * (base[k] - v), 2) for k, v in metrics.items()})
+                       drop={k: worse_by(k, base[k], v) for k, v in metrics.items()})
             print(json.dumps(res), flush=True)
             results.append(res)
             size = "" if method == "MambaQuant" else f"{res['model_bytes'] / 1024:.0f} KiB ({fp32_bytes / res['model_bytes']:.1f}x)"
-            rows.append(f"| {tag} | {label} | " + ", ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items()) + " | "
-                        + ", ".join(f"{v:+.2f}" for v in res["drop"].values()) + f" | {size} |")
+            rows.append(f"| {tag} | {label} | " + ", ".join(f"{k} {_scale(k) * v:.{_digits(k)}f}" for k, v in metrics.items())
+                        + " | " + ", ".join(f"{v:+.{_digits(k)}f}" for k, v in res["drop"].items()) + f" | {size} |")
         results.append(dict(entry=tag, config=config, seconds=round(time.perf_counter() - start, 1)))
-    table = "\n".join(["| entry | setting | test metric (%) | drop vs fp32 (points) | stored model (vs fp32) |",
+    table = "\n".join(["| entry | setting | test metric (% but bits per byte) | worse than fp32 by (points; bits per byte) "
+                       "| stored model (vs fp32) |",
                        "|---|---|---|---|---|", *rows])
     print(table)
     return dict(results=results, table=table,

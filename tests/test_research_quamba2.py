@@ -263,6 +263,15 @@ def test_benchmark_runs_on_a_shipped_tag(tmp_path, monkeypatch):
     assert "smamba_classifier.basicmotions" in result["command"]
 
 
+def test_benchmark_drop_follows_each_metric_direction():
+    """Accuracy falling, an error rate or bits per byte rising: worse (positive), in points or bits per byte."""
+    bench = load_benchmark("quamba2")
+    assert bench.worse_by("accuracy", 0.90, 0.85) == pytest.approx(5.0)
+    assert bench.worse_by("cer", 0.04, 0.05) == pytest.approx(1.0)
+    assert bench.worse_by("cer", 0.05, 0.04) == pytest.approx(-1.0)
+    assert bench.worse_by("bits_per_byte", 1.48, 1.51) == pytest.approx(0.03)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA paths: torch._int_mm's shape rules, the W4A16 kernel in bf16")
 @pytest.mark.parametrize("rows", [1, 9, 17, 40])
 @pytest.mark.parametrize("w_bits,a_bits", [(8, 8), (4, 8), (4, None)])
