@@ -80,6 +80,15 @@ def test_negative_eigenvalues(reverse):
     check(a, reverse=reverse, negative_eigenvalues=True, rtol=1e-4)
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gate_gradient_recomputed_in_the_backward(monkeypatch, reverse):
+    """dz from the output recomputed in the backward's chunk kernel (STORE_UNGATED off) instead of the stored one;
+    headdim 70: two headdim blocks."""
+    monkeypatch.setattr(ssd_fn, "STORE_UNGATED", False)
+    check(inputs(2, 37, 4, 12, 2, 10, D_per_channel=True), reverse=reverse)
+    check(inputs(1, 20, 2, 70, 1, 16))
+
+
 def test_without_D_and_z():
     a = inputs(2, 33, 4, 6, 4, 8)
     del a["D"], a["z"]

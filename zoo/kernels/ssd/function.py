@@ -31,6 +31,9 @@ TARGET_PROGRAMS = 128
 # together at most SEGMENT_MEMORY times the size of x.
 STATE_FP32 = False
 SEGMENT_MEMORY = 1.0
+# With the z gate, training stores the output before the gate (x's size) so that the backward's dz is one
+# elementwise product; without it the backward recomputes that output in its chunk kernel (two more dots per head).
+STORE_UNGATED = True
 
 
 def _blocks(P: int, N: int):
@@ -94,23 +97,26 @@ class _SSDFunction(torch.autograd.Function):
         seg = _segment_chunks(L, N, bwd_block_q, _state_dtype(x).itemsize, x.element_size())
         nseg = cdiv(L, seg * bwd_block_q)
         out = torch.empty_like(x)
+        ungated = torch.empty_like(x) if train and z is not None and STORE_UNGATED else None
         final = torch.empty((b, H, P, N), dtype=torch.float32, device=x.device)
         starts = torch.empty((b, nseg + 1, H, P, N) if train else (1,), dtype=torch.float32, device=x.device)
         _fwd_kernel[(H * cdiv(P, bp), b)](
             x, dt, A, B, C, D if D is not None else x, z if z is not None else x, init if init is not None else final,
-            out, final, starts, L, H, P, N, G, H // G, 0, NC, seg * (bwd_block_q // Q), nseg + 1, H * P * N,
+            out, ungated if ungated is not None else out, final, starts, L, H, P, N, G, H // G, 0, NC,
+            seg * (bwd_block_q // Q), nseg + 1, H * P * N,
             Q=Q, BP=bp, BN=bn, HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2,
-            HAS_Z=z is not None, HAS_INIT=init is not None, STORE_STATES=train, REVERSE=reverse,
+            HAS_Z=z is not None, HAS_INIT=init is not None, STORE_STATES=train,
+            STORE_UNGATED=ungated is not None, REVERSE=reverse,
             SIGNED=signed, IEEE=x.dtype == torch.float32, num_warps=FWD_WARPS,
         )
         if train:
-            ctx.save_for_backward(x, dt, A, B, C, D, z, starts)
+            ctx.save_for_backward(x, dt, A, B, C, D, z, ungated, starts)
             ctx.cfg = (reverse, signed, bwd_block_q, seg, initial_state is not None)
         return out, final
 
     @staticmethod
     def backward(ctx, dout, dfinal):
-        x, dt, A, B, C, D, z, starts = ctx.saved_tensors
+        x, dt, A, B, C, D, z, ungated, starts = ctx.saved_tensors
         reverse, signed, Q, seg, has_init = ctx.cfg
         b, L, H, P, G, N, bp, bn = _common(x, B)
         bp_chunk = min(BWD_BLOCK_P, bp) if BWD_BLOCK_P else bp
@@ -137,7 +143,8 @@ class _SSDFunction(torch.autograd.Function):
         dA = torch.empty((b, NC, H), dtype=torch.float32, device=dev)
         dD = None if D is None else torch.empty((b, NC, H, P), dtype=torch.float32, device=dev)
         common = dict(Q=Q, BN=bn, HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2,
-                      HAS_Z=z is not None, REVERSE=reverse, SIGNED=signed, IEEE=ieee)
+                      HAS_Z=z is not None, LOAD_UNGATED=ungated is not None, REVERSE=reverse, SIGNED=signed,
+                      IEEE=ieee)
         for s in reversed(range(cdiv(NC, seg))):
             c0, ncs = s * seg, min(seg, NC - s * seg)
             _bwd_walks_kernel[(H * cdiv(P, bp_walk), b, 2)](
@@ -146,7 +153,7 @@ class _SSDFunction(torch.autograd.Function):
                 SIGNED=signed, IEEE=ieee, num_warps=FWD_WARPS,
             )
             _bwd_chunk_kernel[(ncs, b, G * nsplit)](
-                x, dt, A, B, C, dummy_D, dummy_z, dout, states, dstates,
+                x, dt, A, B, C, dummy_D, dummy_z, ungated if ungated is not None else x, dout, states, dstates,
                 dx, ddt, parts[0], parts[1], dA, dD if dD is not None else dA, dz if dz is not None else dx,
                 L, H, P, N, G, hpg, NC, c0, ncs, nsplit, hpg // nsplit,
                 BP=bp_chunk, ONE_BLOCK=bp_chunk >= P, STAGES=BWD_STAGES if bp_chunk >= P else 1,

@@ -97,29 +97,32 @@ def _walk_program(pid, b, A_ptr, H, P, N, HPG, BP: tl.constexpr, BN: tl.constexp
 
 @triton.jit
 def _fwd_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, init_ptr, out_ptr, final_ptr, states_ptr,
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, init_ptr, out_ptr, ungated_ptr, final_ptr, states_ptr,
     L, H, P, N, G, HPG, C0, NCS, STEP, NSTORED, init_sb,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr, HAS_INIT: tl.constexpr,
-    STORE_STATES: tl.constexpr, REVERSE: tl.constexpr, SIGNED: tl.constexpr, IEEE: tl.constexpr,
+    STORE_STATES: tl.constexpr, STORE_UNGATED: tl.constexpr, REVERSE: tl.constexpr, SIGNED: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
-    _state_walk(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, init_ptr, out_ptr, final_ptr, states_ptr,
+    _state_walk(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, init_ptr, out_ptr, ungated_ptr, final_ptr, states_ptr,
                 L, H, P, N, G, HPG, C0, NCS, STEP, NSTORED, init_sb, tl.program_id(0), tl.program_id(1).to(tl.int64),
-                Q, BP, BN, HAS_D, D_PER_CHANNEL, HAS_Z, HAS_INIT, True, STORE_STATES, REVERSE, SIGNED, IEEE)
+                Q, BP, BN, HAS_D, D_PER_CHANNEL, HAS_Z, HAS_INIT, True, STORE_STATES, STORE_UNGATED, REVERSE, SIGNED,
+                IEEE)
 
 
 @triton.jit
 def _state_walk(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, init_ptr, out_ptr, final_ptr, states_ptr,
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, init_ptr, out_ptr, ungated_ptr, final_ptr, states_ptr,
     L, H, P, N, G, HPG, C0, NCS, STEP, NSTORED, init_sb, pid, b,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr, HAS_INIT: tl.constexpr,
-    STORE_OUT: tl.constexpr, STORE_STATES: tl.constexpr, REVERSE: tl.constexpr,
+    STORE_OUT: tl.constexpr, STORE_STATES: tl.constexpr, STORE_UNGATED: tl.constexpr, REVERSE: tl.constexpr,
     SIGNED: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Program (pid = head x headdim block, b) walks chunks C0 .. C0 + NCS - 1 from the state init (batch
     stride init_sb). With STORE_STATES the state entering every STEP-th chunk of the walk goes to states[b, k]
-    (NSTORED slots), and the state leaving the walk to the slot after the last one. STORE_OUT writes the output."""
+    (NSTORED slots), and the state leaving the walk to the slot after the last one. STORE_OUT writes the output,
+    STORE_UNGATED (with z) also the output before the gate, for the backward's dz."""
     h, p, n, pm, nm, g, A_h, sp = _walk_program(pid, b, A_ptr, H, P, N, HPG, BP, BN)
     dtype = x_ptr.dtype.element_ty
     hp = h * P * N + p[:, None] * N + n[None, :]
@@ -160,6 +163,8 @@ def _state_walk(
                 else:
                     y += Dv * x.to(tl.float32)
             if HAS_Z:
+                if STORE_UNGATED:
+                    tl.store(ungated_ptr + xo, y.to(ungated_ptr.dtype.element_ty), mask=xm)
                 zv = tl.load(z_ptr + xo, mask=xm, other=0.0).to(tl.float32)
                 y = y * zv * tl.sigmoid(zv)
             tl.store(out_ptr + xo, y.to(out_ptr.dtype.element_ty), mask=xm)
@@ -194,9 +199,9 @@ def _bwd_walks_kernel(
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     if tl.program_id(2) == 0:
-        _state_walk(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, starts_ptr, x_ptr, scratch_ptr,
+        _state_walk(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, starts_ptr, x_ptr, x_ptr, scratch_ptr,
                     states_ptr, L, H, P, N, G, HPG, C0, NCS, 1, NCS + 1, starts_sb, pid, b,
-                    Q, BP, BN, False, False, False, True, False, True, REVERSE, SIGNED, IEEE)
+                    Q, BP, BN, False, False, False, True, False, True, False, REVERSE, SIGNED, IEEE)
     else:
         _dstate_walk(dout_ptr, dt_ptr, A_ptr, C_ptr, z_ptr, dcarry_ptr, dstates_ptr, L, H, P, N, G, HPG, C0, NCS,
                      pid, b, Q, BP, BN, HAS_Z, REVERSE, SIGNED, IEEE)
@@ -235,13 +240,15 @@ def _dstate_walk(
 
 @triton.jit
 def _chunk_head_block(
-    x_ptr, D_ptr, z_ptr, dout_ptr, states_ptr, dstates_ptr, dx_ptr, dD_ptr, dz_ptr,
+    x_ptr, D_ptr, z_ptr, ungated_ptr, dout_ptr, states_ptr, dstates_ptr, dx_ptr, dD_ptr, dz_ptr,
     h, b, k, c, p0, row, valid, n, nm, Bc, Cc, CB, W, Lmat, dt, d_in, d_out, d_all, last,
     dB_acc, dC_acc, Mt_acc, dcs, ddt_u, H, P, N, NC, NCS,
-    BP: tl.constexpr, HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr, IEEE: tl.constexpr,
+    BP: tl.constexpr, HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr,
+    LOAD_UNGATED: tl.constexpr, IEEE: tl.constexpr,
 ):
     """One head's, one headdim block's part of a chunk's gradients: stores dx (and dD's part, and dz from the
-    output recomputed from the chunk's inputs and the state entering it), returns the
+    ungated output: stored by the forward with LOAD_UNGATED, else recomputed from the chunk's inputs and the state
+    entering it), returns the
     accumulators of dB's and dC's state parts and of Mt (summed over heads), d cs and dt . du (summed over the headdim)."""
     dtype = x_ptr.dtype.element_ty
     p = p0 + tl.arange(0, BP)
@@ -262,9 +269,12 @@ def _chunk_head_block(
     if HAS_Z:  # y silu(z) was the output: dz = dout y silu'(z), dy = dout silu(z)
         zv = tl.load(z_ptr + xo, mask=xm, other=0.0).to(tl.float32)
         sz = tl.sigmoid(zv)
-        y = _mm((W * dt[None, :]).to(dtype), x, IEEE) + d_in[:, None] * _mm(Cc, tl.trans(H_in.to(dtype)), IEEE)
-        if HAS_D:
-            y += Dv * xf
+        if LOAD_UNGATED:
+            y = tl.load(ungated_ptr + xo, mask=xm, other=0.0).to(tl.float32)
+        else:
+            y = _mm((W * dt[None, :]).to(dtype), x, IEEE) + d_in[:, None] * _mm(Cc, tl.trans(H_in.to(dtype)), IEEE)
+            if HAS_D:
+                y += Dv * xf
         tl.store(dz_ptr + xo, (do * y * sz * (1.0 + zv * (1.0 - sz))).to(dz_ptr.dtype.element_ty), mask=xm)
         dy = do * zv * sz
     else:
@@ -301,11 +311,11 @@ def _chunk_head_block(
 
 @triton.jit
 def _bwd_chunk_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dout_ptr, states_ptr, dstates_ptr,
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, ungated_ptr, dout_ptr, states_ptr, dstates_ptr,
     dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dz_ptr,  # dA (b, NC, H) and dD (b, NC, H, P): per-chunk parts
     L, H, P, N, G, HPG, NC, C0, NCS, NSPLIT, HPP,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-    HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr, LOAD_UNGATED: tl.constexpr,
     REVERSE: tl.constexpr, SIGNED: tl.constexpr, IEEE: tl.constexpr, ONE_BLOCK: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Chunk C0 + program_id(0) of a walk of NCS chunks: states[b, k] is the state entering chunk C0 + k
@@ -341,15 +351,15 @@ def _bwd_chunk_kernel(
         W = CB * Lmat  # (i, j): C_i . B_j times the decay from j to i
         if ONE_BLOCK:
             dB_acc, dC_acc, Mt_acc, dcs, ddt_u = _chunk_head_block(
-                x_ptr, D_ptr, z_ptr, dout_ptr, states_ptr, dstates_ptr, dx_ptr, dD_ptr, dz_ptr,
+                x_ptr, D_ptr, z_ptr, ungated_ptr, dout_ptr, states_ptr, dstates_ptr, dx_ptr, dD_ptr, dz_ptr,
                 h, b, k, c, 0, row, valid, n, nm, Bc, Cc, CB, W, Lmat, dt, d_in, d_out, d_all, last,
-                dB_acc, dC_acc, Mt_acc, dcs, ddt_u, H, P, N, NC, NCS, BP, HAS_D, D_PER_CHANNEL, HAS_Z, IEEE)
+                dB_acc, dC_acc, Mt_acc, dcs, ddt_u, H, P, N, NC, NCS, BP, HAS_D, D_PER_CHANNEL, HAS_Z, LOAD_UNGATED, IEEE)
         else:
             for p0 in range(0, P, BP):
                 dB_acc, dC_acc, Mt_acc, dcs, ddt_u = _chunk_head_block(
-                    x_ptr, D_ptr, z_ptr, dout_ptr, states_ptr, dstates_ptr, dx_ptr, dD_ptr, dz_ptr,
+                    x_ptr, D_ptr, z_ptr, ungated_ptr, dout_ptr, states_ptr, dstates_ptr, dx_ptr, dD_ptr, dz_ptr,
                     h, b, k, c, p0, row, valid, n, nm, Bc, Cc, CB, W, Lmat, dt, d_in, d_out, d_all, last,
-                    dB_acc, dC_acc, Mt_acc, dcs, ddt_u, H, P, N, NC, NCS, BP, HAS_D, D_PER_CHANNEL, HAS_Z, IEEE)
+                    dB_acc, dC_acc, Mt_acc, dcs, ddt_u, H, P, N, NC, NCS, BP, HAS_D, D_PER_CHANNEL, HAS_Z, LOAD_UNGATED, IEEE)
         # d(lm_t) = sum_{k >= t} dcs_k: everything after step t in the chunk scales with its transition
         dlm = tl.sum(dcs, 0) - tl.cumsum(dcs, 0) + dcs
         if SIGNED:  # lm = log|2 exp(dA) - 1|: d lm / d dA = 2 exp(dA) / (2 exp(dA) - 1), 0 where clamped
