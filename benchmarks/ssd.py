@@ -58,7 +58,7 @@ def _mamba(fn, a):
 def timed(call, a):
     from triton.testing import do_bench
     with torch.no_grad():
-        fwd = do_bench(lambda: call(**a), rep=200)
+        fwd = do_bench(lambda: call(**a), rep=300, return_mode="median")
     leaves = {k: v.clone().requires_grad_(True) for k, v in a.items()}
     grad = torch.randn_like(call(**leaves))
 
@@ -66,7 +66,7 @@ def timed(call, a):
         for t in leaves.values():
             t.grad = None
         call(**leaves).backward(grad)
-    both = do_bench(step, rep=200)
+    both = do_bench(step, rep=300, return_mode="median")  # the median: steadier between runs than the mean
     for t in leaves.values():
         t.grad = None
     torch.cuda.synchronize()
