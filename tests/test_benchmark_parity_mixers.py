@@ -37,6 +37,35 @@ def test_parity_run_and_table(tmp_path):
     assert "| mamba2 | (-1, 1) | 2 | 2 |" in text and "1.000" in text
 
 
+def test_modular_batches_match_python_eval_and_are_padded():
+    symbol = {parity.PLUS + i: op for i, op in enumerate(parity.OPERATORS)}
+    for lo, hi, seed in ((3, 9, 0), (3, 40, 1), (40, 256, 2)):
+        tokens, lengths, values = parity.modular_batch(torch.Generator().manual_seed(seed), 64, lo, hi, "cpu")
+        n_lo, n_hi = (lo + 1) // 2 - 1, (hi + 1) // 2 - 1  # numbers per expression, as the reference generator
+        assert tokens.shape == (64, 2 * n_hi) and values.min() >= 0 and values.max() < parity.MODULUS
+        assert (lengths % 2 == 0).all() and lengths.min() >= 2 * n_lo and lengths.max() <= 2 * n_hi
+        for row, n, value in zip(tokens.tolist(), lengths.tolist(), values.tolist()):
+            assert row[n - 1] == parity.EQUALS and all(t == parity.MOD_PAD for t in row[n:])
+            assert all(0 <= t < parity.MODULUS for t in row[: n - 1 : 2])
+            assert all(t in symbol for t in row[1 : n - 1 : 2])
+            text = " ".join(str(t) if t < parity.MODULUS else symbol[t] for t in row[: n - 1])
+            assert eval(text) % parity.MODULUS == value, text  # Python's precedence: * before + and -
+
+
+def test_modular_run_and_table(tmp_path):
+    run = parity.run("mamba", True, seed=0, steps=2, device="cpu", warmup=1, bs=8, task="modular", d_model=16, eval_n=64)
+    assert run["task"] == "modular" and run["depth"] == 2 and run["weight_decay"] == 0.1 and run["loss_log"]
+    assert 0 <= run["train_acc_3_40"] <= 1 and 0 <= run["test_acc_40_256"] <= 1
+    model = parity.ParityModel("mamba2", True, 16, 2, parity.MOD_VOCAB, parity.MODULUS)
+    tokens, lengths, _ = parity.modular_batch(torch.Generator().manual_seed(0), 3, 3, 20, "cpu")
+    assert model(tokens, lengths).shape == (3, parity.MODULUS)
+    path = tmp_path / "r.json"
+    old = {k: v for k, v in run.items() if k != "task"}  # a result written before --task: a parity run
+    path.write_text(json.dumps({"runs": [run, {**old, "mixer": "mamba2"}]}))
+    text = parity.tabulate([path])
+    assert "| modular | mamba | (-1, 1) | 2 | 1 |" in text and "| parity | mamba2 | (-1, 1) | 2 | 1 |" in text
+
+
 def test_mixer_speed_rows_and_table(tmp_path):
     result = mixers.speed("cpu", img_size=16, batch=2, rounds=1, steps=1)
     assert [r["mixer"] for r in result["rows"]] == list(mixers.MIXERS)
