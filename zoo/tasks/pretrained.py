@@ -85,16 +85,20 @@ def _eval_basicmotions(model) -> Dict[str, Any]:
             "data": "UEA BasicMotions (aeon's copy), official test split (40 series, 100 steps, 6 variates)"}
 
 
-def _eval_speech(task: str, n_strings: int = 1200) -> Callable:
+def _eval_speech(task: str, n_strings: int = 1200, beam: int = 1) -> Callable:
     def run(model) -> Dict[str, Any]:
         from zoo.data.speech import build_corpus
         from zoo.tasks.speech import _loaders, evaluate
 
-        # The corpus the tag was trained on (seed 0; `zoo speech` defaults to 1200 digit strings), held-out-voice test split.
+        # The corpus the tag was trained on (seed 0; `zoo speech` defaults to 1200 strings), held-out-voice test split.
         corpus = build_corpus(task, None, n_strings=n_strings, seed=0, progress=False)
         _, test_loader = _loaders(task, corpus, 32, 0)
-        out = evaluate(task, model, test_loader)
-        size = f", {n_strings:,} digit strings" if task == "digits" else ""
+        out = evaluate(task, model, test_loader)  # greedy decoding: the tag's metric
+        if beam > 1:  # encoder-decoder tags: beam search too, as their training command reported it
+            start = time.perf_counter()
+            out["beam"] = dict(beam=beam, **evaluate(task, model, test_loader, beam=beam),
+                               eval_seconds=round(time.perf_counter() - start, 1))
+        size = {"digits": f", {n_strings:,} digit strings", "sentences": f", {n_strings:,} words and sentences"}.get(task, "")
         return {"metric": "accuracy" if task == "kws" else "cer", **out, "test_samples": len(test_loader.dataset),
                 "data": f"espeak-ng {task} corpus (zoo.data.speech{size}), held-out voices"}
     return run
@@ -127,6 +131,8 @@ SHIPPED: Dict[str, Callable] = {
     "smamba_classifier.basicmotions": _eval_basicmotions,
     "mamba_kws_tiny.kws": _eval_speech("kws"),
     "mamba_ctc_causal_tiny.digits": _eval_speech("digits", n_strings=3000),  # its recipe's corpus
+    "mamba_ctc_tiny.sentences": _eval_speech("sentences", n_strings=3000),  # its recipe's corpus; greedy CTC
+    "samba_asr_tiny.sentences": _eval_speech("sentences", n_strings=3000, beam=4),  # greedy (the metric) and beam 4
     "mamba_tiny_lm.kjv": _eval_kjv,
     "mamba2_tiny_lm.kjv": _eval_kjv,
 }
@@ -146,8 +152,11 @@ def reference_input(name: str):
         return (torch.randn(2, 100, 6, generator=g),)
     if arch in ("mamba_tiny_lm", "mamba2_tiny_lm"):
         return (torch.randint(0, 256, (2, 64), generator=g),)
-    if arch in ("mamba_kws_tiny", "mamba_ctc_causal_tiny"):
+    if arch in ("mamba_kws_tiny", "mamba_ctc_causal_tiny", "mamba_ctc_tiny"):
         return (torch.randn(2, 16000, generator=g) * 0.1, torch.tensor([16000, 12000]))
+    if arch == "samba_asr_tiny":  # waveforms, lengths and teacher-forced decoder tokens (start token, then characters)
+        waves = torch.randn(2, 16000, generator=g) * 0.1
+        return (waves, torch.tensor([16000, 12000]), torch.tensor([[29, 21, 9, 6, 1], [29, 4, 15, 8, 1]]))
     raise KeyError(f"no reference input for {name!r}; shipped tags: {', '.join(SHIPPED)}")
 
 

@@ -207,14 +207,14 @@ def transcribe_file(path: str, model_name: str = "mamba_ctc_causal_tiny", checkp
     whole waveform, or with ``stream`` chunk by chunk, ``chunk_ms`` of audio each, through ``StreamingTranscriber``
     (causal models), recording when each symbol came out; both give the same transcript) or an encoder-decoder
     model (samba_asr_*: greedy, or beam search with ``beam`` > 1). The head's size says what the symbols are:
-    digits (10) or characters (28). ``checkpoint`` None: the entry's shipped weights
-    (``mamba_ctc_causal_tiny.digits``)."""
+    digits (10) or characters (28). ``checkpoint`` None: the shipped weights of ``model_name`` (a tag, or the arch's
+    default tag: ``mamba_ctc_causal_tiny.digits``, ``samba_asr_tiny.sentences``; ``mamba_ctc_tiny.sentences`` by name)."""
     import soundfile as sf
     import torchaudio.functional as AF
 
     import zoo
 
-    # Without a checkpoint: the entry's shipped weights (mamba_ctc_causal_tiny.digits); an entry without any is an error.
+    # Without a checkpoint: the entry's shipped weights (e.g. mamba_ctc_causal_tiny.digits); an entry without any is an error.
     kwargs = dict(checkpoint_path=checkpoint) if checkpoint else dict(pretrained=True)
     if checkpoint:
         # The head's size comes from the file (a sentence model has 29 or 30 classes, the entry's default may differ).
@@ -298,7 +298,8 @@ def add_cli(subparsers) -> None:
     t.add_argument("--model", default="mamba_ctc_causal_tiny", help="CTC entry or samba_asr_tiny")
     t.add_argument("--beam", type=number_arg(kind=int, low=1), default=1, help="encoder-decoder models: beam width (1: greedy)")
     t.add_argument("--checkpoint", default=None, help="trained weights, e.g. from zoo speech --task digits --save-weights "
-                   "(default: the entry's shipped weights, mamba_ctc_causal_tiny.digits)")
+                   "(default: the entry's shipped weights: mamba_ctc_causal_tiny.digits, samba_asr_tiny.sentences; "
+                   "--model mamba_ctc_tiny.sentences)")
     t.add_argument("--stream", action="store_true", help="decode chunk by chunk with carried state (causal models), "
                    "printing digits as they come out")
     t.add_argument("--chunk-ms", type=number_arg(kind=int, low=1), default=100, help="chunk length with --stream")

@@ -56,6 +56,17 @@ register_pretrained_cfgs({
         num_classes=11, license="Apache-2.0", source="mamba-zoo", **_HEAD_CFG,
         notes="Bidirectional (offline) encoder: CTC over the digits of synthesized digit strings (blank + 10).",
     ),
+    # Trained here on CPU (configs/pretrained/mamba_ctc_tiny.sentences.yaml: `zoo speech --task sentences --n-strings
+    # 3000 --epochs 15 --batch-size 16 --lr 2e-3`); float16 package data. Not the arch's default tag (that one stays
+    # the 11-class digits head): ask for it by name. model_kwargs: the entrypoint sets the digits head's 11 classes.
+    "mamba_ctc_tiny.sentences": dict(
+        file="weights/mamba_ctc_tiny.sentences.safetensors", model_kwargs=dict(num_classes=29),
+        sha256="70fe1f36a1e1972622764628f7f21ee140eb309894cd3b2e20ceb7e92f041962",
+        num_classes=29, input_size=(16000,), license="Apache-2.0", source="mamba-zoo", **_HEAD_CFG,
+        notes="Bidirectional (offline) encoder: CTC over the characters of synthesized words and short sentences "
+              "(blank 0; token k is zoo.data.speech.CHARS[k - 1]: space, apostrophe, a-z); input: 16 kHz waveforms "
+              "(batch, samples) with their lengths; greedy CTC decoding, no language model.",
+    ),
     # Trained here on CPU (configs/pretrained/mamba_ctc_causal_tiny.digits.yaml: `zoo speech --task digits --n-strings
     # 3000 --epochs 16`); float16 package data; the arch's default tag.
     "mamba_ctc_causal_tiny.digits": dict(

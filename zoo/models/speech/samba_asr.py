@@ -48,7 +48,12 @@ _PAPER = ("Samba-ASR: State-Of-The-Art Speech Recognition Leveraging Structured 
           "(Shakhadri, KR and Angadi, 2025, arXiv:2501.02832)")
 
 register_pretrained_cfgs({
-    "samba_asr_tiny": dict(
+    # Trained here on CPU (configs/pretrained/samba_asr_tiny.sentences.yaml: `zoo speech --task sentences --model
+    # samba_asr_tiny --n-strings 3000 --epochs 15 --batch-size 16 --lr 2e-3 --beam 4`); float16 package data; the
+    # arch's default tag (same head as the entry), so `create_model("samba_asr_tiny", pretrained=True)` loads it.
+    "samba_asr_tiny.sentences": dict(
+        file="weights/samba_asr_tiny.sentences.safetensors",
+        sha256="52a604b1c9f98608aa72085efe109edb595340c081858278f6a632d120da591c",
         num_classes=30, input_size=(16000,), license="Apache-2.0", paper=_PAPER, source="mamba-zoo",
         first_conv="encoder.subsample.conv1", classifier="head",
         notes="Mamba encoder + Mamba decoder with cross-attention over characters of zoo.data.speech.CHARS (0 padding, "
