@@ -122,6 +122,21 @@ def kernel_profile(call, a) -> dict:
     return dict(sorted(times.items(), key=lambda kv: -kv[1])[:12])
 
 
+def gated_variants(out: str) -> None:
+    rows = []
+    full = inputs(**SHAPE, extras=True)
+    for name, keep in (("plain", ()), ("D", ("D",)), ("z", ("z",)), ("D+z", ("D", "z"))):
+        a = {k: v for k, v in full.items() if k in ("x", "dt", "A", "B", "C") + keep}
+        for warps in (8, 4):
+            ssd_fn.BWD_WARPS = warps
+            row = {"case": name, "BWD_WARPS": warps, **timed(_zoo(a), a)}
+            row["chunk_kernel_ms"] = kernel_profile(_zoo(a), a).get("_bwd_chunk_kernel")
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    json.dump({"command": " ".join(["python"] + sys.argv), "device": torch.cuda.get_device_name(), "shape": SHAPE,
+               "rows": rows}, open(out, "w"), indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--src", default=".anchors", help="folder holding mamba-ssm's mamba_ssm/ package")
@@ -129,7 +144,12 @@ def main():
     ap.add_argument("--sweep", action="store_true",
                     help="first time the zoo's backward settings at the reference shape and keep the fastest whose "
                          "peak memory is no more than mamba-ssm's for the rows")
+    ap.add_argument("--gated-variants", action="store_true",
+                    help="zoo only: fwd+bwd and the chunk kernel's time with D alone, z alone, both, and 4 / 8 backward "
+                         "warps, to find what makes the gated backward slow")
     args = ap.parse_args()
+    if args.gated_variants:
+        return gated_variants(args.out)
     res = {"command": " ".join(["python"] + sys.argv), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "shape": SHAPE, "dtype": "bfloat16", "rows": []}
     try:

@@ -81,10 +81,12 @@ def test_negative_eigenvalues(reverse):
 
 
 @pytest.mark.parametrize("reverse", [False, True])
-def test_gate_gradient_recomputed_in_the_backward(monkeypatch, reverse):
-    """dz from the output recomputed in the backward's chunk kernel (STORE_UNGATED off) instead of the stored one;
-    headdim 70: two headdim blocks."""
-    monkeypatch.setattr(ssd_fn, "STORE_UNGATED", False)
+@pytest.mark.parametrize("store_ungated", [False, True])
+def test_gate_gradient_inside_the_backward_kernels(monkeypatch, reverse, store_ungated):
+    """The gate's backward inside the walk and chunk kernels (GATE_PREPASS off), dz from the stored ungated output or
+    from the output recomputed in the chunk kernel (STORE_UNGATED off); headdim 70: two headdim blocks."""
+    monkeypatch.setattr(ssd_fn, "GATE_PREPASS", False)
+    monkeypatch.setattr(ssd_fn, "STORE_UNGATED", store_ungated)
     check(inputs(2, 37, 4, 12, 2, 10, D_per_channel=True), reverse=reverse)
     check(inputs(1, 20, 2, 70, 1, 16))
 

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from ..launch import cdiv, next_power_of_2
-from .kernels import _bwd_chunk_kernel, _bwd_walks_kernel, _fwd_kernel
+from .kernels import _bwd_chunk_kernel, _bwd_walks_kernel, _fwd_kernel, _gate_bwd_kernel
 
 # Chunk length Q of the forward and of the backward (a multiple of the forward's: the forward stores the states
 # where the backward's segments start), the headdim blocks of the backward's chunk kernel and of its walks (None:
@@ -34,6 +34,9 @@ SEGMENT_MEMORY = 1.0
 # With the z gate, training stores the output before the gate (x's size) so that the backward's dz is one
 # elementwise product; without it the backward recomputes that output in its chunk kernel (two more dots per head).
 STORE_UNGATED = True
+# With the ungated output stored: the gate's backward as one elementwise kernel before the scan's (which then runs
+# its ungated variant on dout silu(z)) instead of inside the backward's walk and chunk kernels.
+GATE_PREPASS = True
 
 
 def _blocks(P: int, N: int):
@@ -125,6 +128,12 @@ class _SSDFunction(torch.autograd.Function):
         hpg = H // G
         dev = x.device
         dout = dout.contiguous()
+        dz = None if z is None else torch.empty_like(z)
+        if ungated is not None and GATE_PREPASS:
+            gated_dout = torch.empty_like(dout)
+            n = dout.numel()
+            _gate_bwd_kernel[(cdiv(n, 1024),)](dout, z, ungated, gated_dout, dz, n, BLOCK=1024)
+            dout, z, ungated = gated_dout, None, None  # the scan's backward without the gate
         state_dtype = _state_dtype(x)
         ieee = x.dtype == torch.float32
         dummy_D, dummy_z = (D if D is not None else x), (z if z is not None else x)
@@ -139,7 +148,6 @@ class _SSDFunction(torch.autograd.Function):
         ddt = torch.empty((b, L, H), dtype=torch.float32, device=dev)
         dB = torch.empty((b, L, G, N), dtype=torch.float32, device=dev)
         dC = torch.empty_like(dB)
-        dz = None if z is None else torch.empty_like(z)
         dA = torch.empty((b, NC, H), dtype=torch.float32, device=dev)
         dD = None if D is None else torch.empty((b, NC, H, P), dtype=torch.float32, device=dev)
         common = dict(Q=Q, BN=bn, HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2,
@@ -154,7 +162,7 @@ class _SSDFunction(torch.autograd.Function):
             )
             _bwd_chunk_kernel[(ncs, b, G * nsplit)](
                 x, dt, A, B, C, dummy_D, dummy_z, ungated if ungated is not None else x, dout, states, dstates,
-                dx, ddt, parts[0], parts[1], dA, dD if dD is not None else dA, dz if dz is not None else dx,
+                dx, ddt, parts[0], parts[1], dA, dD if dD is not None else dA, dz if z is not None else dx,
                 L, H, P, N, G, hpg, NC, c0, ncs, nsplit, hpg // nsplit,
                 BP=bp_chunk, ONE_BLOCK=bp_chunk >= P, STAGES=BWD_STAGES if bp_chunk >= P else 1,
                 num_warps=BWD_WARPS, **common,

@@ -378,3 +378,18 @@ def _bwd_chunk_kernel(
     dC_acc += _mm(Mt_c, Bc, IEEE)
     tl.store(dB_ptr + po, dB_acc, mask=bm)
     tl.store(dC_ptr + po, dC_acc, mask=bm)
+
+
+@triton.jit
+def _gate_bwd_kernel(dout_ptr, z_ptr, ungated_ptr, dy_ptr, dz_ptr, n, BLOCK: tl.constexpr):
+    """The z gate's backward on its own, elementwise: out = y silu(z) gives dy = dout silu(z) and
+    dz = dout y silu'(z), so the scan's backward then runs its ungated path on dy."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    do = tl.load(dout_ptr + i, mask=m, other=0.0).to(tl.float32)
+    zv = tl.load(z_ptr + i, mask=m, other=0.0).to(tl.float32)
+    y = tl.load(ungated_ptr + i, mask=m, other=0.0).to(tl.float32)
+    sz = tl.sigmoid(zv)
+    tl.store(dy_ptr + i, (do * zv * sz).to(dy_ptr.dtype.element_ty), mask=m)
+    tl.store(dz_ptr + i, (do * y * sz * (1.0 + zv * (1.0 - sz))).to(dz_ptr.dtype.element_ty), mask=m)
+
