@@ -15,13 +15,13 @@ from .kernels import _bwd_chunk_kernel, _bwd_walks_kernel, _fwd_kernel, _gate_bw
 # Chunk length Q of the forward and of the backward (a multiple of the forward's: the forward stores the states
 # where the backward's segments start), the headdim blocks of the backward's chunk kernel and of its walks (None:
 # the forward's; smaller blocks give the walks more programs), and the warps of each kernel (measured on an H200:
-# benchmarks/results/ssd_h200.json).
+# benchmarks/results/ssd_h200.json, ssd_h200_gated_variants_*.json: 4 backward warps beat 8).
 BLOCK_Q = 32
 BWD_BLOCK_Q = 32
 BWD_BLOCK_P = None
 WALK_BLOCK_P = None
 FWD_WARPS = 4
-BWD_WARPS = 8
+BWD_WARPS = 4
 # Software-pipelining stages of the backward chunk kernel's loop over heads (where the headdim is one block).
 BWD_STAGES = 1
 # The backward's chunk kernel has (chunks x batch x groups x splits) programs; the group's heads are split
