@@ -94,7 +94,7 @@ def errors(call, a, **ref_kw):
 
 
 SETTINGS = ("BLOCK_Q", "BWD_BLOCK_Q", "BWD_BLOCK_P", "WALK_BLOCK_P", "FWD_WARPS", "BWD_WARPS", "BWD_STAGES",
-            "TARGET_PROGRAMS", "STATE_FP32", "SEGMENT_MEMORY", "STORE_UNGATED")
+            "TARGET_PROGRAMS", "STATE_FP32", "SEGMENT_MEMORY", "STORE_UNGATED", "GATE_PREPASS", "DD_SEPARATE")
 # The settings tried by --sweep: (BWD_WARPS, WALK_BLOCK_P, SEGMENT_MEMORY). Earlier sweeps
 # (results/ssd_h200_sweep_*.log) tried backward chunks of 64 and 128, headdim blocks of 16 and 32 in the chunk
 # kernel, and software-pipelining its loop over heads: none was more than 4% faster than the defaults.
@@ -127,9 +127,11 @@ def gated_variants(out: str) -> None:
     full = inputs(**SHAPE, extras=True)
     for name, keep in (("plain", ()), ("D", ("D",)), ("z", ("z",)), ("D+z", ("D", "z"))):
         a = {k: v for k, v in full.items() if k in ("x", "dt", "A", "B", "C") + keep}
-        for warps in (8, 4):
-            ssd_fn.BWD_WARPS = warps
-            row = {"case": name, "BWD_WARPS": warps, **timed(_zoo(a), a)}
+        for warps, dd_separate in ((4, False), (8, False), (4, True)):
+            if dd_separate and "D" not in keep:
+                continue
+            ssd_fn.BWD_WARPS, ssd_fn.DD_SEPARATE = warps, dd_separate
+            row = {"case": name, "BWD_WARPS": warps, "DD_SEPARATE": dd_separate, **timed(_zoo(a), a)}
             row["chunk_kernel_ms"] = kernel_profile(_zoo(a), a).get("_bwd_chunk_kernel")
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -145,8 +147,8 @@ def main():
                     help="first time the zoo's backward settings at the reference shape and keep the fastest whose "
                          "peak memory is no more than mamba-ssm's for the rows")
     ap.add_argument("--gated-variants", action="store_true",
-                    help="zoo only: fwd+bwd and the chunk kernel's time with D alone, z alone, both, and 4 / 8 backward "
-                         "warps, to find what makes the gated backward slow")
+                    help="zoo only: fwd+bwd and the chunk kernel's time with D alone, z alone, both, at 4 / 8 backward "
+                         "warps and with D's gradient by its own kernel, to find what makes the gated backward slow")
     args = ap.parse_args()
     if args.gated_variants:
         return gated_variants(args.out)

@@ -91,6 +91,18 @@ def test_gate_gradient_inside_the_backward_kernels(monkeypatch, reverse, store_u
     check(inputs(1, 20, 2, 70, 1, 16))
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("with_z", [False, True])
+def test_D_gradient_by_its_own_kernel(monkeypatch, per_channel, with_z):
+    """D's gradient summed by its own reduction kernel (DD_SEPARATE) instead of over each chunk's steps in the chunk
+    kernel; with z it follows the gate's elementwise pass."""
+    monkeypatch.setattr(ssd_fn, "DD_SEPARATE", True)
+    a = inputs(2, 37, 4, 12, 2, 10, D_per_channel=per_channel)
+    if not with_z:
+        del a["z"]
+    check(a)
+
+
 def test_without_D_and_z():
     a = inputs(2, 33, 4, 6, 4, 8)
     del a["D"], a["z"]

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from ..launch import cdiv, next_power_of_2
-from .kernels import _bwd_chunk_kernel, _bwd_walks_kernel, _fwd_kernel, _gate_bwd_kernel
+from .kernels import _bwd_chunk_kernel, _bwd_walks_kernel, _channel_dot_kernel, _fwd_kernel, _gate_bwd_kernel
 
 # Chunk length Q of the forward and of the backward (a multiple of the forward's: the forward stores the states
 # where the backward's segments start), the headdim blocks of the backward's chunk kernel and of its walks (None:
@@ -37,6 +37,11 @@ STORE_UNGATED = True
 # With the ungated output stored: the gate's backward as one elementwise kernel before the scan's (which then runs
 # its ungated variant on dout silu(z)) instead of inside the backward's walk and chunk kernels.
 GATE_PREPASS = True
+# D's gradient (sum over batch and length of dout x per channel) by its own reduction kernel instead of a reduction
+# over each chunk's steps inside the backward's chunk kernel (which then only adds D dy to dx); needs the ungated
+# dout, so not with the gate inside the backward kernels. Off until it has been compiled and timed on a GPU (the
+# interpreter tests pass): the in-kernel reduction costs the chunk kernel about 0.5 ms at the reference shape.
+DD_SEPARATE = False
 
 
 def _blocks(P: int, N: int):
@@ -149,8 +154,10 @@ class _SSDFunction(torch.autograd.Function):
         dB = torch.empty((b, L, G, N), dtype=torch.float32, device=dev)
         dC = torch.empty_like(dB)
         dA = torch.empty((b, NC, H), dtype=torch.float32, device=dev)
-        dD = None if D is None else torch.empty((b, NC, H, P), dtype=torch.float32, device=dev)
+        dd_separate = D is not None and z is None and DD_SEPARATE
+        dD = None if D is None or dd_separate else torch.empty((b, NC, H, P), dtype=torch.float32, device=dev)
         common = dict(Q=Q, BN=bn, HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2,
+                      STORE_DD=not dd_separate,
                       HAS_Z=z is not None, LOAD_UNGATED=ungated is not None, REVERSE=reverse, SIGNED=signed,
                       IEEE=ieee)
         for s in reversed(range(cdiv(NC, seg))):
@@ -174,10 +181,15 @@ class _SSDFunction(torch.autograd.Function):
                     grad[:, L - c0 * Q - rows: L - c0 * Q] = got.flip(1)
                 else:
                     grad[:, c0 * Q: c0 * Q + rows] = got
-        if dD is not None:
+        if dd_separate:
+            rows, cols, per = b * L, H * P, 512
+            dD = torch.empty((cdiv(rows, per), cols), dtype=torch.float32, device=dev)
+            _channel_dot_kernel[(dD.shape[0], cdiv(cols, 128))](dout, x, dD, rows, cols, ROWS=per, BR=32, BC=128)
+            dD = dD.sum(0).view(H, P)
+        elif dD is not None:
             dD = dD.sum((0, 1))
-            if D.dim() == 1:
-                dD = dD.sum(1)
+        if dD is not None and D.dim() == 1:
+            dD = dD.sum(1)
         return dx, ddt, dA.sum((0, 1)), dB, dC, dD, dz, dcarry if has_init else None, None, None, None, None
 
 

@@ -243,7 +243,7 @@ def _chunk_head_block(
     x_ptr, D_ptr, z_ptr, ungated_ptr, dout_ptr, states_ptr, dstates_ptr, dx_ptr, dD_ptr, dz_ptr,
     h, b, k, c, p0, row, valid, n, nm, Bc, Cc, CB, W, Lmat, dt, d_in, d_out, d_all, last,
     dB_acc, dC_acc, Mt_acc, dcs, ddt_u, H, P, N, NC, NCS,
-    BP: tl.constexpr, HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr,
+    BP: tl.constexpr, HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, STORE_DD: tl.constexpr, HAS_Z: tl.constexpr,
     LOAD_UNGATED: tl.constexpr, IEEE: tl.constexpr,
 ):
     """One head's, one headdim block's part of a chunk's gradients: stores dx (and dD's part, and dz from the
@@ -287,7 +287,8 @@ def _chunk_head_block(
     dx = dt[:, None] * du
     if HAS_D:
         dx += Dv * dy
-        tl.store(dD_ptr + ((b * NC + c) * H + h) * P + p, tl.sum(dy * xf, 0), mask=pm)
+        if STORE_DD:  # else summed by _channel_dot_kernel: this reduction over the chunk's steps costs more here
+            tl.store(dD_ptr + ((b * NC + c) * H + h) * P + p, tl.sum(dy * xf, 0), mask=pm)
     tl.store(dx_ptr + xo, dx.to(dx_ptr.dtype.element_ty), mask=xm)
     ddt_u += tl.sum(xf * du, 1)
     # (i, j): dy_i . x_j times the decay from j to i and dt_j. The intra-chunk parts of dB and dC are
@@ -315,8 +316,8 @@ def _bwd_chunk_kernel(
     dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dz_ptr,  # dA (b, NC, H) and dD (b, NC, H, P): per-chunk parts
     L, H, P, N, G, HPG, NC, C0, NCS, NSPLIT, HPP,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-    HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr, LOAD_UNGATED: tl.constexpr,
-    REVERSE: tl.constexpr, SIGNED: tl.constexpr, IEEE: tl.constexpr, ONE_BLOCK: tl.constexpr, STAGES: tl.constexpr,
+    HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, STORE_DD: tl.constexpr, HAS_Z: tl.constexpr,
+    LOAD_UNGATED: tl.constexpr, REVERSE: tl.constexpr, SIGNED: tl.constexpr, IEEE: tl.constexpr, ONE_BLOCK: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Chunk C0 + program_id(0) of a walk of NCS chunks: states[b, k] is the state entering chunk C0 + k
     (k = NCS: leaving the walk), dstates[b, k] the gradient of the state leaving it; dB and dC go to
@@ -353,13 +354,15 @@ def _bwd_chunk_kernel(
             dB_acc, dC_acc, Mt_acc, dcs, ddt_u = _chunk_head_block(
                 x_ptr, D_ptr, z_ptr, ungated_ptr, dout_ptr, states_ptr, dstates_ptr, dx_ptr, dD_ptr, dz_ptr,
                 h, b, k, c, 0, row, valid, n, nm, Bc, Cc, CB, W, Lmat, dt, d_in, d_out, d_all, last,
-                dB_acc, dC_acc, Mt_acc, dcs, ddt_u, H, P, N, NC, NCS, BP, HAS_D, D_PER_CHANNEL, HAS_Z, LOAD_UNGATED, IEEE)
+                dB_acc, dC_acc, Mt_acc, dcs, ddt_u, H, P, N, NC, NCS, BP, HAS_D, D_PER_CHANNEL, STORE_DD, HAS_Z, LOAD_UNGATED,
+                IEEE)
         else:
             for p0 in range(0, P, BP):
                 dB_acc, dC_acc, Mt_acc, dcs, ddt_u = _chunk_head_block(
                     x_ptr, D_ptr, z_ptr, ungated_ptr, dout_ptr, states_ptr, dstates_ptr, dx_ptr, dD_ptr, dz_ptr,
                     h, b, k, c, p0, row, valid, n, nm, Bc, Cc, CB, W, Lmat, dt, d_in, d_out, d_all, last,
-                    dB_acc, dC_acc, Mt_acc, dcs, ddt_u, H, P, N, NC, NCS, BP, HAS_D, D_PER_CHANNEL, HAS_Z, LOAD_UNGATED, IEEE)
+                    dB_acc, dC_acc, Mt_acc, dcs, ddt_u, H, P, N, NC, NCS, BP, HAS_D, D_PER_CHANNEL, STORE_DD, HAS_Z, LOAD_UNGATED,
+                IEEE)
         # d(lm_t) = sum_{k >= t} dcs_k: everything after step t in the chunk scales with its transition
         dlm = tl.sum(dcs, 0) - tl.cumsum(dcs, 0) + dcs
         if SIGNED:  # lm = log|2 exp(dA) - 1|: d lm / d dA = 2 exp(dA) / (2 exp(dA) - 1), 0 where clamped
@@ -392,4 +395,21 @@ def _gate_bwd_kernel(dout_ptr, z_ptr, ungated_ptr, dy_ptr, dz_ptr, n, BLOCK: tl.
     sz = tl.sigmoid(zv)
     tl.store(dy_ptr + i, (do * zv * sz).to(dy_ptr.dtype.element_ty), mask=m)
     tl.store(dz_ptr + i, (do * y * sz * (1.0 + zv * (1.0 - sz))).to(dz_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _channel_dot_kernel(a_ptr, b_ptr, out_ptr, rows, cols, ROWS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """out[i, col] = sum over rows i*ROWS .. (i+1)*ROWS - 1 of a[row, col] * b[row, col] in float32: D's gradient
+    per channel (a = the ungated dout, b = x, rows = batch x length), summed over i afterwards."""
+    i = tl.program_id(0).to(tl.int64)
+    col = tl.program_id(1) * BC + tl.arange(0, BC)
+    cm = col < cols
+    acc = tl.zeros((BC,), dtype=tl.float32)
+    for r0 in range(0, ROWS, BR):
+        row = i * ROWS + r0 + tl.arange(0, BR)
+        m = (row < rows)[:, None] & cm[None, :]
+        off = row[:, None] * cols + col[None, :]
+        a = tl.load(a_ptr + off, mask=m, other=0.0).to(tl.float32)
+        acc += tl.sum(a * tl.load(b_ptr + off, mask=m, other=0.0).to(tl.float32), 0)
+    tl.store(out_ptr + i * cols + col, acc, mask=cm)
 
