@@ -6,7 +6,8 @@ Entries, quantized with calibration on 4 training batches:
   mambamil (MIL)   MambaMIL (SR-Mamba mixers) on digit bags (zoo.tasks.mil), trained here first, accuracy and AUC
   <tag>            each tag shipped with the package (vim_tiny.digits, pointmamba_tiny.shapes3d, mambamil.digit_bags,
                    smamba_classifier.basicmotions, mamba_kws_tiny.kws, mamba_ctc_causal_tiny.digits,
-                   mamba_tiny_lm.kjv, mamba2_tiny_lm.kjv) as published, on its recorded test split
+                   mamba_tiny_lm.kjv, mamba2_tiny_lm.kjv, mamba_ctc_tiny.sentences, samba_asr_tiny.sentences) as
+                   published, on its recorded test split
 
     PYTHONPATH=. OMP_NUM_THREADS=2 python benchmarks/mambaquant.py --out benchmarks/results/mambaquant.json
 """
@@ -122,6 +123,23 @@ def _calib_ctc_digits(model, seed):
     return calib, lambda m: {"cer": evaluate("digits", m, test_loader)["cer"]}
 
 
+def _calib_sentences(model, seed):
+    from zoo.data.speech import build_corpus
+    from zoo.tasks.speech import _loaders, evaluate, label_tokens
+
+    # The tags' recipe corpus (3000 words and sentences, seed 0), greedy decoding as in the shipped evaluation. Samba's
+    # decoder is calibrated on the teacher-forced transcripts (its inputs in training).
+    corpus = build_corpus("sentences", None, n_strings=3000, seed=0, progress=False)
+    train_loader, test_loader = _loaders("sentences", corpus, 32, seed)
+    calib = []
+    for (waves, lengths, labels), _ in zip(train_loader, range(4)):
+        if hasattr(model, "make_targets"):
+            calib.append((waves, lengths, model.make_targets([label_tokens("sentences", t) for t in labels])[0]))
+        else:
+            calib.append((waves, lengths))
+    return calib, lambda m: {"cer": evaluate("sentences", m, test_loader)["cer"]}
+
+
 def _calib_kjv(model, seed):
     import os
 
@@ -139,7 +157,8 @@ def _calib_kjv(model, seed):
 _SHIPPED_DATA = {"vim_tiny.digits": _calib_digits, "pointmamba_tiny.shapes3d": _calib_shapes3d,
                  "mambamil.digit_bags": _calib_digit_bags, "smamba_classifier.basicmotions": _calib_basicmotions,
                  "mamba_kws_tiny.kws": _calib_kws, "mamba_ctc_causal_tiny.digits": _calib_ctc_digits,
-                 "mamba_tiny_lm.kjv": _calib_kjv, "mamba2_tiny_lm.kjv": _calib_kjv}
+                 "mamba_tiny_lm.kjv": _calib_kjv, "mamba2_tiny_lm.kjv": _calib_kjv,
+                 "mamba_ctc_tiny.sentences": _calib_sentences, "samba_asr_tiny.sentences": _calib_sentences}
 
 ENTRIES = {"vim": vision_entry, "mambamil": mil_entry, **{tag: shipped_entry(tag) for tag in _SHIPPED_DATA}}
 EPOCHS = {"vim": 6, "mambamil": 10}  # the token-dynamics benchmark's and zoo.tasks.mil's schedules

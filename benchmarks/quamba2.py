@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from zoo.research.quamba2 import SCHEMES, model_bytes, quantize_model  # noqa: E402
 
 SHIPPED = ["vim_tiny.digits", "pointmamba_tiny.shapes3d", "mambamil.digit_bags", "smamba_classifier.basicmotions",
-           "mamba_kws_tiny.kws", "mamba_ctc_causal_tiny.digits", "mamba_tiny_lm.kjv", "mamba2_tiny_lm.kjv"]
+           "mamba_kws_tiny.kws", "mamba_ctc_causal_tiny.digits", "mamba_tiny_lm.kjv", "mamba2_tiny_lm.kjv",
+           "mamba_ctc_tiny.sentences", "samba_asr_tiny.sentences"]
 # Error rates and bits per byte: lower is better, so their drop is (quantized - fp32); bits per byte are not percentages.
 LOWER_IS_BETTER = {"cer", "wer", "bits_per_byte"}
 NOT_PERCENT = {"bits_per_byte"}
