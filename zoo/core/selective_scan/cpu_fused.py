@@ -79,17 +79,18 @@ if numba is not None:
     _FLAGS = {"contract", "reassoc", "nsz", "arcp", "afn"}  # no nnan / ninf: infinities stay honest
 
     @njit(inline="always")
-    def gate_backward(g, zl, ypl, gzl, one):
-        """The z gate's backward over a block's W lanes (both fused scans): gzl = g * d(y silu(z))/dz with y the
-        ungated output ypl, and g becomes the gradient of y, g silu(z). Vectorized; padding lanes have g = z = 0."""
-        for c in range(W):
+    def gate_backward(g, zl, ypl, gzl, one, lanes):
+        """The z gate's backward over a block's ``lanes`` (= W) lanes (both fused scans): gzl = g * d(y silu(z))/dz
+        with y the ungated output ypl, and g becomes the gradient of y, g silu(z). Padding lanes have g = z = 0.
+        A ``lanes`` LLVM cannot fold keeps this a loop that vectorizes (see _forward)."""
+        for c in range(lanes):
             sz = one / (one + fast_exp(-zl[c]))
             gzl[c] = g[c] * ypl[c] * sz * (one + zl[c] * (one - sz))
             g[c] *= zl[c] * sz
 
     # The heavy loops run over exactly W lanes of block-local buffers (a trip count LLVM knows, so it
-    # vectorizes them whole); a narrower block leaves its extra lanes at zero (dt 0, state 0), which stay
-    # zero. Channel indices into the inputs are unsigned (the block table is uint64): a signed index goes
+    # vectorizes them whole; not the gate's loops, which it left scalar after unrolling them: see ``lanes``); a
+    # narrower block leaves its extra lanes at zero (dt 0, state 0), which stay zero. Channel indices into the inputs are unsigned (the block table is uint64): a signed index goes
     # through numba's negative-index wraparound, which turns vector loads into gathers. ``one`` carries the
     # float type, so that no integer constant promotes float32 arithmetic to float64.
 
@@ -100,6 +101,9 @@ if numba is not None:
         nseg, nblk = segs.shape[0], blocks.shape[0]
         zero = one - one
         sa, sb = (one + one, -one) if signed else (one, zero)  # transition sa * exp(dt A) + sb
+        # W as a trip count LLVM cannot fold, for the gate's loop: fully unrolled for a known W it stayed scalar code
+        # (16 scalar expf and divisions per step); as a loop it vectorizes.
+        lanes = W if nblk > 0 else 0
         for w in prange(batch * nblk):
             bi, q = w // nblk, w % nblk
             c0, wd, gb, gc = blocks[q, 0], blocks[q, 1], blocks[q, 2], blocks[q, 3]
@@ -145,7 +149,7 @@ if numba is not None:
                         zt = z[bi, t]
                         for c in range(wd):
                             zl[c] = zt[c0 + c]
-                        for c in range(W):  # all W lanes: vectorized exp (padding lanes: z 0)
+                        for c in range(lanes):  # all W lanes: vectorized exp (padding lanes: z 0)
                             y[c] *= zl[c] / (one + fast_exp(-zl[c]))
                     ot = out[bi, t]
                     for c in range(wd):
@@ -162,6 +166,7 @@ if numba is not None:
         nsplit = gB.shape[0]
         zero = one - one
         sa, sb = (one + one, -one) if signed else (one, zero)
+        lanes = W if nblk > 0 else 0  # the gate's trip count, not foldable (see _forward)
         for w in prange(batch * nsplit):
             bi, j = w // nsplit, w % nsplit
             hs = np.zeros((CHECKPOINT + 1, n, W), u.dtype)  # states of one span, hs[0] its start
@@ -228,7 +233,7 @@ if numba is not None:
                                 for c in range(wd):
                                     zl[c] = zt[c0 + c]
                                     ypl[c] = yp[c0 + c]
-                                gate_backward(g, zl, ypl, gzl, one)
+                                gate_backward(g, zl, ypl, gzl, one, lanes)
                                 for c in range(wd):
                                     gzt[c0 + c] = gzl[c]
                             for c in range(wd):

@@ -234,7 +234,7 @@ if _m1.numba is not None:
                                 for c in range(wd):
                                     zl[c] = zt[c0 + c]
                                     ypl[c] = yp[c0 + c]
-                                gate_backward(gl, zl, ypl, gzl, one)
+                                gate_backward(gl, zl, ypl, gzl, one, W)
                                 for c in range(wd):
                                     gzt[c0 + c] = gzl[c]
                             for c in range(W):
