@@ -101,43 +101,25 @@ def _calib_basicmotions(model, seed):
     return [X[i : i + 10] for i in range(0, 40, 10)], None
 
 
-def _calib_kws(model, seed):
-    from zoo.data.speech import build_corpus
-    from zoo.tasks.speech import _loaders, evaluate
+def _calib_speech(task: str, n_strings: int):
+    """Calibration and evaluation of a speech tag on its recipe corpus (seed 0, ``n_strings`` strings), built once
+    here (the shipped evaluation rebuilds it on every call); greedy decoding as in the shipped evaluation. An
+    encoder-decoder (Samba) calibrates its decoder on the teacher-forced transcripts, its inputs in training."""
+    def calib(model, seed):
+        from zoo.data.speech import build_corpus
+        from zoo.tasks.speech import _loaders, evaluate, label_tokens
 
-    # Built once here (the shipped evaluation rebuilds the corpus on every call): `zoo speech` defaults.
-    corpus = build_corpus("kws", None, n_strings=1200, seed=0, progress=False)
-    train_loader, test_loader = _loaders("kws", corpus, 32, seed)
-    calib = [(waves, lengths) for (waves, lengths, _), _ in zip(train_loader, range(4))]
-    return calib, lambda m: evaluate("kws", m, test_loader)
-
-
-def _calib_ctc_digits(model, seed):
-    from zoo.data.speech import build_corpus
-    from zoo.tasks.speech import _loaders, evaluate
-
-    # The tag's recipe corpus (3000 digit strings, seed 0), built once; greedy CTC decoding as in the shipped evaluation.
-    corpus = build_corpus("digits", None, n_strings=3000, seed=0, progress=False)
-    train_loader, test_loader = _loaders("digits", corpus, 32, seed)
-    calib = [(waves, lengths) for (waves, lengths, _), _ in zip(train_loader, range(4))]
-    return calib, lambda m: {"cer": evaluate("digits", m, test_loader)["cer"]}
-
-
-def _calib_sentences(model, seed):
-    from zoo.data.speech import build_corpus
-    from zoo.tasks.speech import _loaders, evaluate, label_tokens
-
-    # The tags' recipe corpus (3000 words and sentences, seed 0), greedy decoding as in the shipped evaluation. Samba's
-    # decoder is calibrated on the teacher-forced transcripts (its inputs in training).
-    corpus = build_corpus("sentences", None, n_strings=3000, seed=0, progress=False)
-    train_loader, test_loader = _loaders("sentences", corpus, 32, seed)
-    calib = []
-    for (waves, lengths, labels), _ in zip(train_loader, range(4)):
-        if hasattr(model, "make_targets"):
-            calib.append((waves, lengths, model.make_targets([label_tokens("sentences", t) for t in labels])[0]))
-        else:
-            calib.append((waves, lengths))
-    return calib, lambda m: {"cer": evaluate("sentences", m, test_loader)["cer"]}
+        corpus = build_corpus(task, None, n_strings=n_strings, seed=0, progress=False)
+        train_loader, test_loader = _loaders(task, corpus, 32, seed)
+        batches = []
+        for (waves, lengths, labels), _ in zip(train_loader, range(4)):
+            if hasattr(model, "make_targets"):
+                batches.append((waves, lengths, model.make_targets([label_tokens(task, t) for t in labels])[0]))
+            else:
+                batches.append((waves, lengths))
+        metric = "accuracy" if task == "kws" else "cer"
+        return batches, lambda m: {metric: evaluate(task, m, test_loader)[metric]}
+    return calib
 
 
 def _calib_kjv(model, seed):
@@ -156,9 +138,11 @@ def _calib_kjv(model, seed):
 
 _SHIPPED_DATA = {"vim_tiny.digits": _calib_digits, "pointmamba_tiny.shapes3d": _calib_shapes3d,
                  "mambamil.digit_bags": _calib_digit_bags, "smamba_classifier.basicmotions": _calib_basicmotions,
-                 "mamba_kws_tiny.kws": _calib_kws, "mamba_ctc_causal_tiny.digits": _calib_ctc_digits,
+                 "mamba_kws_tiny.kws": _calib_speech("kws", 1200),  # `zoo speech` defaults
+                 "mamba_ctc_causal_tiny.digits": _calib_speech("digits", 3000),
                  "mamba_tiny_lm.kjv": _calib_kjv, "mamba2_tiny_lm.kjv": _calib_kjv,
-                 "mamba_ctc_tiny.sentences": _calib_sentences, "samba_asr_tiny.sentences": _calib_sentences}
+                 "mamba_ctc_tiny.sentences": _calib_speech("sentences", 3000),
+                 "samba_asr_tiny.sentences": _calib_speech("sentences", 3000)}
 
 ENTRIES = {"vim": vision_entry, "mambamil": mil_entry, **{tag: shipped_entry(tag) for tag in _SHIPPED_DATA}}
 EPOCHS = {"vim": 6, "mambamil": 10}  # the token-dynamics benchmark's and zoo.tasks.mil's schedules

@@ -90,9 +90,10 @@ if numba is not None:
 
     # The heavy loops run over exactly W lanes of block-local buffers (a trip count LLVM knows, so it
     # vectorizes them whole; not the gate's loops, which it left scalar after unrolling them: see ``lanes``); a
-    # narrower block leaves its extra lanes at zero (dt 0, state 0), which stay zero. Channel indices into the inputs are unsigned (the block table is uint64): a signed index goes
-    # through numba's negative-index wraparound, which turns vector loads into gathers. ``one`` carries the
-    # float type, so that no integer constant promotes float32 arithmetic to float64.
+    # narrower block leaves its extra lanes at zero (dt 0, state 0), which stay zero. Channel indices into the
+    # inputs are unsigned (the block table is uint64): a signed index goes through numba's negative-index
+    # wraparound, which turns vector loads into gathers. ``one`` carries the float type, so that no integer
+    # constant promotes float32 arithmetic to float64.
 
     @njit(parallel=True, cache=True, fastmath=_FLAGS, error_model="numpy")
     def _forward(u, dt, z, At, D, B, C, h0, segs, chunk0, blocks, out, last, chk, ypre,

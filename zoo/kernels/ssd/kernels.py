@@ -243,13 +243,13 @@ def _chunk_head_block(
     x_ptr, D_ptr, z_ptr, ungated_ptr, dout_ptr, states_ptr, dstates_ptr, dx_ptr, dD_ptr, dz_ptr,
     h, b, k, c, p0, row, valid, n, nm, Bc, Cc, CB, W, Lmat, dt, d_in, d_out, d_all, last,
     dB_acc, dC_acc, Mt_acc, dcs, ddt_u, H, P, N, NC, NCS,
-    BP: tl.constexpr, HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, STORE_DD: tl.constexpr, HAS_Z: tl.constexpr,
-    LOAD_UNGATED: tl.constexpr, IEEE: tl.constexpr,
+    BP: tl.constexpr, HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, STORE_DD: tl.constexpr,
+    HAS_Z: tl.constexpr, LOAD_UNGATED: tl.constexpr, IEEE: tl.constexpr,
 ):
     """One head's, one headdim block's part of a chunk's gradients: stores dx (and dD's part, and dz from the
     ungated output: stored by the forward with LOAD_UNGATED, else recomputed from the chunk's inputs and the state
-    entering it), returns the
-    accumulators of dB's and dC's state parts and of Mt (summed over heads), d cs and dt . du (summed over the headdim)."""
+    entering it), returns the accumulators of dB's and dC's state parts and of Mt (summed over heads), d cs and
+    dt . du (summed over the headdim)."""
     dtype = x_ptr.dtype.element_ty
     p = p0 + tl.arange(0, BP)
     pm = p < P
@@ -317,7 +317,8 @@ def _bwd_chunk_kernel(
     L, H, P, N, G, HPG, NC, C0, NCS, NSPLIT, HPP,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, STORE_DD: tl.constexpr, HAS_Z: tl.constexpr,
-    LOAD_UNGATED: tl.constexpr, REVERSE: tl.constexpr, SIGNED: tl.constexpr, IEEE: tl.constexpr, ONE_BLOCK: tl.constexpr, STAGES: tl.constexpr,
+    LOAD_UNGATED: tl.constexpr, REVERSE: tl.constexpr, SIGNED: tl.constexpr, IEEE: tl.constexpr,
+    ONE_BLOCK: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Chunk C0 + program_id(0) of a walk of NCS chunks: states[b, k] is the state entering chunk C0 + k
     (k = NCS: leaving the walk), dstates[b, k] the gradient of the state leaving it; dB and dC go to
@@ -354,15 +355,15 @@ def _bwd_chunk_kernel(
             dB_acc, dC_acc, Mt_acc, dcs, ddt_u = _chunk_head_block(
                 x_ptr, D_ptr, z_ptr, ungated_ptr, dout_ptr, states_ptr, dstates_ptr, dx_ptr, dD_ptr, dz_ptr,
                 h, b, k, c, 0, row, valid, n, nm, Bc, Cc, CB, W, Lmat, dt, d_in, d_out, d_all, last,
-                dB_acc, dC_acc, Mt_acc, dcs, ddt_u, H, P, N, NC, NCS, BP, HAS_D, D_PER_CHANNEL, STORE_DD, HAS_Z, LOAD_UNGATED,
-                IEEE)
+                dB_acc, dC_acc, Mt_acc, dcs, ddt_u, H, P, N, NC, NCS,
+                BP, HAS_D, D_PER_CHANNEL, STORE_DD, HAS_Z, LOAD_UNGATED, IEEE)
         else:
             for p0 in range(0, P, BP):
                 dB_acc, dC_acc, Mt_acc, dcs, ddt_u = _chunk_head_block(
                     x_ptr, D_ptr, z_ptr, ungated_ptr, dout_ptr, states_ptr, dstates_ptr, dx_ptr, dD_ptr, dz_ptr,
                     h, b, k, c, p0, row, valid, n, nm, Bc, Cc, CB, W, Lmat, dt, d_in, d_out, d_all, last,
-                    dB_acc, dC_acc, Mt_acc, dcs, ddt_u, H, P, N, NC, NCS, BP, HAS_D, D_PER_CHANNEL, STORE_DD, HAS_Z, LOAD_UNGATED,
-                IEEE)
+                    dB_acc, dC_acc, Mt_acc, dcs, ddt_u, H, P, N, NC, NCS,
+                    BP, HAS_D, D_PER_CHANNEL, STORE_DD, HAS_Z, LOAD_UNGATED, IEEE)
         # d(lm_t) = sum_{k >= t} dcs_k: everything after step t in the chunk scales with its transition
         dlm = tl.sum(dcs, 0) - tl.cumsum(dcs, 0) + dcs
         if SIGNED:  # lm = log|2 exp(dA) - 1|: d lm / d dA = 2 exp(dA) / (2 exp(dA) - 1), 0 where clamped
@@ -412,4 +413,3 @@ def _channel_dot_kernel(a_ptr, b_ptr, out_ptr, rows, cols, ROWS: tl.constexpr, B
         a = tl.load(a_ptr + off, mask=m, other=0.0).to(tl.float32)
         acc += tl.sum(a * tl.load(b_ptr + off, mask=m, other=0.0).to(tl.float32), 0)
     tl.store(out_ptr + i * cols + col, acc, mask=cm)
-
